@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up from a fresh clone.
+# CUDA users who already have torch: make install VENV_FLAGS=--system-site-packages CONSTRAINTS=
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints.txt
+VENV_FLAGS ?=
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-fast demo demo-quick clean
+
+$(VENV)/.installed: setup.cfg constraints.txt
+	python3 -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not integration and not multiprocess"
+
+demo: install
+	$(PY) -m apt demo
+
+demo-quick: install
+	$(PY) -m apt demo --quick --out runs/demo-quick
+
+clean:
+	rm -rf runs/demo-quick .pytest_cache

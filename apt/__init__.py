@@ -1,0 +1,1 @@
+"""apt: Adversarial Post-Training toolkit."""

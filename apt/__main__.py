@@ -1,0 +1,5 @@
+import sys
+
+from apt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""Command line: ``python -m apt <verb> ...``.
+
+    fit RECIPE [OVERLAY ...] [key=value ...] [--dry-run]   train any stage from a recipe
+    sample CHECKPOINT --prompt TEXT [--steps N] [--out DIR] generate images/clips
+    demo [--quick]                                          teacher -> distill -> APT -> report
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from apt.config import ConfigError
+
+
+def _split_fit_args(items: list[str]) -> tuple[list[str], list[str]]:
+    overlays = [a for a in items if "=" not in a]
+    overrides = [a for a in items if "=" in a]
+    return overlays, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m apt", description="apt: Adversarial Post-Training toolkit (one-step generators from flow transformers).")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    fit = verbs.add_parser("fit", help="train a stage (teacher | distill | apt) from a recipe YAML")
+    fit.add_argument("recipe", help="recipe YAML, e.g. recipes/demo/teacher.yaml")
+    fit.add_argument("rest", nargs="*", metavar="OVERLAY|key=value", help="overlay names (recipes/overlays/NAME.yaml) and key=value overrides")
+    fit.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+    sample = verbs.add_parser("sample", help="generate with a checkpoint (one step for distilled/APT models)")
+    sample.add_argument("checkpoint", help="checkpoint directory or run directory (latest checkpoint)")
+    sample.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
+    sample.add_argument("--steps", type=int, default=None, help="sampling steps (default: 1 for distill/apt, flow.sample_steps for a teacher)")
+    sample.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: 1 for one-step models, flow.cfg_scale for a teacher)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the first sample; prompt i uses seed + i")
+    sample.add_argument("--frames", type=int, default=None, help="frames to generate (1 = an image; default: the checkpoint's)")
+    sample.add_argument("--out", default="samples", help="output directory")
+
+    demo = verbs.add_parser("demo", help="the embedded demo: teacher -> distillation -> APT (image, video) -> evaluation table")
+    demo.add_argument("--out", default="runs/demo", help="demo output directory")
+    demo.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
+
+    args, unknown = parser.parse_known_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    try:
+        if args.verb == "fit":
+            from apt.train import fit_from_args
+
+            overlays, overrides = _split_fit_args(args.rest)
+            return fit_from_args(args.recipe, overlays, overrides, dry_run=args.dry_run)
+        if args.verb == "sample":
+            from apt.sample import sample_to_dir
+
+            for p in sample_to_dir(args.checkpoint, args.prompt, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, frames=args.frames, out=args.out):
+                print(p)
+            return 0
+        if args.verb == "demo":
+            from apt.demo import run_demo
+
+            run_demo(args.out, quick=args.quick)
+            return 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Typed configuration: dataclasses mirrored 1:1 by recipe YAML, merged strictly with OmegaConf.
+
+Precedence: dataclass defaults < recipe < overlays (in order) < CLI ``key=value`` dotlist.
+An unknown key fails with its full name and a "did you mean" suggestion; a wrong type fails with
+the key and the expected type. The resolved config is written next to every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OVERLAY_DIR = REPO_ROOT / "recipes" / "overlays"
+STAGES = ("teacher", "distill", "apt")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe, overlay or override; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    flavour: str = "demo"
+    """Built-in DiT flavour (``apt.models.registry.FLAVOURS``): tiny | demo | apt-8b."""
+    gradient_checkpointing: bool = False
+    """Recompute block activations in backward (saves memory, same math)."""
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "toy-t5"
+    """'toy-t5' (built offline, fixed seed) or a local directory with a transformers tokenizer + encoder."""
+    max_length: int = 32
+    """Maximum caption length in tokens."""
+    dropout: float = 0.1
+    """Probability of replacing a caption by the empty prompt in teacher training (enables CFG)."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "runs/data/toy-video"
+    """Training shards: a directory of .tar files, a brace pattern or one .tar file."""
+    frames: int = 8
+    """Frames per clip (1 = images)."""
+    height: int = 16
+    width: int = 16
+    channels: int = 3
+    batch_size: int = 64
+    """Per-device batch size."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+
+@dataclass
+class FlowConfig:
+    timestep_distribution: str = "logit_normal"
+    """Training timesteps: uniform | logit_normal (SD3)."""
+    train_shift: float = 1.0
+    """Shift applied to training timesteps."""
+    sample_steps: int = 25
+    """Euler steps for the teacher sampler."""
+    sample_shift: float = 1.0
+    """Shift of the sampling schedule."""
+    cfg_scale: float = 2.0
+    """Classifier-free guidance scale of the teacher sampler (DESIGN.md §7: 1-2 best on the toy)."""
+    negative_prompt: str = ""
+    """Negative prompt for CFG (empty = unconditional)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimisation steps; for APT, generator updates."""
+    seed: int = 0
+    precision: str = "32-true"
+    """Lightning precision: 32-true | bf16-mixed | bf16-true."""
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    ema_decay: float = 0.999
+    """EMA decay of the trained network (the EMA is what is sampled and exported)."""
+    log_every_steps: int = 10
+    sample_every_steps: int = 200
+    """Write sample grids/clips to the run folder every N steps (0 = off)."""
+    ckpt_every_steps: int = 200
+    """Save a checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep (the final one is always kept)."""
+    num_sample_prompts: int = 8
+    """Prompts in the sample grid."""
+    progress_bar: bool = True
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = ""
+    """Teacher checkpoint (a run's checkpoint directory or a directory holding ema.safetensors)."""
+    num_steps: int = 32
+    """Discrete timesteps of the teacher's trajectory (AAPT: 32)."""
+    shift: float = 1.0
+    """Shift of the discrete schedule (AAPT: 24 at 720p)."""
+    cfg_scale: float = 7.5
+    """Guidance baked into the distilled model (paper: 7.5)."""
+    negative_prompt: str = ""
+    final_step_weight: float = 1.0
+    """Extra weight of the t=T (one-step) term."""
+
+
+@dataclass
+class AptConfig:
+    generator: str = ""
+    """Generator init: the stage-1 (distilled) checkpoint, or the image-stage APT checkpoint (its EMA)."""
+    teacher: str = ""
+    """The ORIGINAL diffusion weights: the discriminator backbone is initialised from them."""
+    lr_g: float = 5e-6
+    lr_d: float = 5e-6
+    optimizer: str = "rmsprop"
+    """rmsprop (alpha 0.9, paper) | adam."""
+    rmsprop_alpha: float = 0.9
+    adam_betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    r1_lambda: float = 100.0
+    """Weight of approximate R1."""
+    r1_sigma: float = 0.01
+    """Std of the approximate-R1 perturbation (0.01 images, 0.1 video)."""
+    d_timestep_shift: float = 1.0
+    """D's timestep ensemble t ~ shift(U(0,1), s): 1 images, 12 for 720p video."""
+    readout_fractions: list[float] = field(default_factory=lambda: [16 / 36, 26 / 36, 1.0])
+    """Depths (fraction of the backbone) of the cross-attention readout heads."""
+    d_steps_per_g_step: int = 1
+    """D updates per G update (paper 1:1)."""
+    d_warmup_steps: int = 0
+    """D-only updates before the first G update (DESIGN.md §7: the toy needs ~60)."""
+    train_d_backbone: bool = True
+    """Train all D parameters (paper); False freezes the backbone (ablation)."""
+    use_r1: bool = True
+    """Approximate R1 on (ablation: off collapses)."""
+    ema_decay: float = 0.995
+    collapse_patience: int = 50
+    """Warn when D wins outright (real>0>fake, D loss < 0.05) this many steps in a row."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """In-training evaluation every N steps (0 = off)."""
+    num_samples: int = 256
+    classifier: str = "assets/toy_classifier"
+    seed: int = 1234
+
+
+@dataclass
+class Config:
+    stage: str = "teacher"
+    """teacher | distill | apt."""
+    run_dir: str = "runs/default"
+    """Everything a run writes goes here (config, metrics, samples, checkpoints)."""
+    resume: str = ""
+    """'' = fresh run (refuses a run_dir with checkpoints), 'auto' = latest checkpoint in run_dir, or a path."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    apt: AptConfig = field(default_factory=AptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _keys_at(path: list[str]) -> list[str]:
+    cls = Config
+    for p in path:
+        match = [f for f in fields(cls) if f.name == p]
+        if not match or not is_dataclass(match[0].default_factory() if callable(match[0].default_factory) else None):
+            return []
+        cls = type(match[0].default_factory())
+    return [f.name for f in fields(cls)]
+
+
+def _unknown_key_error(full_key: str, source: str) -> ConfigError:
+    parts = full_key.split(".")
+    options = _keys_at(parts[:-1])
+    close = difflib.get_close_matches(parts[-1], options, n=1)
+    hint = f"; did you mean '{'.'.join(parts[:-1] + close)}'?" if close else (f"; valid keys: {', '.join(options)}" if options else "")
+    return ConfigError(f"unknown config key '{full_key}' in {source}{hint}")
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        raise _unknown_key_error(e.full_key, source) from None
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad value for '{getattr(e, 'full_key', '?')}' in {source}: {msg}") from None
+
+
+def resolve_overlay(name: str) -> Path:
+    """An overlay is a name under recipes/overlays/ (``tiny``) or a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise ConfigError(f"overlay file not found: {name}")
+        return p
+    p = OVERLAY_DIR / f"{name}.yaml"
+    if not p.exists():
+        known = sorted(q.stem for q in OVERLAY_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown overlay '{name}'; available: {', '.join(known)}")
+    return p
+
+
+def load_yaml(path: str | Path) -> DictConfig:
+    if not os.path.exists(path):
+        raise ConfigError(f"recipe file not found: {path}")
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping at top level")
+    return cfg
+
+
+def load_config(recipe: str | None, overlays: list[str] = (), overrides: list[str] = ()) -> Config:
+    """Merge defaults < recipe < overlays < overrides into a typed ``Config`` and validate it."""
+    cfg = OmegaConf.structured(Config)
+    if recipe:
+        cfg = _merge(cfg, load_yaml(recipe), str(recipe))
+    for name in overlays:
+        path = resolve_overlay(name)
+        cfg = _merge(cfg, load_yaml(path), str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    config: Config = OmegaConf.to_object(cfg)
+    check_config(config)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Atomic write of the resolved config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(config))
+    os.replace(tmp, path)
+
+
+def config_from_yaml(path: str | Path) -> Config:
+    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), load_yaml(path), str(path)))
+
+
+def check_config(c: Config) -> None:
+    """Value checks that need no files: each failure names the key."""
+    from apt.models.registry import FLAVOURS
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
+    need(c.model.flavour in FLAVOURS, f"model.flavour '{c.model.flavour}' unknown; choose from {', '.join(sorted(FLAVOURS))}")
+    need(c.train.max_steps > 0, f"train.max_steps must be positive, got {c.train.max_steps}")
+    for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
+        need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
+    need(c.data.batch_size > 0, f"data.batch_size must be positive, got {c.data.batch_size}")
+    need(c.data.frames > 0, f"data.frames must be positive, got {c.data.frames}")
+    need(c.flow.sample_steps > 0, f"flow.sample_steps must be positive, got {c.flow.sample_steps}")
+    need(0.0 <= c.text.dropout < 1.0, f"text.dropout must be in [0, 1), got {c.text.dropout}")
+    need(0.0 < c.train.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {c.train.ema_decay}")
+    need(0.0 < c.apt.ema_decay < 1.0, f"apt.ema_decay must be in (0, 1), got {c.apt.ema_decay}")
+    need(c.apt.optimizer in ("rmsprop", "adam"), f"apt.optimizer must be rmsprop or adam, got '{c.apt.optimizer}'")
+    need(c.apt.d_steps_per_g_step >= 1, f"apt.d_steps_per_g_step must be >= 1, got {c.apt.d_steps_per_g_step}")
+    need(c.distill.num_steps >= 1, f"distill.num_steps must be >= 1, got {c.distill.num_steps}")
+    need(len(c.apt.readout_fractions) > 0, "apt.readout_fractions must list at least one depth")
+    flav = FLAVOURS[c.model.flavour]
+    pt, ph, pw = flav.patch_size
+    need(c.data.channels == flav.in_channels, f"data.channels={c.data.channels} but model '{c.model.flavour}' expects {flav.in_channels}")
+    need(c.data.height % ph == 0 and c.data.width % pw == 0,
+         f"resolution data.height x data.width = {c.data.height}x{c.data.width} is not divisible by the patch size {ph}x{pw} of model '{c.model.flavour}'")
+    need(c.data.frames == 1 or c.data.frames % pt == 0,
+         f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
+    if c.stage == "distill":
+        need(bool(c.distill.teacher), "distill.teacher must name the teacher checkpoint")
+    if c.stage == "apt":
+        need(bool(c.apt.generator), "apt.generator must name the stage-1 (distilled) checkpoint")
+        need(bool(c.apt.teacher), "apt.teacher must name the original diffusion checkpoint (D is initialised from it)")

@@ -1,0 +1,1 @@
+"""Evaluation: Fréchet distances, toy metrics, FVD/FID/CLIP protocols."""

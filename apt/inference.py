@@ -1,0 +1,85 @@
+"""Load the product of any stage from its checkpoint and generate: the EMA network, Euler steps.
+
+Which weights a stage ships: teacher -> ``net_ema`` (25 steps + CFG by default), distill ->
+``net_ema`` (1 step), apt -> ``generator_ema`` (1 step; also works zero-shot at 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from apt.checkpoint import latest_checkpoint, load_weights
+from apt.config import Config, config_from_yaml
+from apt.flow import euler_sample
+from apt.media import to_uint8
+from apt.models import DiT, build_dit
+from apt.text import TextEncoder
+
+PRODUCT = {"teacher": "net_ema", "distill": "net_ema", "apt": "generator_ema"}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (has config.yaml) or a run directory (its latest checkpoint)."""
+    p = Path(path)
+    if (p / "config.yaml").exists() and any(p.glob("*.safetensors")):
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint at {path} (expected a checkpoint dir with config.yaml + *.safetensors, or a run dir)")
+    return latest
+
+
+class Generator:
+    """A stage's sampling network plus its text encoder, ready to generate clips."""
+
+    def __init__(self, config: Config, net: DiT, text_encoder: TextEncoder, device: str = "cpu"):
+        self.config, self.net, self.text_encoder, self.device = config, net.to(device).eval(), text_encoder, device
+
+    @property
+    def num_frames(self) -> int:
+        return self.config.data.frames
+
+    @property
+    def height(self) -> int:
+        return self.config.data.height
+
+    @property
+    def width(self) -> int:
+        return self.config.data.width
+
+    @property
+    def default_steps(self) -> int:
+        return self.config.flow.sample_steps if self.config.stage == "teacher" else 1
+
+    @property
+    def default_cfg_scale(self) -> float:
+        return self.config.flow.cfg_scale if self.config.stage == "teacher" else 1.0
+
+    @torch.no_grad()
+    def generate_tensor(self, prompts: list[str], seeds: list[int], *, steps: int | None = None, cfg_scale: float | None = None, frames: int | None = None) -> torch.Tensor:
+        """Samples in [-1, 1], (B, C, T, H, W). Noise z is drawn per seed, so a sample does not depend on the batch."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        c = self.config
+        steps = steps or self.default_steps
+        cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
+        shape = (c.data.channels, frames or c.data.frames, c.data.height, c.data.width)
+        z = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device)
+        text = self.text_encoder.encode(prompts).to(self.device)
+        negative = self.text_encoder.encode([c.flow.negative_prompt] * len(prompts), allow_empty=True).to(self.device) if cfg_scale != 1.0 else None
+        return euler_sample(self.net, z, text, steps=steps, shift=c.flow.sample_shift, negative=negative, cfg_scale=cfg_scale)
+
+    def generate(self, prompts: list[str], seeds: list[int], steps: int | None = None, **kw) -> torch.Tensor:
+        """uint8 (B, T, H, W, 3)."""
+        return torch.from_numpy(to_uint8(self.generate_tensor(prompts, seeds, steps=steps, **kw)))
+
+
+def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str | None = None) -> Generator:
+    ckpt = resolve_checkpoint(checkpoint)
+    config = config_from_yaml(ckpt / "config.yaml")
+    text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
+    net = build_dit(config.model.flavour, text_dim=text_encoder.dim)
+    net.load_state_dict(load_weights(ckpt, weights or PRODUCT[config.stage]))
+    return Generator(config, net, text_encoder, device)

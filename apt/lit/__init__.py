@@ -1,0 +1,1 @@
+"""LightningModules for the three stages (teacher pretraining, distillation, APT) and their callbacks."""

@@ -1,0 +1,121 @@
+"""What every stage's LightningModule shares: config, text encoder, a private RNG, progress
+counters and the checkpoint hooks that make resume exact.
+
+Exact resume: all training randomness (noise, timesteps, caption dropout) comes from ``self.rng``,
+a torch.Generator saved in every checkpoint, and the data stream is rebuilt from its seed and
+skips ``batches_consumed`` batches. Frozen networks (the text encoder, a teacher) are not saved.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from apt.checkpoint import load_weights
+from apt.config import Config, to_yaml
+from apt.flow import euler_sample
+from apt.models import DiT, TextCond, build_dit
+from apt.text import TextEncoder
+
+FROZEN_PREFIXES = ("text_encoder.", "teacher.")
+
+
+class StageModule(L.LightningModule):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
+        self.rng = torch.Generator().manual_seed(config.train.seed)
+        self.batches_consumed = 0
+
+    # -- building blocks ---------------------------------------------------------------------
+    def build_backbone(self) -> DiT:
+        net = build_dit(self.config.model.flavour, text_dim=self.text_encoder.dim)
+        net.gradient_checkpointing = self.config.model.gradient_checkpointing
+        return net
+
+    def load_backbone(self, path: str, name: str) -> DiT:
+        """A backbone of this run's flavour with weights ``name`` from a checkpoint (e.g. net_ema)."""
+        net = self.build_backbone()
+        try:
+            net.load_state_dict(load_weights(path, name))
+        except RuntimeError as e:
+            raise ValueError(f"weights {name} in {path} do not fit model flavour '{self.config.model.flavour}': {str(e).splitlines()[0]}") from None
+        return net
+
+    @staticmethod
+    def frozen_copy(net: nn.Module) -> nn.Module:
+        return deepcopy(net).requires_grad_(False).eval()
+
+    def encode(self, captions: list[str], *, allow_empty: bool = False) -> TextCond:
+        return self.text_encoder.encode(captions, allow_empty=allow_empty).to(self.device)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.rng).to(self.device)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.rng).to(self.device)
+
+    # -- progress ----------------------------------------------------------------------------
+    @property
+    def progress_step(self) -> int:
+        """The stage's own step count (optimiser steps; APT overrides with generator updates)."""
+        return self.trainer.global_step
+
+    @property
+    def done(self) -> bool:
+        return self.progress_step >= self.config.train.max_steps
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Counted before the step so a checkpoint written by any callback after it includes this batch.
+        self.batches_consumed += 1
+
+    # -- sampling (EMA network; used by the sample callback and the CLI) ---------------------
+    def sampling_network(self) -> nn.Module:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], *, steps: int, cfg_scale: float = 1.0, frames: int | None = None) -> torch.Tensor:
+        c = self.config
+        shape = (c.data.channels, frames or c.data.frames, c.data.height, c.data.width)
+        z = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.device)
+        negative = self.encode([c.flow.negative_prompt] * len(prompts), allow_empty=True) if cfg_scale != 1.0 else None
+        return euler_sample(self.sampling_network(), z, self.encode(prompts), steps=steps, shift=c.flow.sample_shift, negative=negative, cfg_scale=cfg_scale)
+
+    # -- checkpoint hooks ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)}
+        checkpoint["apt"] = {"rng": self.rng.get_state(), "batches_consumed": self.batches_consumed, **self.extra_state()}
+        checkpoint["apt_config_yaml"] = to_yaml(self.config)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        own = self.state_dict()
+        for k, v in own.items():  # frozen networks come from their own sources, not the checkpoint
+            if k.startswith(FROZEN_PREFIXES):
+                checkpoint["state_dict"][k] = v
+        state = checkpoint["apt"]
+        self.rng.set_state(state["rng"])
+        self.batches_consumed = state["batches_consumed"]
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def check_finite(self, name: str, value: torch.Tensor) -> None:
+        """Stop with a clear message instead of training on (and checkpointing) NaN/Inf."""
+        if not torch.isfinite(value).all():
+            raise FloatingPointError(
+                f"{name} is not finite at step {self.progress_step} (batch {self.batches_consumed}); "
+                "check the input data and learning rate. No checkpoint was written for this step."
+            )
+
+    def trainer_max_steps(self) -> int:
+        """Lightning's max_steps (it counts optimiser steps); APT overrides."""
+        return self.config.train.max_steps

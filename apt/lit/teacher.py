@@ -1,0 +1,56 @@
+"""Stage 0 (embedded demo only): pretrain the text-to-video flow teacher with flow matching.
+
+Rectified flow (DESIGN.md §2): x_t = (1 - t) x0 + t eps, the network predicts v = eps - x0.
+Captions are dropped to the empty prompt with probability text.dropout so CFG works at sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from apt.config import Config
+from apt.ema import ema_update
+from apt.flow import add_noise, sample_timesteps
+from apt.lit.base import StageModule
+from apt.losses import flow_matching_loss
+
+
+class TeacherModule(StageModule):
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.net = self.build_backbone()
+        self.net_ema = self.frozen_copy(self.net)
+
+    def sampling_network(self):
+        return self.net_ema
+
+    def training_step(self, batch, batch_idx):
+        c = self.config
+        x0 = batch["x"]
+        B = x0.shape[0]
+        # 1. Drop captions to the empty prompt so the model also learns the unconditional velocity (CFG).
+        keep = self.rand(B) >= c.text.dropout
+        captions = [cap if k else "" for cap, k in zip(batch["caption"], keep.tolist())]
+        text = self.encode(captions, allow_empty=True)
+        # 2. Noise the clean clips at t ~ shift(p(t), s).
+        eps = self.randn(*x0.shape)
+        t = sample_timesteps(B, shift=c.flow.train_shift, distribution=c.flow.timestep_distribution, generator=self.rng).to(self.device)
+        x_t = add_noise(x0, eps, t)
+        # 3. Flow-matching loss (x0 space for x0-parameterised flavours: same optimum, bounded weights).
+        v = self.net(x_t, t, text)
+        loss = flow_matching_loss(v, x0, eps, t, space=self.net.config.prediction)
+        self.check_finite("teacher loss", loss)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Inside the step, so callbacks (checkpoints, samples) always see the updated EMA.
+        ema_update(self.net_ema, self.net, self.config.train.ema_decay)
+
+    def configure_optimizers(self):
+        o = self.config.optim
+        opt = torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        warmup = max(1, o.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

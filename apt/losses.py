@@ -1,0 +1,39 @@
+"""Losses as pure functions of tensors.
+
+- Flow matching (rectified flow): || v_pred - (eps - x0) ||^2, or in x0 space for x0-parameterised nets.
+- Non-saturating GAN (Goodfellow et al. 2014), as APT (arXiv 2501.08316 §3.3):
+      L_D = softplus(-D(x)) + softplus(D(G(z))),   L_G = softplus(-D(G(z)))
+- Approximate R1 (APT §3.4): L_aR1 = lambda * mean || D(x) - D(x + sigma n) ||^2, real x only.
+- Consistency distillation target: MSE between student velocity and a bootstrapped target.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t_B: torch.Tensor, *, space: str = "velocity") -> torch.Tensor:
+    """MSE of the velocity (space='velocity') or of the implied clean sample x0_hat = x_t - t v (space='x0')."""
+    if space == "velocity":
+        return F.mse_loss(v_pred, eps - x0)
+    if space == "x0":
+        t = t_B.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        x_t = (1 - t) * x0 + t * eps
+        return F.mse_loss(x_t - t * v_pred, x0)
+    raise ValueError(f"unknown loss space {space!r}")
+
+
+def d_loss_nonsaturating(logits_real_B: torch.Tensor, logits_fake_B: torch.Tensor) -> torch.Tensor:
+    """mean softplus(-D(x)) + mean softplus(D(G(z)))."""
+    return F.softplus(-logits_real_B).mean() + F.softplus(logits_fake_B).mean()
+
+
+def g_loss_nonsaturating(logits_fake_B: torch.Tensor) -> torch.Tensor:
+    """mean softplus(-D(G(z)))."""
+    return F.softplus(-logits_fake_B).mean()
+
+
+def approximate_r1(logits_real_B: torch.Tensor, logits_perturbed_B: torch.Tensor, *, weight: float) -> torch.Tensor:
+    """lambda * mean (D(x) - D(x + sigma n))^2; both logits with the same t and text."""
+    return weight * (logits_real_B - logits_perturbed_B).pow(2).mean()

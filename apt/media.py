@@ -1,0 +1,72 @@
+"""Sample media people can look at: PNG grids (rows = samples, columns = frames) and GIF clips."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(x_BCTHW: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float (B, C, T, H, W) -> uint8 (B, T, H, W, C)."""
+    x = ((x_BCTHW.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def _upscale(img: np.ndarray, scale: int) -> np.ndarray:
+    return img.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else img
+
+
+def grid_image(clips_BTHWC: np.ndarray, *, scale: int = 4, pad: int = 2) -> np.ndarray:
+    """One row per clip, one column per frame, on a white background."""
+    B, T, H, W, C = clips_BTHWC.shape
+    h, w = H * scale, W * scale
+    out = np.full((B * (h + pad) + pad, T * (w + pad) + pad, C), 255, np.uint8)
+    for b in range(B):
+        for t in range(T):
+            y, x = pad + b * (h + pad), pad + t * (w + pad)
+            out[y : y + h, x : x + w] = _upscale(clips_BTHWC[b, t], scale)
+    return out
+
+
+def save_png(img_HWC: np.ndarray, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(img_HWC).save(tmp)
+    os.replace(tmp, path)
+
+
+def save_gif(clips_BTHWC: np.ndarray, path: str | Path, *, fps: int = 8, scale: int = 4, columns: int = 4, pad: int = 2) -> None:
+    """Clips tiled in a grid, animated over time."""
+    B, T, H, W, C = clips_BTHWC.shape
+    cols = min(columns, B)
+    rows = -(-B // cols)
+    h, w = H * scale, W * scale
+    frames = []
+    for t in range(T):
+        canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, C), 255, np.uint8)
+        for b in range(B):
+            y, x = pad + (b // cols) * (h + pad), pad + (b % cols) * (w + pad)
+            canvas[y : y + h, x : x + w] = _upscale(clips_BTHWC[b, t], scale)
+        frames.append(Image.fromarray(canvas))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.gif")
+    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    os.replace(tmp, path)
+
+
+def save_samples(x_BCTHW: torch.Tensor, stem: str | Path, *, fps: int = 8) -> list[Path]:
+    """Write ``stem.png`` (grid) and, for clips, ``stem.gif``; returns the paths written."""
+    clips = to_uint8(x_BCTHW)
+    stem = Path(stem)
+    paths = [stem.with_suffix(".png")]
+    save_png(grid_image(clips), paths[0])
+    if clips.shape[1] > 1:
+        paths.append(stem.with_suffix(".gif"))
+        save_gif(clips, paths[1], fps=fps)
+    return paths

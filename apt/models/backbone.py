@@ -1,0 +1,103 @@
+"""The backbone protocol: what the teacher, generator and discriminator need from a transformer.
+
+Every network in apt (the built-in DiT, each diffusers adapter, a user's in-house model) is used
+through this one interface (DESIGN.md §3):
+
+- ``forward(x_BCTHW, t_B, text) -> v_BCTHW``: predict the rectified-flow velocity ``eps - x0``.
+- ``blocks``: the ordered list of transformer blocks, so readout heads can tap hidden states.
+- ``visual_tokens(block_output) -> h_BND``: the visual-token part of one block's output (joint
+  attention models carry text tokens in the same sequence; diffusers blocks return tuples).
+- ``hidden_dim``: width D of the tapped hidden states.
+
+Legend: B batch, C channels, T frames, H/W height/width, N tokens, L text tokens, D width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TextCond:
+    """Encoded text: token embeddings and their validity mask."""
+
+    emb_BLD: torch.Tensor
+    mask_BL: torch.Tensor  # bool, True where a token is real
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TextCond":
+        return TextCond(self.emb_BLD.to(device=device, dtype=dtype), self.mask_BL.to(device))
+
+    def __getitem__(self, idx) -> "TextCond":
+        return TextCond(self.emb_BLD[idx], self.mask_BL[idx])
+
+    @staticmethod
+    def cat(conds: list["TextCond"]) -> "TextCond":
+        """Concatenate along the batch, padding to the longest text."""
+        L = max(c.emb_BLD.shape[1] for c in conds)
+        embs, masks = [], []
+        for c in conds:
+            pad = L - c.emb_BLD.shape[1]
+            embs.append(nn.functional.pad(c.emb_BLD, (0, 0, 0, pad)))
+            masks.append(nn.functional.pad(c.mask_BL, (0, pad), value=False))
+        return TextCond(torch.cat(embs), torch.cat(masks))
+
+    def repeat(self, n: int) -> "TextCond":
+        return TextCond(self.emb_BLD.repeat(n, 1, 1), self.mask_BL.repeat(n, 1))
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    hidden_dim: int
+
+    @property
+    def blocks(self) -> nn.ModuleList: ...
+
+    def forward(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> torch.Tensor: ...
+
+    def visual_tokens(self, block_output) -> torch.Tensor: ...
+
+
+def readout_layers(num_blocks: int, fractions: list[float]) -> list[int]:
+    """Block indices (0-based) whose outputs sit at the given fractions of depth.
+
+    The APT paper taps layers 16, 26, 36 of 36 (fractions 16/36, 26/36, 1): for a depth-36
+    backbone this returns [15, 25, 35]; for any other depth the same proportions, rounded.
+    """
+    if num_blocks < 1:
+        raise ValueError(f"backbone has no blocks (num_blocks={num_blocks})")
+    out = []
+    for f in fractions:
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"readout fraction must be in (0, 1], got {f}")
+        out.append(max(1, min(num_blocks, round(f * num_blocks))) - 1)
+    return sorted(set(out))
+
+
+@contextlib.contextmanager
+def tap_hidden_states(backbone: Backbone, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture the visual tokens leaving the given blocks during the forward passes in the block.
+
+    Yields a dict filled by forward hooks: ``{layer_index: h_BND}`` (last forward wins).
+    """
+    blocks = backbone.blocks
+    for i in layers:
+        if not 0 <= i < len(blocks):
+            raise IndexError(f"readout layer {i} out of range for a backbone with {len(blocks)} blocks")
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+    for i in layers:
+
+        def hook(_module, _inputs, output, i=i):
+            captured[i] = backbone.visual_tokens(output)
+
+        handles.append(blocks[i].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()

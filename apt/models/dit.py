@@ -1,0 +1,179 @@
+"""Built-in text-to-image/video flow transformer (Goku / Seaweed style DiT).
+
+Full attention over space-time tokens with text tokens in the same sequence (single-stream joint
+attention, as FLUX's single blocks / Goku), 3D RoPE on the visual tokens, QK RMSNorm, adaLN-Zero
+timestep modulation (DiT, Peebles & Xie 2023). An image is a one-frame video: it is repeated to fill
+one temporal patch on the way in and the patch's frames are averaged on the way out.
+
+References: Goku (arXiv 2502.04896) §2 (full attention, 3D RoPE, QK-norm); APT (arXiv 2501.08316)
+§3 (36-layer 8B MMDiT); DiT (arXiv 2212.09748) adaLN-Zero.
+
+Legend: B batch, C channels, T/H/W frames/height/width, N visual tokens, L text tokens, S = L + N,
+D width, P values per patch, K heads, E head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from apt.models.backbone import TextCond
+from apt.models.layers import RMSNorm, apply_rope, rope_3d, sincos_3d, timestep_embedding
+
+
+@dataclass
+class DiTConfig:
+    """Shape of a DiT flavour (see ``apt.models.registry``)."""
+
+    in_channels: int = 3
+    patch_size: tuple[int, int, int] = (1, 4, 4)  # (pt, ph, pw)
+    hidden_dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 64
+    prediction: str = "velocity"  # "velocity" or "x0" (v derived as (x_t - x0_hat) / max(t, min_t))
+    min_t: float = 0.05
+    abs_pos_embed: bool = True  # fixed 3D sin-cos table at unit scale (DESIGN.md §7)
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        if self.prediction not in ("velocity", "x0"):
+            raise ValueError(f"model.prediction must be 'velocity' or 'x0', got {self.prediction!r}")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} not divisible by num_heads {self.num_heads}")
+        if (self.hidden_dim // self.num_heads) % 2:
+            raise ValueError(f"head dim {self.hidden_dim // self.num_heads} must be even for RoPE")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the joint sequence with QK RMSNorm and RoPE."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(dim // num_heads)
+        self.k_norm = RMSNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask_B11S: torch.Tensor | None):
+        q, k, v = rearrange(self.qkv(x_BSD), "b s (three k e) -> three b k s e", three=3, k=self.num_heads)
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        out_BKSE = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B11S)
+        return self.proj(rearrange(out_BKSE, "b k s e -> b s (k e)"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block: x + g1 * attn(mod(x)), then x + g2 * mlp(mod(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.Linear(dim, 6 * dim)
+        nn.init.zeros_(self.modulation.weight)  # adaLN-Zero: every block starts as the identity
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x_BSD, c_BD, rope, mask_B11S):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c_BD))[:, None].chunk(6, dim=-1)
+        x_BSD = x_BSD + gate1 * self.attn(self.norm1(x_BSD) * (1 + scale1) + shift1, rope, mask_B11S)
+        return x_BSD + gate2 * self.mlp(self.norm2(x_BSD) * (1 + scale2) + shift2)
+
+
+class DiT(nn.Module):
+    """Text-conditioned flow transformer implementing the backbone protocol (``apt.models.backbone``)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = c = config
+        self.hidden_dim = c.hidden_dim
+        pt, ph, pw = c.patch_size
+        patch_values = c.in_channels * pt * ph * pw
+        self.patch_embed = nn.Linear(patch_values, c.hidden_dim)
+        self.text_proj = nn.Sequential(nn.LayerNorm(c.text_dim), nn.Linear(c.text_dim, c.hidden_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(256, c.hidden_dim), nn.SiLU(), nn.Linear(c.hidden_dim, c.hidden_dim))
+        self.pooled_text_mlp = nn.Sequential(nn.Linear(c.text_dim, c.hidden_dim), nn.SiLU(), nn.Linear(c.hidden_dim, c.hidden_dim))
+        self._blocks = nn.ModuleList([DiTBlock(c.hidden_dim, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
+        self.final_norm = nn.LayerNorm(c.hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Linear(c.hidden_dim, 2 * c.hidden_dim)
+        self.final_proj = nn.Linear(c.hidden_dim, patch_values)
+        for layer in (self.final_modulation, self.final_proj):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.gradient_checkpointing = False
+        self._num_text_tokens = 0  # set per forward; lets visual_tokens() slice block outputs
+
+    # -- backbone protocol -------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self._blocks
+
+    def visual_tokens(self, block_output: torch.Tensor) -> torch.Tensor:
+        """Block outputs are (B, L + N, D) with the L text tokens first."""
+        return block_output[:, self._num_text_tokens :]
+
+    # -- shapes --------------------------------------------------------------------------------
+    def check_input_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise ValueError naming the mismatch if a (B, C, T, H, W) shape cannot be patchified."""
+        if len(shape) != 5:
+            raise ValueError(f"expected a (B, C, T, H, W) tensor, got shape {tuple(shape)}")
+        _, C, T, H, W = shape
+        pt, ph, pw = self.config.patch_size
+        if C != self.config.in_channels:
+            raise ValueError(f"input has {C} channels but the model expects {self.config.in_channels}")
+        if H % ph or W % pw:
+            raise ValueError(f"resolution {H}x{W} is not divisible by the patch size {ph}x{pw}")
+        if T != 1 and T % pt:
+            raise ValueError(f"{T} frames is not divisible by the temporal patch size {pt} (images: 1 frame)")
+
+    def forward(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> torch.Tensor:
+        """Predict the velocity v = eps - x0 at noise level t (t=1 is pure noise)."""
+        c = self.config
+        B, C, T, H, W = x_BCTHW.shape
+        pt, ph, pw = c.patch_size
+        is_image = T == 1 and pt > 1
+        x_in = x_BCTHW.expand(B, C, pt, H, W) if is_image else x_BCTHW
+        Tp, Hp, Wp = x_in.shape[2] // pt, H // ph, W // pw
+
+        tokens_BNP = rearrange(x_in, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+        h_BND = self.patch_embed(tokens_BNP)
+        if c.abs_pos_embed:
+            h_BND = h_BND + sincos_3d(c.hidden_dim, Tp, Hp, Wp, device=h_BND.device, dtype=h_BND.dtype)
+
+        text_BLD = self.text_proj(text.emb_BLD.to(h_BND.dtype))
+        L = text_BLD.shape[1]
+        self._num_text_tokens = L
+        mask_BL = text.mask_BL.bool()
+        pooled_BD = (text.emb_BLD * mask_BL[..., None]).sum(1) / mask_BL.sum(1, keepdim=True).clamp(min=1)
+        c_BD = self.time_mlp(timestep_embedding(t_B * 1000.0, 256).to(h_BND.dtype)) + self.pooled_text_mlp(pooled_BD.to(h_BND.dtype))
+
+        x_BSD = torch.cat([text_BLD, h_BND], dim=1)
+        N = h_BND.shape[1]
+        mask_B11S = torch.cat([mask_BL, mask_BL.new_ones(B, N)], dim=1)[:, None, None, :]
+        rope = rope_3d(c.hidden_dim // c.num_heads, Tp, Hp, Wp, num_text=L, theta=c.rope_theta, device=h_BND.device)
+        for block in self._blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask_B11S, use_reentrant=False)
+            else:
+                x_BSD = block(x_BSD, c_BD, rope, mask_B11S)
+
+        shift, scale = self.final_modulation(F.silu(c_BD))[:, None].chunk(2, dim=-1)
+        out_BNP = self.final_proj(self.final_norm(x_BSD[:, L:]) * (1 + scale) + shift)
+        out = rearrange(out_BNP, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=Tp, h=Hp, w=Wp, pt=pt, ph=ph, pw=pw)
+        if is_image:
+            out = out.mean(dim=2, keepdim=True)
+        if c.prediction == "x0":
+            t = t_B.to(out.dtype).clamp(min=c.min_t)[:, None, None, None, None]
+            return (x_BCTHW - out) / t
+        return out

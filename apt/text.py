@@ -1,0 +1,102 @@
+"""Text encoders: captions -> token embeddings + mask (``TextCond``), frozen, from a local directory.
+
+``toy-t5`` is the embedded default: a small T5 encoder built from a config with fixed-seed random
+weights and a word-level tokenizer built offline with ``tokenizers`` over the toy world's vocabulary.
+Random frozen features are enough for the demo: the DiT learns to read them. Any other value of
+``text.encoder`` is a local directory holding a transformers tokenizer + encoder (T5/UMT5/CLIP text),
+loaded with ``from_pretrained`` and no hub access.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from apt.models.backbone import TextCond
+
+TOY_ENCODER = "toy-t5"
+_SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
+
+
+def toy_vocabulary() -> list[str]:
+    from apt.data.toy import TOY_WORDS
+
+    return sorted(set(TOY_WORDS))
+
+
+def build_toy_text_encoder(out_dir: str | None = None, *, dim: int = 64, seed: int = 0):
+    """Build the toy tokenizer + T5 encoder deterministically; optionally save_pretrained to out_dir."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {w: i for i, w in enumerate(_SPECIALS + toy_vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    config = T5Config(vocab_size=len(vocab), d_model=dim, d_kv=dim // 4, d_ff=2 * dim, num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config)
+        # T5's default init gives near-zero outputs at this size; unit-scale embeddings keep words apart.
+        nn.init.normal_(model.shared.weight, std=1.0)
+    if out_dir is not None:
+        tokenizer.save_pretrained(out_dir)
+        model.save_pretrained(out_dir)
+    return tokenizer, model
+
+
+class TextEncoder(nn.Module):
+    """Frozen tokenizer + encoder with a per-caption cache (captions repeat a lot in training)."""
+
+    def __init__(self, tokenizer, model: nn.Module, max_length: int = 32):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.max_length = max_length
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.d_model if hasattr(self.model.config, "d_model") else self.model.config.hidden_size
+
+    @classmethod
+    def load(cls, name_or_dir: str, *, max_length: int = 32) -> "TextEncoder":
+        if name_or_dir == TOY_ENCODER:
+            return cls(*build_toy_text_encoder(), max_length=max_length)
+        if not os.path.isdir(name_or_dir):
+            raise FileNotFoundError(f"text.encoder: {name_or_dir!r} is neither {TOY_ENCODER!r} nor a local directory")
+        from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
+
+        config = AutoConfig.from_pretrained(name_or_dir)
+        model_cls = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel, "clip_text_model": CLIPTextModel, "clip": CLIPTextModel}.get(config.model_type)
+        if model_cls is None:
+            raise ValueError(f"text.encoder {name_or_dir!r}: unsupported model_type {config.model_type!r} (t5, umt5, clip)")
+        return cls(AutoTokenizer.from_pretrained(name_or_dir), model_cls.from_pretrained(name_or_dir), max_length=max_length)
+
+    @torch.no_grad()
+    def _encode_one(self, caption: str) -> torch.Tensor:
+        ids = self.tokenizer(caption, truncation=True, max_length=self.max_length, return_tensors="pt")
+        out = self.model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+        return out[0].float()  # (L, D)
+
+    def encode(self, captions: list[str], *, allow_empty: bool = False) -> TextCond:
+        """Encode captions to (B, L, D) embeddings + (B, L) mask. Empty text is an error unless allowed
+        (the CFG null/negative prompt may be empty)."""
+        embs = []
+        for i, cap in enumerate(captions):
+            if not isinstance(cap, str):
+                raise TypeError(f"caption {i} is {type(cap).__name__}, expected str")
+            if not cap.strip() and not allow_empty:
+                raise ValueError(f"caption {i} is empty")
+            if cap not in self._cache:
+                self._cache[cap] = self._encode_one(cap) if cap.strip() else torch.zeros(0, self.dim)
+            embs.append(self._cache[cap])
+        L = max(1, max(e.shape[0] for e in embs))
+        emb = torch.zeros(len(embs), L, self.dim)
+        mask = torch.zeros(len(embs), L, dtype=torch.bool)
+        for i, e in enumerate(embs):
+            emb[i, : e.shape[0]] = e
+            mask[i, : e.shape[0]] = True
+        return TextCond(emb, mask)

@@ -1,0 +1,130 @@
+"""Build and run one stage: config -> checks -> module + data + trainer -> fit.
+
+Order (fixed, documented): resolve config; check files (shards, init checkpoints) before any
+work; refuse to overwrite a run that has checkpoints unless resuming; write the resolved config;
+build module, data, callbacks, trainer; fit (resuming if asked).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+
+from apt.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, resolve_weights_dir
+from apt.config import Config, ConfigError, load_config, save_config, to_yaml
+from apt.lit.callbacks import PeriodicCheckpoint, SampleMedia, Throughput
+
+STAGE_MODULES = {
+    "teacher": "apt.lit.teacher:TeacherModule",
+    "distill": "apt.lit.distill:DistillModule",
+    "apt": "apt.lit.apt:AptModule",
+}
+
+
+def stage_module_class(stage: str):
+    mod, _, cls = STAGE_MODULES[stage].partition(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def check_paths(c: Config) -> None:
+    """File checks that must pass before any training starts; each error names the key and path."""
+    from apt.data.shards import resolve_shards
+
+    try:
+        resolve_shards(c.data.shards)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.shards: {e}") from None
+    needs = {"distill": [("distill.teacher", c.distill.teacher, "net_ema")],
+             "apt": [("apt.generator", c.apt.generator, None), ("apt.teacher", c.apt.teacher, "net_ema")]}
+    for key, path, name in needs.get(c.stage, []):
+        names = [name] if name else ["generator_ema", "net_ema"]
+        errors = []
+        for n in names:
+            try:
+                resolve_weights_dir(path, n)
+                break
+            except FileNotFoundError as e:
+                errors.append(str(e))
+        else:
+            raise ConfigError(f"{key}: {errors[0]}")
+
+
+def resume_path(c: Config) -> str | None:
+    run_dir = Path(c.run_dir)
+    if not c.resume:
+        if latest_checkpoint(run_dir) is not None:
+            raise ConfigError(f"run_dir {run_dir} already has checkpoints; pass resume=auto to continue it or choose another run_dir")
+        return None
+    if c.resume == "auto":
+        latest = latest_checkpoint(run_dir)
+        return str(latest) if latest else None
+    if not Path(c.resume, "trainer_state.pt").exists():
+        raise ConfigError(f"resume: {c.resume} is not a checkpoint directory")
+    return c.resume
+
+
+def sample_prompts(c: Config) -> list[str]:
+    from apt.data.toy import eval_prompts
+
+    return eval_prompts(c.train.num_sample_prompts, seed=c.eval.seed, frames=c.data.frames)
+
+
+def build_trainer(c: Config, module) -> L.Trainer:
+    sample_steps = c.flow.sample_steps if c.stage == "teacher" else 1
+    cfg_scale = c.flow.cfg_scale if c.stage == "teacher" else 1.0
+    callbacks = [
+        PeriodicCheckpoint(c.run_dir, c.train.ckpt_every_steps, c.train.keep_checkpoints),
+        SampleMedia(c.run_dir, c.train.sample_every_steps, sample_prompts(c), steps=sample_steps, cfg_scale=cfg_scale),
+        Throughput(),
+    ]
+    if c.eval.every_steps:
+        from apt.lit.eval_callback import ToyEvalCallback
+
+        callbacks.append(ToyEvalCallback(c))
+    return L.Trainer(
+        max_steps=module.trainer_max_steps(),
+        max_epochs=-1,
+        accelerator=c.train.accelerator,
+        devices=c.train.devices,
+        strategy=c.train.strategy,
+        precision=c.train.precision,
+        logger=CSVLogger(c.run_dir, name="logs"),
+        callbacks=callbacks,
+        plugins=[SafetensorsCheckpointIO()],
+        enable_checkpointing=False,
+        enable_progress_bar=c.train.progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=c.train.log_every_steps or 1,
+        gradient_clip_val=(c.optim.grad_clip or None) if module.automatic_optimization else None,
+        default_root_dir=c.run_dir,
+        num_sanity_val_steps=0,
+    )
+
+
+def fit(c: Config):
+    """Train one stage; returns the fitted module."""
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen text encoder / EMA copies
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+    from apt.lit.data import ShardDataModule
+
+    check_paths(c)
+    ckpt = resume_path(c)
+    save_config(c, Path(c.run_dir) / "config.yaml")
+    L.seed_everything(c.train.seed, workers=True, verbose=False)
+    module = stage_module_class(c.stage)(c)
+    trainer = build_trainer(c, module)
+    trainer.fit(module, datamodule=ShardDataModule(c), ckpt_path=ckpt)
+    return module
+
+
+def fit_from_args(recipe: str, overlays: list[str], overrides: list[str], *, dry_run: bool = False) -> int:
+    c = load_config(recipe, overlays, overrides)
+    if dry_run:
+        print(to_yaml(c), end="")
+        return 0
+    fit(c)
+    return 0
