@@ -55,6 +55,10 @@ class DataConfig:
     """Per-device batch size."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    image_shards: str = ""
+    """Optional one-frame (image) shards mixed into every step for joint image-video training ('' = off)."""
+    image_batch_size: int = 64
+    """Per-device batch size of the image shards."""
 
 
 @dataclass
@@ -282,6 +286,7 @@ def check_config(c: Config) -> None:
     for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
         need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
     need(c.data.batch_size > 0, f"data.batch_size must be positive, got {c.data.batch_size}")
+    need(c.data.image_batch_size > 0, f"data.image_batch_size must be positive, got {c.data.image_batch_size}")
     need(c.data.frames > 0, f"data.frames must be positive, got {c.data.frames}")
     need(c.flow.sample_steps > 0, f"flow.sample_steps must be positive, got {c.flow.sample_steps}")
     need(0.0 <= c.text.dropout < 1.0, f"text.dropout must be in [0, 1), got {c.text.dropout}")

@@ -34,10 +34,14 @@ def check_paths(c: Config) -> None:
     """File checks that must pass before any training starts; each error names the key and path."""
     from apt.data.shards import resolve_shards
 
-    try:
-        resolve_shards(c.data.shards)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"data.shards: {e}") from None
+    for key in ("shards", "image_shards"):
+        value = getattr(c.data, key)
+        if key == "image_shards" and not value:
+            continue
+        try:
+            resolve_shards(value)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.{key}: {e}") from None
     needs = {"distill": [("distill.teacher", c.distill.teacher, "net_ema")],
              "apt": [("apt.generator", c.apt.generator, None), ("apt.teacher", c.apt.teacher, "net_ema")]}
     for key, path, name in needs.get(c.stage, []):

@@ -1,8 +1,13 @@
-"""LightningDataModule over WebDataset shards; rebuilt at resume to skip the batches already consumed."""
+"""LightningDataModule over WebDataset shards; rebuilt at resume to skip the batches already consumed.
+
+With ``data.image_shards`` set, every step gets a video batch and an image batch (joint image-video
+training: an image is a one-frame video), delivered as ``{"video": batch, "image": batch}``.
+"""
 
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.utilities import CombinedLoader
 
 from apt.config import Config
 from apt.data.shards import resolve_shards, train_loader
@@ -13,16 +18,29 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.config = config
         self.shards = resolve_shards(config.data.shards)
+        self.image_shards = resolve_shards(config.data.image_shards) if config.data.image_shards else None
 
-    def train_dataloader(self):
+    def _loader(self, shards: list[str], batch_size: int, seed: int):
         c = self.config
-        module = self.trainer.lightning_module
         return train_loader(
-            self.shards,
-            batch_size=c.data.batch_size,
-            seed=c.train.seed,
+            shards,
+            batch_size=batch_size,
+            seed=seed,
             rank=self.trainer.global_rank,
             world_size=self.trainer.world_size,
             num_workers=c.data.num_workers,
-            skip_batches=module.batches_consumed,
+            skip_batches=self.trainer.lightning_module.batches_consumed,
         )
+
+    def train_dataloader(self):
+        c = self.config
+        video = self._loader(self.shards, c.data.batch_size, c.train.seed)
+        if self.image_shards is None:
+            return video
+        image = self._loader(self.image_shards, c.data.image_batch_size, c.train.seed + 1)
+        return CombinedLoader({"video": video, "image": image}, mode="min_size")
+
+
+def batch_parts(batch: dict) -> list[dict]:
+    """The per-modality batches of a training step (one, or video + image)."""
+    return [batch["video"], batch["image"]] if "video" in batch else [batch]

@@ -12,6 +12,7 @@ from apt.config import Config
 from apt.ema import ema_update
 from apt.flow import add_noise, sample_timesteps
 from apt.lit.base import StageModule
+from apt.lit.data import batch_parts
 from apt.losses import flow_matching_loss
 
 
@@ -25,6 +26,12 @@ class TeacherModule(StageModule):
         return self.net_ema
 
     def training_step(self, batch, batch_idx):
+        loss = sum(self.flow_loss(part) for part in batch_parts(batch))
+        self.check_finite("teacher loss", loss)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def flow_loss(self, batch: dict) -> torch.Tensor:
         c = self.config
         x0 = batch["x"]
         B = x0.shape[0]
@@ -38,10 +45,7 @@ class TeacherModule(StageModule):
         x_t = add_noise(x0, eps, t)
         # 3. Flow-matching loss (x0 space for x0-parameterised flavours: same optimum, bounded weights).
         v = self.net(x_t, t, text)
-        loss = flow_matching_loss(v, x0, eps, t, space=self.net.config.prediction)
-        self.check_finite("teacher loss", loss)
-        self.log("loss", loss, prog_bar=True)
-        return loss
+        return flow_matching_loss(v, x0, eps, t, space=self.net.config.prediction)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
