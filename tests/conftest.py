@@ -1,0 +1,47 @@
+"""Shared fixtures: offline hub, tiny toy shards and a tiny teacher checkpoint made once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from apt.models import TextCond
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.fixture(scope="session")
+def toy_shards(tmp_path_factory):
+    """{'video': dir, 'image': dir} of small toy shards (8-frame clips, 1-frame images)."""
+    from apt.data.shards import write_toy_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    write_toy_shards(str(root / "video"), num_samples=64, frames=8, seed=0, samples_per_shard=32)
+    write_toy_shards(str(root / "image"), num_samples=64, frames=1, seed=1, samples_per_shard=32)
+    return {"video": str(root / "video"), "image": str(root / "image")}
+
+
+def fit_args(recipe: str, run_dir, shards, *extra: str) -> list[str]:
+    return ["fit", recipe, "tiny", f"run_dir={run_dir}", f"data.shards={shards}", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, toy_shards):
+    """Run dir of a tiny teacher trained 2 steps through the CLI (joint image-video)."""
+    from apt.cli import main
+
+    run = tmp_path_factory.mktemp("teacher")
+    assert main(fit_args("recipes/demo/teacher.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}")) == 0
+    return run
+
+
+def random_text(B: int, L: int, D: int, *, pad_from: int | None = None) -> TextCond:
+    mask = torch.ones(B, L, dtype=torch.bool)
+    if pad_from is not None:
+        mask[:, pad_from:] = False
+    return TextCond(torch.randn(B, L, D), mask)

@@ -1,0 +1,84 @@
+import glob
+
+import pytest
+
+from apt.cli import main
+from apt.config import ConfigError, load_config
+
+RECIPES = sorted(glob.glob("recipes/**/*.yaml", recursive=True))
+RECIPES = [r for r in RECIPES if "/overlays/" not in r]
+
+
+def test_defaults_and_override_precedence():
+    c = load_config("recipes/demo/teacher.yaml", ["tiny"], ["train.max_steps=7", "data.batch_size=3"])
+    assert c.model.flavour == "tiny"  # overlay over recipe
+    assert c.train.max_steps == 7 and c.data.batch_size == 3  # CLI over overlay
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_stpes=5", "did you mean 'train.max_steps'"),
+        ("modle.flavour=tiny", "did you mean 'model'"),
+        ("train.max_steps=abc", "train.max_steps"),
+        ("train.max_steps=-3", "train.max_steps must be positive"),
+        ("data.height=15", "not divisible by the patch size"),
+        ("data.frames=3", "temporal patch size"),
+        ("model.flavour=huge", "model.flavour 'huge' unknown"),
+        ("apt.optimizer=sgd", "apt.optimizer"),
+        ("notakeyvalue", "key=value"),
+    ],
+)
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("recipes/demo/teacher.yaml", ["tiny"], [override])
+
+
+def test_unknown_overlay_and_missing_recipe():
+    with pytest.raises(ConfigError, match="unknown overlay 'tinyy'"):
+        load_config("recipes/demo/teacher.yaml", ["tinyy"], [])
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_config("recipes/nope.yaml", [], [])
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["fit", "recipes/demo/teacher.yaml", "tiny", "train.max_steps=9", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 9" in out and "flavour: tiny" in out
+
+
+def test_help_lists_verbs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for verb in ("fit", "sample", "demo"):
+        assert verb in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data.shards=/no/such/shards"], "data.shards"),
+        (["train.max_steps=-1"], "train.max_steps must be positive"),
+        (["data.width=18"], "not divisible"),
+    ],
+)
+def test_bad_input_fails_before_training_with_one_line(args, message, capsys, tmp_path):
+    rc = main(["fit", "recipes/demo/teacher.yaml", "tiny", f"run_dir={tmp_path}", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_empty_prompt_is_an_error(tiny_teacher, capsys, tmp_path):
+    rc = main(["sample", str(tiny_teacher), "--prompt", "  ", "--out", str(tmp_path)])
+    assert rc == 2 and "empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_loads_with_tiny_overlay(recipe):
+    c = load_config(recipe, ["tiny"], [])
+    assert c.model.flavour == "tiny"
+    from apt.models import build_dit
+
+    build_dit(c.model.flavour).check_input_shape((1, c.data.channels, c.data.frames, c.data.height, c.data.width))

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from apt.discriminator import Discriminator
+from apt.losses import d_loss_nonsaturating, g_loss_nonsaturating
+from apt.models import build_dit
+from tests.conftest import random_text
+
+
+def make_d(depth=6, fractions=(16 / 36, 26 / 36, 1.0)):
+    return Discriminator(build_dit("tiny", depth=depth), fractions=list(fractions), num_heads=2)
+
+
+@pytest.mark.parametrize("depth, expected", [(3, [0, 1, 2]), (6, [2, 3, 5]), (36, [15, 25, 35])])
+def test_heads_tap_intended_layers(depth, expected):
+    if depth == 36:
+        with torch.device("meta"):
+            d = Discriminator(build_dit("tiny", depth=36), fractions=[16 / 36, 26 / 36, 1.0], num_heads=2)
+    else:
+        d = make_d(depth)
+    assert d.layers == expected
+    assert len(d.heads) == len(expected)
+
+
+def test_logits_shape_and_early_exit_matches_full_forward():
+    torch.manual_seed(0)
+    d = make_d(6, fractions=[0.5])  # only block index 2 is needed
+    x, t, text = torch.randn(3, 3, 8, 16, 16), torch.rand(3), random_text(3, 4, 32)
+    calls = []
+    handles = [b.register_forward_pre_hook(lambda m, i, k=k: calls.append(k)) for k, b in enumerate(d.backbone.blocks)]
+    logits = d(x, t, text)
+    for h in handles:
+        h.remove()
+    assert logits.shape == (3,)
+    assert calls == [0, 1, 2]  # blocks after the deepest readout are skipped
+
+
+def test_d_depends_on_input():
+    torch.manual_seed(0)
+    d = make_d()
+    for p in d.backbone.parameters():  # past adaLN-Zero's identity start
+        torch.nn.init.normal_(p, std=0.05)
+    t, text = torch.rand(2), random_text(2, 4, 32)
+    assert not torch.allclose(d(torch.randn(2, 3, 8, 16, 16), t, text), d(torch.randn(2, 3, 8, 16, 16), t, text))
+
+
+def test_no_gradient_reaches_g_in_d_step_nor_d_in_g_step():
+    torch.manual_seed(0)
+    G, D = build_dit("tiny"), make_d(3)
+    text = random_text(2, 4, 32)
+    z, real = torch.randn(2, 3, 8, 16, 16), torch.randn(2, 3, 8, 16, 16)
+    one = torch.ones(2)
+    # D step: fakes detached
+    with torch.no_grad():
+        fake = z - G(z, one, text)
+    d_loss_nonsaturating(D(real, torch.rand(2), text), D(fake, torch.rand(2), text)).backward()
+    assert all(p.grad is None for p in G.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in D.parameters())
+    D.zero_grad(set_to_none=True)
+    # G step: D frozen
+    D.requires_grad_(False)
+    g_loss_nonsaturating(D(z - G(z, one, text), torch.rand(2), text)).backward()
+    assert all(p.grad is None for p in D.parameters())
+    assert any(p.grad is not None for p in G.parameters())
+
+
+def test_timestep_ensemble_shift():
+    d = make_d(3)
+    d.timestep_shift = 12.0
+    t = d.sample_t(4000, torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() <= 1 and t.mean() > 0.75

@@ -1,0 +1,140 @@
+"""Tiny end-to-end runs on CPU through the CLI: artifacts, step counts, exact resume, clear failures."""
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from apt.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, list_checkpoints
+from apt.cli import main
+from tests.conftest import fit_args
+
+pytestmark = pytest.mark.integration
+
+
+def losses(run_dir, key) -> dict[int, float]:
+    """{step: value} over every logger version of a run (a resumed run writes a new version)."""
+    out = {}
+    for f in sorted(Path(run_dir, "logs").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(open(f)):
+            if row.get(key):
+                out[int(row["step"])] = float(row[key])
+    return out
+
+
+def test_teacher_artifacts(tiny_teacher):
+    run = Path(tiny_teacher)
+    assert (run / "config.yaml").exists()
+    ckpts = list_checkpoints(run)
+    assert [p.name for p in ckpts] == ["step-000001", "step-000002"]
+    for name in ("net.safetensors", "net_ema.safetensors", "trainer_state.pt", "config.yaml"):
+        assert (ckpts[-1] / name).exists()
+    assert not any(k.startswith("text_encoder") for k in load_file(str(ckpts[-1] / "net.safetensors")))
+    assert len(losses(run, "loss")) == 2
+
+
+def test_teacher_resume_continues_identically(toy_shards, tmp_path):
+    common = [f"data.image_shards={toy_shards['image']}", "train.ckpt_every_steps=2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(fit_args("recipes/demo/teacher.yaml", full, toy_shards["video"], *common, "train.max_steps=4")) == 0
+    assert main(fit_args("recipes/demo/teacher.yaml", part, toy_shards["video"], *common, "train.max_steps=2")) == 0
+    # a fresh run refuses to overwrite a run that has checkpoints
+    assert main(fit_args("recipes/demo/teacher.yaml", part, toy_shards["video"], *common, "train.max_steps=4")) == 2
+    assert main(fit_args("recipes/demo/teacher.yaml", part, toy_shards["video"], *common, "train.max_steps=4", "resume=auto")) == 0
+    a, b = losses(full, "loss"), losses(part, "loss")
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    assert a == b
+    wa = load_file(str(full / "checkpoints/step-000004/net_ema.safetensors"))
+    wb = load_file(str(part / "checkpoints/step-000004/net_ema.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def tiny_distilled(tiny_teacher, toy_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("distill")
+    assert main(fit_args("recipes/demo/distill.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}", f"distill.teacher={tiny_teacher}")) == 0
+    return run
+
+
+def apt_args(run, shards, generator, teacher, *extra):
+    return fit_args("recipes/demo/apt_video.yaml", run, shards, f"apt.generator={generator}", f"apt.teacher={teacher}", "apt.d_warmup_steps=1", *extra)
+
+
+def test_distill_then_apt_resume_identically(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
+    assert (latest_checkpoint(tiny_distilled) / "net_ema.safetensors").exists()
+    full, part = tmp_path / "full", tmp_path / "part"
+    v = toy_shards["video"]
+    assert main(apt_args(full, v, tiny_distilled, tiny_teacher, "train.max_steps=3")) == 0
+    assert main(apt_args(part, v, tiny_distilled, tiny_teacher, "train.max_steps=2")) == 0
+    assert main(apt_args(part, v, tiny_distilled, tiny_teacher, "train.max_steps=3", "resume=auto")) == 0
+    # generator updates, not optimiser steps, name the checkpoints: warm-up (1 D step) + 3 x (D + G)
+    assert [p.name for p in list_checkpoints(full)][-1] == "step-000003"
+    for key in ("loss_d", "loss_g", "d_real", "d_fake", "r1", "grad_norm_d", "grad_norm_g"):
+        a, b = losses(full, key), losses(part, key)
+        assert a and a == b, key
+    last = latest_checkpoint(full)
+    for name in ("generator", "generator_ema", "discriminator"):
+        wa, wb = load_file(str(last / f"{name}.safetensors")), load_file(str(latest_checkpoint(part) / f"{name}.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_apt_video_stage_starts_from_image_stage_ema(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
+    image_run = tmp_path / "image"
+    assert main(fit_args("recipes/demo/apt_image.yaml", image_run, toy_shards["image"], f"apt.generator={tiny_distilled}", f"apt.teacher={tiny_teacher}", "apt.d_warmup_steps=0", "train.max_steps=1")) == 0
+    from apt.config import load_config
+    from apt.lit.apt import AptModule
+
+    c = load_config("recipes/demo/apt_video.yaml", ["tiny"], [f"data.shards={toy_shards['video']}", f"apt.generator={image_run}", f"apt.teacher={tiny_teacher}"])
+    m = AptModule(c)
+    g_img = load_file(str(latest_checkpoint(image_run) / "generator_ema.safetensors"))
+    teacher = load_file(str(latest_checkpoint(tiny_teacher) / "net_ema.safetensors"))
+    assert all(torch.equal(m.generator.state_dict()[k], g_img[k]) for k in g_img)
+    assert all(torch.equal(m.discriminator.backbone.state_dict()[k], teacher[k]) for k in teacher)
+
+
+def test_nan_input_fails_clearly_without_checkpoint(tiny_teacher, toy_shards, tmp_path, capsys):
+    bad = tmp_path / "bad_teacher"
+    bad.mkdir()
+    src = latest_checkpoint(tiny_teacher)
+    w = load_file(str(src / "net_ema.safetensors"))
+    w = {k: torch.full_like(v, float("nan")) if "patch_embed.weight" in k else v for k, v in w.items()}
+    save_file(w, str(bad / "net_ema.safetensors"))
+    run = tmp_path / "run"
+    rc = main(fit_args("recipes/demo/distill.yaml", run, toy_shards["video"], f"distill.teacher={bad}"))
+    assert rc == 1
+    assert "not finite" in capsys.readouterr().err
+    assert list_checkpoints(run) == []
+
+
+def test_sample_command_writes_media(tiny_distilled, tmp_path):
+    out = tmp_path / "samples"
+    assert main(["sample", str(tiny_distilled), "--prompt", "a red circle moving left on a black background", "--prompt", "a blue square moving up on a gray background", "--steps", "2", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "grid.png" in names and any(n.endswith(".gif") for n in names)
+    assert main(["sample", str(tiny_distilled), "--prompt", "a red circle on a black background", "--frames", "1", "--out", str(out / "img")]) == 0
+    assert [p.suffix for p in (out / "img").iterdir()] == [".png"]
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tiny_teacher, tmp_path):
+    io = SafetensorsCheckpointIO()
+    src = latest_checkpoint(tiny_teacher)
+    ckpt = io.load_checkpoint(src)
+    target = tmp_path / "checkpoints" / "step-000001"
+    io.save_checkpoint(dict(ckpt), target)
+    before = load_file(str(target / "net.safetensors"))
+
+    class Boom(Exception):
+        pass
+
+    broken = dict(ckpt)
+    broken["state_dict"] = dict(ckpt["state_dict"])
+    broken["state_dict"]["net.zzz"] = object()  # fails while writing, after some files are on disk
+    with pytest.raises(Exception):
+        io.save_checkpoint(broken, target)
+    after = load_file(str(target / "net.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert latest_checkpoint(tmp_path) == target
+    assert io.load_checkpoint(target)["apt"]["batches_consumed"] == ckpt["apt"]["batches_consumed"]
