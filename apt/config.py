@@ -46,7 +46,7 @@ class TextConfig:
 class DataConfig:
     shards: str = "runs/data/toy-video"
     """Training shards: a directory of .tar files, a brace pattern or one .tar file."""
-    frames: int = 8
+    frames: int = 4
     """Frames per clip (1 = images)."""
     height: int = 16
     width: int = 16

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from apt.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, resolve_weights_dir
 from apt.config import Config, ConfigError, load_config, save_config, to_yaml
+from apt.distributed.strategies import make_strategy
 from apt.lit.callbacks import PeriodicCheckpoint, SampleMedia, Throughput
 
 STAGE_MODULES = {
@@ -94,7 +95,7 @@ def build_trainer(c: Config, module) -> L.Trainer:
         max_epochs=-1,
         accelerator=c.train.accelerator,
         devices=c.train.devices,
-        strategy=c.train.strategy,
+        strategy=make_strategy(c),
         precision=c.train.precision,
         logger=CSVLogger(c.run_dir, name="logs"),
         callbacks=callbacks,

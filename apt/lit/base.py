@@ -15,10 +15,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from apt.checkpoint import load_weights
 from apt.config import Config, to_yaml
 from apt.flow import euler_sample
-from apt.models import DiT, TextCond, build_dit
+from apt.models import TextCond, factory
 from apt.text import TextEncoder
 
 FROZEN_PREFIXES = ("text_encoder.", "teacher.")
@@ -33,19 +32,12 @@ class StageModule(L.LightningModule):
         self.batches_consumed = 0
 
     # -- building blocks ---------------------------------------------------------------------
-    def build_backbone(self) -> DiT:
-        net = build_dit(self.config.model.flavour, text_dim=self.text_encoder.dim)
-        net.gradient_checkpointing = self.config.model.gradient_checkpointing
-        return net
+    def build_backbone(self) -> nn.Module:
+        return factory.build_backbone(self.config, text_dim=self.text_encoder.dim)
 
-    def load_backbone(self, path: str, name: str) -> DiT:
-        """A backbone of this run's flavour with weights ``name`` from a checkpoint (e.g. net_ema)."""
-        net = self.build_backbone()
-        try:
-            net.load_state_dict(load_weights(path, name))
-        except RuntimeError as e:
-            raise ValueError(f"weights {name} in {path} do not fit model flavour '{self.config.model.flavour}': {str(e).splitlines()[0]}") from None
-        return net
+    def load_backbone(self, path: str, name: str) -> nn.Module:
+        """A backbone of this run's model with weights ``name`` from a checkpoint (e.g. net_ema)."""
+        return factory.load_backbone(self.config, path, name, text_dim=self.text_encoder.dim)
 
     @staticmethod
     def frozen_copy(net: nn.Module) -> nn.Module:

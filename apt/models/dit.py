@@ -14,7 +14,6 @@ D width, P values per patch, K heads, E head dim.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from apt.models.attention import attention
 from apt.models.backbone import TextCond
 from apt.models.layers import RMSNorm, apply_rope, rope_3d, sincos_3d, timestep_embedding
 
@@ -67,7 +67,7 @@ class Attention(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask_B11S: torch.Tensor | None):
         q, k, v = rearrange(self.qkv(x_BSD), "b s (three k e) -> three b k s e", three=3, k=self.num_heads)
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        out_BKSE = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B11S)
+        out_BKSE = attention(q, k, v, mask_B11S)
         return self.proj(rearrange(out_BKSE, "b k s e -> b s (k e)"))
 
 

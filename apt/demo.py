@@ -1,0 +1,84 @@
+"""``python -m apt demo``: the embedded demo, end to end on CPU.
+
+toy shards -> teacher (shipped, made by recipes/demo/teacher.yaml) -> consistency distillation ->
+APT image stage -> APT video stage -> evaluation table (``runs/demo/report.json``) and a side-by-side
+grid of the four rows for the same prompts and seeds. Each stage is skipped when its run already
+finished, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from apt.checkpoint import latest_checkpoint, list_checkpoints
+from apt.config import load_config
+
+TEACHER_ASSET = "assets/demo_teacher"
+DATA = {"video": ("runs/data/toy-video", 4, 20000, 0), "image": ("runs/data/toy-image", 1, 10000, 1)}
+
+
+def ensure_shards(quick: bool) -> dict[str, str]:
+    from apt.data.shards import write_toy_shards
+
+    out = {}
+    for key, (path, frames, n, seed) in DATA.items():
+        if quick:
+            path, n = path + "-quick", 512
+        if not (Path(path) / "manifest.json").exists():
+            print(f"[demo] writing {n} toy {'clips' if frames > 1 else 'images'} to {path}")
+            write_toy_shards(path, num_samples=n, frames=frames, seed=seed)
+        out[key] = path
+    return out
+
+
+def run_stage(recipe: str, run_dir: Path, overrides: list[str], overlays: list[str]) -> Path:
+    """Fit a stage unless its run already reached max_steps; returns the run dir."""
+    from apt.train import fit
+
+    c = load_config(recipe, overlays, [f"run_dir={run_dir}", "resume=auto", *overrides])
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and int(latest.name.split("-")[1]) >= c.train.max_steps:
+        print(f"[demo] {c.stage} stage already done: {latest}")
+        return run_dir
+    print(f"[demo] {c.stage} stage: {recipe} -> {run_dir}")
+    t0 = time.perf_counter()
+    fit(c)
+    print(f"[demo] {c.stage} stage took {time.perf_counter() - t0:.0f} s")
+    return run_dir
+
+
+def run_demo(out: str = "runs/demo", *, quick: bool = False) -> dict:
+    from apt.eval.toy_report import evaluate_rows, print_table
+
+    t_start = time.perf_counter()
+    out_dir = Path(out)
+    shards = ensure_shards(quick)
+    overlays = ["tiny"] if quick else []
+    teacher = TEACHER_ASSET
+    if quick:  # a tiny teacher of our own (the shipped one is the demo flavour)
+        teacher = str(run_stage("recipes/demo/teacher.yaml", out_dir / "teacher", [f"data.shards={shards['video']}", f"data.image_shards={shards['image']}"], overlays))
+    elif not (Path(teacher) / "net_ema.safetensors").exists():
+        raise FileNotFoundError(f"shipped demo teacher missing: {teacher}/net_ema.safetensors (train it: python -m apt fit recipes/demo/teacher.yaml)")
+    distill = run_stage("recipes/demo/distill.yaml", out_dir / "distill", [f"distill.teacher={teacher}", f"data.shards={shards['video']}", f"data.image_shards={shards['image']}"], overlays)
+    apt_image = run_stage("recipes/demo/apt_image.yaml", out_dir / "apt_image", [f"apt.generator={distill}", f"apt.teacher={teacher}", f"data.shards={shards['image']}"], overlays)
+    apt_video = run_stage("recipes/demo/apt_video.yaml", out_dir / "apt_video", [f"apt.generator={apt_image}", f"apt.teacher={teacher}", f"data.shards={shards['video']}"], overlays)
+    train_seconds = time.perf_counter() - t_start
+
+    report = evaluate_rows(
+        teacher=teacher,
+        distilled=latest_checkpoint(distill),
+        apt_candidates=list_checkpoints(apt_video),
+        out_dir=out_dir,
+        num_samples=64 if quick else 1000,
+        torch_threads=torch.get_num_threads(),
+    )
+    report["train_seconds"] = round(train_seconds, 1)
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    print_table(report)
+    print(f"[demo] report: {out_dir / 'report.json'}; side-by-side: {out_dir / 'side_by_side.png'}; total {report['total_seconds']:.0f} s")
+    return report

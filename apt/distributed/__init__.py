@@ -1,0 +1,1 @@
+"""Distributed training: strategy selection from the recipe (``train.strategy``)."""

@@ -1,0 +1,117 @@
+"""The demo's evaluation table: teacher (25 steps + CFG) vs distilled vs APT (1 and 2 steps).
+
+Protocol (every number in the report comes from this one run):
+- Evaluation prompts: ``eval_prompts(N, seed=EVAL_SEED)`` (balanced over attributes), noise seeds
+  10_000 + i. The APT checkpoint is chosen on a disjoint validation set (VAL_SEED prompts, noise
+  seeds 20_000 + i, 256 samples) among the checkpoints of the video-stage run, as DESIGN.md §7
+  recommends (the raw APT trajectory oscillates).
+- ``distance``: Fréchet distance to N real toy clips in the toy classifier's feature space;
+  ``attribute_accuracy``: share of samples whose shape, colour, direction and background all match
+  the prompt (``apt.eval.toy_metrics``). The real-vs-real floor (two disjoint real sets of size N)
+  is reported alongside.
+- ``seconds_per_sample``: batch-1 wall time per sample (mean over 16 prompts after a warm-up);
+  ``seconds_per_sample_batched``: wall time of the whole evaluation set in batches of 250, per sample.
+  ``nfe``: network evaluations per sample (CFG counts two).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apt.data.toy import eval_prompts
+from apt.eval.toy_classifier import load_toy_classifier
+from apt.eval.toy_metrics import evaluate_samples, real_stats, real_vs_real_floor
+from apt.inference import Generator, load_generator
+from apt.media import grid_image, save_gif, save_png, to_uint8
+
+EVAL_SEED, VAL_SEED = 1234, 4321
+BATCH = 250
+
+
+def generate_all(gen: Generator, prompts: list[str], seed0: int, *, steps: int, cfg_scale: float | None = None) -> tuple[torch.Tensor, float]:
+    """All samples (B, C, T, H, W) in batches, and the batched seconds per sample."""
+    outs, t0 = [], time.perf_counter()
+    for i in range(0, len(prompts), BATCH):
+        p = prompts[i : i + BATCH]
+        outs.append(gen.generate_tensor(p, [seed0 + i + j for j in range(len(p))], steps=steps, cfg_scale=cfg_scale))
+    return torch.cat(outs), (time.perf_counter() - t0) / len(prompts)
+
+
+def batch1_seconds(gen: Generator, prompts: list[str], *, steps: int, cfg_scale: float | None = None, n: int = 16) -> float:
+    gen.generate_tensor(prompts[:1], [0], steps=steps, cfg_scale=cfg_scale)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(n):
+        gen.generate_tensor(prompts[i : i + 1], [i], steps=steps, cfg_scale=cfg_scale)
+    return (time.perf_counter() - t0) / n
+
+
+def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samples: int, classifier_path: str = "assets/toy_classifier", torch_threads: int = 1) -> dict:
+    out_dir = Path(out_dir)
+    classifier = load_toy_classifier(classifier_path)
+    t_gen = load_generator(teacher)
+    frames = t_gen.num_frames
+    prompts = eval_prompts(num_samples, seed=EVAL_SEED, frames=frames)
+    val_prompts = eval_prompts(256, seed=VAL_SEED, frames=frames)
+    real = real_stats(classifier, frames=frames, n=num_samples, seed=EVAL_SEED, cache_path=str(out_dir / f"real_stats_{frames}f_{num_samples}.npz"))
+    floor = real_vs_real_floor(classifier, frames=frames, n=num_samples, seed=EVAL_SEED)
+    val_real = real_stats(classifier, frames=frames, n=256, seed=VAL_SEED, cache_path=str(out_dir / f"real_stats_{frames}f_val256.npz"))
+
+    # Pick the APT checkpoint on the validation set.
+    selection = []
+    for ckpt in apt_candidates:
+        g = load_generator(ckpt)
+        x, _ = generate_all(g, val_prompts, 20_000, steps=1)
+        m = evaluate_samples(classifier, x, val_prompts, val_real)
+        selection.append({"checkpoint": str(ckpt), "val_distance": m["distance"], "val_attribute_accuracy": m["attribute_accuracy"]})
+        print(f"[eval] validation {ckpt}: distance {m['distance']:.1f}, attribute accuracy {m['attribute_accuracy']:.3f}")
+    best = min(selection, key=lambda s: s["val_distance"])["checkpoint"]
+    a_gen = load_generator(best)
+
+    rows_spec = [
+        ("teacher-25step-cfg", t_gen, t_gen.config.flow.sample_steps, t_gen.config.flow.cfg_scale),
+        ("distilled-1step", load_generator(distilled), 1, 1.0),
+        ("apt-1step", a_gen, 1, 1.0),
+        ("apt-2step", a_gen, 2, 1.0),
+    ]
+    rows, side = [], []
+    for name, gen, steps, cfg in rows_spec:
+        x, sec_batched = generate_all(gen, prompts, 10_000, steps=steps, cfg_scale=cfg)
+        m = evaluate_samples(classifier, x, prompts, real)
+        sec1 = batch1_seconds(gen, prompts, steps=steps, cfg_scale=cfg)
+        nfe = steps * (2 if cfg != 1.0 else 1)
+        rows.append({"name": name, "nfe": nfe, "distance": round(m["distance"], 2), "attribute_accuracy": round(m["attribute_accuracy"], 4),
+                     "per_attribute": {k: round(v, 4) for k, v in m.get("per_attribute", {}).items()},
+                     "seconds_per_sample": sec1, "seconds_per_sample_batched": sec_batched})
+        side.append(to_uint8(x[:8]))
+        print(f"[eval] {name}: distance {m['distance']:.1f}, attribute accuracy {m['attribute_accuracy']:.3f}, {sec1 * 1e3:.2f} ms/sample (batch 1)")
+    teacher_row = rows[0]
+    for r in rows:
+        r["speedup_batch1"] = teacher_row["seconds_per_sample"] / r["seconds_per_sample"]
+        r["speedup_batched"] = teacher_row["seconds_per_sample_batched"] / r["seconds_per_sample_batched"]
+    # Side by side: for each prompt, the four rows one under the other.
+    stacked = np.stack(side, axis=1).reshape(-1, *side[0].shape[1:])  # (8 prompts * 4 rows, T, H, W, C)
+    save_png(grid_image(stacked), out_dir / "side_by_side.png")
+    save_gif(stacked, out_dir / "side_by_side.gif", columns=4)
+    (out_dir / "side_by_side_prompts.txt").write_text("rows per prompt: " + ", ".join(r["name"] for r in rows) + "\n" + "\n".join(prompts[:8]) + "\n")
+    return {
+        "rows": rows,
+        "real_vs_real_floor": round(floor, 2),
+        "num_samples": num_samples,
+        "eval_prompt_seed": EVAL_SEED,
+        "noise_seeds": f"10000..{10000 + num_samples - 1}",
+        "apt_checkpoint": best,
+        "apt_selection": selection,
+        "torch_threads": torch_threads,
+    }
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'row':<22}{'NFE':>5}{'distance':>11}{'attr acc':>10}{'ms/sample b1':>14}{'ms/sample bat':>15}{'speedup b1':>12}")
+    for r in report["rows"]:
+        print(f"{r['name']:<22}{r['nfe']:>5}{r['distance']:>11.1f}{r['attribute_accuracy']:>10.3f}{r['seconds_per_sample'] * 1e3:>14.2f}"
+              f"{r['seconds_per_sample_batched'] * 1e3:>15.3f}{r['speedup_batch1']:>12.1f}")
+    print(f"real-vs-real floor: {report['real_vs_real_floor']:.1f} (N={report['num_samples']})\n")
