@@ -8,6 +8,7 @@ build module, data, callbacks, trainer; fit (resuming if asked).
 from __future__ import annotations
 
 import importlib
+import json
 import warnings
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def check_paths(c: Config) -> None:
             resolve_shards(value)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.{key}: {e}") from None
+        check_manifest(c, key, value)
     needs = {"distill": [("distill.teacher", c.distill.teacher, "net_ema")],
              "apt": [("apt.generator", c.apt.generator, None), ("apt.teacher", c.apt.teacher, "net_ema")]}
     for key, path, name in needs.get(c.stage, []):
@@ -56,6 +58,19 @@ def check_paths(c: Config) -> None:
                 errors.append(str(e))
         else:
             raise ConfigError(f"{key}: {errors[0]}")
+
+
+def check_manifest(c: Config, key: str, path: str) -> None:
+    """Shards that describe their clips (manifest.json) must match the config's clip shape."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.exists():
+        return
+    m = json.loads(manifest.read_text())
+    frames = 1 if key == "image_shards" else c.data.frames
+    for field, want in (("frames", frames), ("height", c.data.height), ("width", c.data.width)):
+        if field in m and m[field] != want:
+            expected = f"data.{field}={want}" if key == "shards" or field != "frames" else "one-frame images"
+            raise ConfigError(f"data.{key}: {path} holds clips with {field}={m[field]} but the config expects {expected}")
 
 
 def resume_path(c: Config) -> str | None:

@@ -82,3 +82,9 @@ def test_every_recipe_loads_with_tiny_overlay(recipe):
     from apt.models import build_dit
 
     build_dit(c.model.flavour).check_input_shape((1, c.data.channels, c.data.frames, c.data.height, c.data.width))
+
+
+def test_shards_of_the_wrong_frame_count_are_rejected(toy_shards, capsys, tmp_path):
+    rc = main(["fit", "recipes/demo/teacher.yaml", "tiny", f"run_dir={tmp_path}", f"data.shards={toy_shards['video']}", "data.frames=8"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "frames=4" in err and "data.frames=8" in err
