@@ -3,6 +3,8 @@
     fit RECIPE [OVERLAY ...] [key=value ...] [--dry-run]   train any stage from a recipe
     sample CHECKPOINT --prompt TEXT [--steps N] [--out DIR] generate images/clips
     demo [--quick]                                          teacher -> distill -> APT -> report
+    export CHECKPOINT --out DIR                             EMA generator -> diffusers save_pretrained dir
+    consolidate CHECKPOINT --out DIR                        sharded (DeepSpeed) checkpoint -> safetensors
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="runs/demo", help="demo output directory")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
 
+    export = verbs.add_parser("export", help="save the EMA generator of a diffusers-based run in the diffusers format (save_pretrained)")
+    export.add_argument("checkpoint", help="checkpoint directory or run directory (latest checkpoint)")
+    export.add_argument("--out", required=True, help="output directory (loads with the stock diffusers class)")
+
+    consolidate = verbs.add_parser("consolidate", help="merge a sharded DeepSpeed checkpoint into single safetensors files")
+    consolidate.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of apt.distributed.consolidate (see its --help)")
+
     args, unknown = parser.parse_known_args(argv)
     if args.verb is None:
         parser.print_help()
@@ -59,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
             for p in sample_to_dir(args.checkpoint, args.prompt, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, frames=args.frames, out=args.out):
                 print(p)
             return 0
+        if args.verb == "export":
+            from apt.export import export_diffusers
+
+            print(export_diffusers(args.checkpoint, args.out))
+            return 0
+        if args.verb == "consolidate":
+            from apt.distributed.consolidate import main as consolidate_main
+
+            return consolidate_main(args.rest)
         if args.verb == "demo":
             from apt.demo import run_demo
 

@@ -30,6 +30,15 @@ class ModelConfig:
     """Built-in DiT flavour (``apt.models.registry.FLAVOURS``): tiny | demo | apt-8b."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward (saves memory, same math)."""
+    source: str = "builtin"
+    """builtin (the DiT named by flavour) | diffusers (a diffusers transformer through ``apt.models.adapters``)."""
+    family: str = ""
+    """Diffusers family when source=diffusers: sd3 | flux | wan | cogvideox | ltx | hunyuan."""
+    path: str = ""
+    """Local diffusers transformer directory (config.json + weights, or a pipeline dir with transformer/);
+    its weights are the teacher's, its config the architecture of G and D."""
+    vae: str = ""
+    """Local diffusers VAE directory (source=diffusers): decodes latent samples; data/encode_latents.py uses it."""
 
 
 @dataclass
@@ -169,6 +178,35 @@ class EvalConfig:
 
 
 @dataclass
+class PerfConfig:
+    """Speed switches, applied to a model in one place (``apt.perf.apply_perf``, fixed order). Each has
+    an equivalence test against the plain path (tests/test_perf.py); the defaults are the plain path."""
+
+    attention_backend: str = "auto"
+    """SDPA kernel: auto (PyTorch picks) | math | flash | efficient | cudnn (``torch.nn.attention.sdpa_kernel``)."""
+    compile: bool = False
+    """torch.compile each DiT block in place (parameter names unchanged)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend when ``compile`` is on (inductor; eager / aot_eager to debug)."""
+    cuda_graphs: bool = False
+    """Capture the fixed-shape inference forward in a CUDA graph (CUDA only; ignored with a warning elsewhere)."""
+    fused_qk_norm_rope: bool = False
+    """QK RMSNorm + RoPE in one float32 pass (one kernel under ``compile``)."""
+    fp8: bool = False
+    """FP8 e4m3 matmuls in the blocks' linear layers: torch._scaled_mm on Hopper/Ada, emulated elsewhere."""
+    vae_chunk_frames: int = 0
+    """Wan-VAE decode in chunks of this many latent frames after the first (0 = the VAE's own decode)."""
+
+    def __post_init__(self):
+        from apt.models.attention import ATTENTION_BACKENDS
+
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"perf.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got '{self.attention_backend}'")
+        if self.vae_chunk_frames < 0:
+            raise ConfigError(f"perf.vae_chunk_frames must be >= 0, got {self.vae_chunk_frames}")
+
+
+@dataclass
 class Config:
     stage: str = "teacher"
     """teacher | distill | apt."""
@@ -185,6 +223,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     apt: AptConfig = field(default_factory=AptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 def _keys_at(path: list[str]) -> list[str]:
@@ -281,7 +320,14 @@ def check_config(c: Config) -> None:
             raise ConfigError(msg)
 
     need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
-    need(c.model.flavour in FLAVOURS, f"model.flavour '{c.model.flavour}' unknown; choose from {', '.join(sorted(FLAVOURS))}")
+    need(c.model.source in ("builtin", "diffusers"), f"model.source must be builtin or diffusers, got '{c.model.source}'")
+    if c.model.source == "diffusers":
+        from apt.models.adapters import ADAPTERS
+
+        need(c.model.family in ADAPTERS, f"model.family '{c.model.family}' unknown for model.source=diffusers; choose from {', '.join(sorted(ADAPTERS))}")
+        need(bool(c.model.path), "model.path must name the local diffusers transformer directory (model.source=diffusers)")
+    else:
+        need(c.model.flavour in FLAVOURS, f"model.flavour '{c.model.flavour}' unknown; choose from {', '.join(sorted(FLAVOURS))}")
     need(c.train.max_steps > 0, f"train.max_steps must be positive, got {c.train.max_steps}")
     for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
         need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
@@ -296,13 +342,14 @@ def check_config(c: Config) -> None:
     need(c.apt.d_steps_per_g_step >= 1, f"apt.d_steps_per_g_step must be >= 1, got {c.apt.d_steps_per_g_step}")
     need(c.distill.num_steps >= 1, f"distill.num_steps must be >= 1, got {c.distill.num_steps}")
     need(len(c.apt.readout_fractions) > 0, "apt.readout_fractions must list at least one depth")
-    flav = FLAVOURS[c.model.flavour]
-    pt, ph, pw = flav.patch_size
-    need(c.data.channels == flav.in_channels, f"data.channels={c.data.channels} but model '{c.model.flavour}' expects {flav.in_channels}")
-    need(c.data.height % ph == 0 and c.data.width % pw == 0,
-         f"resolution data.height x data.width = {c.data.height}x{c.data.width} is not divisible by the patch size {ph}x{pw} of model '{c.model.flavour}'")
-    need(c.data.frames == 1 or c.data.frames % pt == 0,
-         f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
+    if c.model.source == "builtin":  # diffusers shapes are checked against model.path when the model is built
+        flav = FLAVOURS[c.model.flavour]
+        pt, ph, pw = flav.patch_size
+        need(c.data.channels == flav.in_channels, f"data.channels={c.data.channels} but model '{c.model.flavour}' expects {flav.in_channels}")
+        need(c.data.height % ph == 0 and c.data.width % pw == 0,
+             f"resolution data.height x data.width = {c.data.height}x{c.data.width} is not divisible by the patch size {ph}x{pw} of model '{c.model.flavour}'")
+        need(c.data.frames == 1 or c.data.frames % pt == 0,
+             f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
     if c.stage == "distill":
         need(bool(c.distill.teacher), "distill.teacher must name the teacher checkpoint")
     if c.stage == "apt":

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from apt.checkpoint import latest_checkpoint, load_weights
-from apt.config import Config, config_from_yaml
+from apt.config import Config, PerfConfig, config_from_yaml
 from apt.flow import euler_sample
 from apt.media import to_uint8
 from apt.models import DiT, build_dit
+from apt.perf import apply_perf
 from apt.text import TextEncoder
 
 PRODUCT = {"teacher": "net_ema", "distill": "net_ema", "apt": "generator_ema"}
@@ -76,10 +77,12 @@ class Generator:
         return torch.from_numpy(to_uint8(self.generate_tensor(prompts, seeds, steps=steps, **kw)))
 
 
-def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str | None = None) -> Generator:
+def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str | None = None, perf: PerfConfig | None = None) -> Generator:
+    """``perf``: speed switches (``apt.perf``); None = the run's own ``config.perf``."""
     ckpt = resolve_checkpoint(checkpoint)
     config = config_from_yaml(ckpt / "config.yaml")
     text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
     net = build_dit(config.model.flavour, text_dim=text_encoder.dim)
     net.load_state_dict(load_weights(ckpt, weights or PRODUCT[config.stage]))
+    net = apply_perf(net.to(device).eval(), perf or config.perf)
     return Generator(config, net, text_encoder, device)

@@ -36,4 +36,4 @@ def g_loss_nonsaturating(logits_fake_B: torch.Tensor) -> torch.Tensor:
 
 def approximate_r1(logits_real_B: torch.Tensor, logits_perturbed_B: torch.Tensor, *, weight: float) -> torch.Tensor:
     """lambda * mean (D(x) - D(x + sigma n))^2; both logits with the same t and text."""
-    return weight * (logits_real_B - logits_perturbed_B).pow(2).mean()
+    return weight * (logits_real_B.float() - logits_perturbed_B.float()).pow(2).mean()

@@ -73,7 +73,14 @@ class TextEncoder(nn.Module):
         model_cls = {"t5": T5EncoderModel, "umt5": UMT5EncoderModel, "clip_text_model": CLIPTextModel, "clip": CLIPTextModel}.get(config.model_type)
         if model_cls is None:
             raise ValueError(f"text.encoder {name_or_dir!r}: unsupported model_type {config.model_type!r} (t5, umt5, clip)")
-        return cls(AutoTokenizer.from_pretrained(name_or_dir), model_cls.from_pretrained(name_or_dir), max_length=max_length)
+        # A diffusers pipeline keeps the tokenizer beside the encoder: text_encoder[_2]/ + tokenizer[_2]/.
+        tok_dir = name_or_dir
+        base = os.path.basename(os.path.normpath(name_or_dir))
+        suffix = base[len("text_encoder"):] if base.startswith("text_encoder") else ""
+        sibling = os.path.join(os.path.dirname(os.path.normpath(name_or_dir)), "tokenizer" + suffix)
+        if not any(os.path.exists(os.path.join(name_or_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json", "spiece.model")) and os.path.isdir(sibling):
+            tok_dir = sibling
+        return cls(AutoTokenizer.from_pretrained(tok_dir), model_cls.from_pretrained(name_or_dir), max_length=max_length)
 
     @torch.no_grad()
     def _encode_one(self, caption: str) -> torch.Tensor:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 
-from apt.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, resolve_weights_dir
+from apt.checkpoint import SafetensorsCheckpointIO, latest_checkpoint
 from apt.config import Config, ConfigError, load_config, save_config, to_yaml
-from apt.distributed.strategies import make_strategy
+from apt.distributed.strategies import check_strategy, make_strategy, num_nodes, uses_deepspeed
 from apt.lit.callbacks import PeriodicCheckpoint, SampleMedia, Throughput
 
 STAGE_MODULES = {
@@ -45,19 +46,15 @@ def check_paths(c: Config) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.{key}: {e}") from None
         check_manifest(c, key, value)
-    needs = {"distill": [("distill.teacher", c.distill.teacher, "net_ema")],
-             "apt": [("apt.generator", c.apt.generator, None), ("apt.teacher", c.apt.teacher, "net_ema")]}
-    for key, path, name in needs.get(c.stage, []):
-        names = [name] if name else ["generator_ema", "net_ema"]
-        errors = []
-        for n in names:
-            try:
-                resolve_weights_dir(path, n)
-                break
-            except FileNotFoundError as e:
-                errors.append(str(e))
-        else:
-            raise ConfigError(f"{key}: {errors[0]}")
+    from apt.models.factory import weights_available
+
+    needs = {"distill": [("distill.teacher", c.distill.teacher, ["net_ema"])],
+             "apt": [("apt.generator", c.apt.generator, ["generator_ema", "net_ema"]), ("apt.teacher", c.apt.teacher, ["net_ema"])]}
+    for key, path, names in needs.get(c.stage, []):
+        if not any(weights_available(c, path, n) for n in names):
+            what = " or ".join(f"{n}.safetensors" for n in names)
+            raise ConfigError(f"{key}: no weights at {path} (expected a checkpoint/run dir with {what}"
+                              + (", or a diffusers model dir" if c.model.source == "diffusers" else "") + ")")
 
 
 def check_manifest(c: Config, key: str, path: str) -> None:
@@ -110,6 +107,7 @@ def build_trainer(c: Config, module) -> L.Trainer:
         max_epochs=-1,
         accelerator=c.train.accelerator,
         devices=c.train.devices,
+        num_nodes=num_nodes(c),
         strategy=make_strategy(c),
         precision=c.train.precision,
         logger=CSVLogger(c.run_dir, name="logs"),
@@ -131,10 +129,16 @@ def fit(c: Config):
     warnings.filterwarnings("ignore", message=".*litlogger.*")
     from apt.lit.data import ShardDataModule
 
+    check_strategy(c)
     check_paths(c)
     ckpt = resume_path(c)
-    save_config(c, Path(c.run_dir) / "config.yaml")
+    if rank_zero_only.rank == 0:  # launched ranks (torchrun, SLURM) would race on the same file
+        save_config(c, Path(c.run_dir) / "config.yaml")
     L.seed_everything(c.train.seed, workers=True, verbose=False)
+    if c.stage == "apt" and uses_deepspeed(c):  # two engines (G, D): docs/distributed.md
+        from apt.distributed.deepspeed_runner import fit_deepspeed
+
+        return fit_deepspeed(c, ckpt)
     module = stage_module_class(c.stage)(c)
     trainer = build_trainer(c, module)
     trainer.fit(module, datamodule=ShardDataModule(c), ckpt_path=ckpt)

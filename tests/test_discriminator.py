@@ -69,3 +69,12 @@ def test_timestep_ensemble_shift():
     d.timestep_shift = 12.0
     t = d.sample_t(4000, torch.Generator().manual_seed(0))
     assert t.min() >= 0 and t.max() <= 1 and t.mean() > 0.75
+
+
+def test_logit_and_r1_stay_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    d = make_d(3)
+    x, t, text = torch.randn(2, 3, 4, 16, 16), torch.rand(2), random_text(2, 4, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = d(x, t, text)
+    assert logits.dtype == torch.float32

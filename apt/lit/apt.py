@@ -4,9 +4,17 @@ G: the one-step generator G(z, c) = z - G^(z, c, T), initialised from stage 1 (o
 EMA for the video stage). D: a copy of the ORIGINAL diffusion weights + multi-depth readout heads
 (``apt.discriminator``), re-initialised at every stage. Non-saturating losses, approximate R1 on
 real data, RMSProp (alpha 0.9), G:D 1:1, EMA of G (0.995) is the product.
+
+One iteration is ``apt_step``, shared by every way of running it: Lightning's Trainer (one device,
+DDP, FSDP2) through ``training_step``, and the DeepSpeed runner (one engine per network,
+``apt.distributed.deepspeed_runner``). They differ only in how a network is updated from a loss
+(``NetUpdate``) and in how the EMA reads a sharded generator (``full_generator_weights``).
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Protocol
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -21,7 +29,61 @@ from apt.models.backbone import TextCond
 
 def _grad_norm(params) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: sharded (DTensor) gradients
+
+
+class NetUpdate(Protocol):
+    """How one network is updated from a loss (Lightning manual optimisation, or a DeepSpeed engine)."""
+
+    def zero_grad(self) -> None: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> torch.Tensor:
+        """Apply the accumulated gradient; return its global norm."""
+        ...
+
+
+class ManualUpdate:
+    """``NetUpdate`` for Lightning's manual optimisation (single device, DDP, FSDP2)."""
+
+    def __init__(self, module: "AptModule", optimizer, net: torch.nn.Module):
+        self.module, self.optimizer, self.net = module, optimizer, net
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.manual_backward(loss)
+
+    def step(self) -> torch.Tensor:
+        grad_norm = _grad_norm(self.net.parameters())
+        self.optimizer.step()
+        return grad_norm
+
+
+class SampleNoise:
+    """The randomness of one iteration: one stream per sample, seeded by its index in the GLOBAL batch.
+
+    A sample draws the same z, t and aR1 perturbation whether the global batch runs in one process or
+    is split over ranks and micro-batches, so a ZeRO / DDP run can be compared exactly with a single
+    device, and ranks never share noise. The step seed comes from the module's rng, which advances
+    identically on every rank: rank 0's rng state is enough for exact resume.
+    """
+
+    def __init__(self, step_seed: int, indices: range):
+        self.generators = [torch.Generator().manual_seed(step_seed + i) for i in indices]
+
+    def randn(self, shape: torch.Size, device) -> torch.Tensor:
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(device)
+
+    def timesteps(self, D: Discriminator, device) -> torch.Tensor:
+        return torch.cat([D.sample_t(1, g) for g in self.generators]).to(device)
+
+
+def _mean(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([v.detach() for v in values]).mean()
 
 
 class AptModule(StageModule):
@@ -37,6 +99,7 @@ class AptModule(StageModule):
         self.g_updates = 0
         self.d_updates = 0
         self.win_streak = 0
+        self.gather_generator: Callable[[], ContextManager] | None = None  # set by ZeRO-3 / FSDP2 (apt.distributed)
 
     def load_generator_init(self, path: str):
         """Stage-1 student (net_ema) or an earlier APT stage's EMA generator (generator_ema)."""
@@ -63,6 +126,17 @@ class AptModule(StageModule):
     def sampling_network(self):
         return self.generator_ema
 
+    def configure_model(self) -> None:
+        """FSDP2 (``train.strategy: fsdp2``) shards G and D separately; a no-op on one device or DDP."""
+        if self.device_mesh is not None:
+            from apt.distributed.strategies import fully_shard_apt
+
+            fully_shard_apt(self, self.device_mesh)
+
+    def full_generator_weights(self) -> ContextManager:
+        """Context in which the generator's parameters are whole tensors (ZeRO-3 / FSDP2 gather them)."""
+        return self.gather_generator() if self.gather_generator is not None else contextlib.nullcontext()
+
     # -- the method ----------------------------------------------------------------------------
     def one_step(self, net, z: torch.Tensor, text: TextCond) -> torch.Tensor:
         """G(z, c) = z - G^(z, c, T) at the final timestep T = 1."""
@@ -70,29 +144,57 @@ class AptModule(StageModule):
         return z - net(z, T, text)
 
     def training_step(self, batch, batch_idx):
-        a = self.config.apt
         opt_g, opt_d = self.optimizers()
-        x_real, text = batch["x"], self.encode(batch["caption"])
-        B = x_real.shape[0]
+        metrics = self.apt_step(
+            [batch],
+            update_g=ManualUpdate(self, opt_g, self.generator),
+            update_d=ManualUpdate(self, opt_d, self.discriminator),
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+        )
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)  # means over ranks, as the DeepSpeed runner logs
+        self.log("g_updates", float(self.g_updates))
+
+    def apt_step(self, micro_batches: list[dict], *, update_g: NetUpdate, update_d: NetUpdate, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+        """One APT iteration on this rank's gradient-accumulation micro-batches; returns the metrics.
+
+        Every D (and G) update accumulates over all micro-batches before it steps, so G and D updates
+        stay separate under accumulation; the strategy averages the gradients over ranks.
+        """
+        a = self.config.apt
         D, G = self.discriminator, self.generator
+        k = len(micro_batches)
+        # 0. Per micro-batch: real clips, text, and one noise stream per sample of the GLOBAL batch
+        #    (micro-batch j of rank r holds global samples (j * world + r) * B, ...).
+        step_seed = int(torch.randint(0, 2**62, (1,), generator=self.rng))
+        parts = []
+        for j, batch in enumerate(micro_batches):
+            B = batch["x"].shape[0]
+            first = (j * world_size + rank) * B
+            parts.append((batch["x"], self.encode_batch(batch), SampleNoise(step_seed, range(first, first + B))))
+        metrics: dict[str, torch.Tensor] = {}
 
         # 1. D step(s) (APT §3.3-3.4): real vs detached one-step fakes, plus approximate R1 on real
         #    data: D(x) and D(x + sigma n) with the same t and text. One batched D forward.
         for _ in range(a.d_steps_per_g_step):
-            with torch.no_grad():
-                x_fake = self.one_step(G, self.randn(*x_real.shape), text)
-            t = D.sample_t(B, self.rng, self.device)
-            x_perturbed = x_real + a.r1_sigma * self.randn(*x_real.shape)
-            logits = D(torch.cat([x_real, x_perturbed, x_fake]), t.repeat(3), text.repeat(3))
-            d_real, d_perturbed, d_fake = logits.split(B)
-            loss_adv = d_loss_nonsaturating(d_real, d_fake)
-            r1 = approximate_r1(d_real, d_perturbed, weight=a.r1_lambda) if a.use_r1 else torch.zeros((), device=self.device)
-            loss_d = loss_adv + r1
-            self.check_finite("D loss", loss_d)
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(loss_d)
-            grad_norm_d = _grad_norm(D.parameters())
-            opt_d.step()
+            update_d.zero_grad()
+            stats: dict[str, list[torch.Tensor]] = {"loss_d": [], "loss_adv": [], "d_real": [], "d_fake": [], "r1": []}
+            for x_real, text, noise in parts:
+                B = x_real.shape[0]
+                with torch.no_grad():
+                    x_fake = self.one_step(G, noise.randn(x_real.shape[1:], self.device), text)
+                t = noise.timesteps(D, self.device)
+                x_perturbed = x_real + a.r1_sigma * noise.randn(x_real.shape[1:], self.device)
+                logits = D(torch.cat([x_real, x_perturbed, x_fake]), t.repeat(3), text.repeat(3))
+                d_real, d_perturbed, d_fake = logits.split(B)
+                loss_adv = d_loss_nonsaturating(d_real, d_fake)
+                r1 = approximate_r1(d_real, d_perturbed, weight=a.r1_lambda) if a.use_r1 else torch.zeros((), device=self.device)
+                loss_d = loss_adv + r1
+                self.check_finite("D loss", loss_d)
+                update_d.backward(loss_d / k)
+                for key, value in zip(stats, (loss_d, loss_adv, d_real.mean(), d_fake.mean(), r1)):
+                    stats[key].append(value)
+            grad_norm_d = update_d.step()
             self.d_updates += 1
 
         # 2. G step (after the D-only warm-up): fresh noise and timesteps, D frozen so no gradient
@@ -100,23 +202,27 @@ class AptModule(StageModule):
         warming_up = self.d_updates <= a.d_warmup_steps * a.d_steps_per_g_step
         if not warming_up:
             D.requires_grad_(False)
-            x_fake = self.one_step(G, self.randn(*x_real.shape), text)
-            loss_g = g_loss_nonsaturating(D(x_fake, D.sample_t(B, self.rng, self.device), text))
-            self.check_finite("G loss", loss_g)
-            opt_g.zero_grad(set_to_none=True)
-            self.manual_backward(loss_g)
-            grad_norm_g = _grad_norm(G.parameters())
-            opt_g.step()
+            update_g.zero_grad()
+            losses_g = []
+            for x_real, text, noise in parts:
+                x_fake = self.one_step(G, noise.randn(x_real.shape[1:], self.device), text)
+                loss_g = g_loss_nonsaturating(D(x_fake, noise.timesteps(D, self.device), text))
+                self.check_finite("G loss", loss_g)
+                update_g.backward(loss_g / k)
+                losses_g.append(loss_g)
+            grad_norm_g = update_g.step()
             self.restore_d_grad()
             # 3. EMA of G (decay 0.995): the product.
-            ema_update(self.generator_ema, G, a.ema_decay)
+            with self.full_generator_weights():
+                ema_update(self.generator_ema, G, a.ema_decay)
             self.g_updates += 1
-            self.log_dict({"loss_g": loss_g, "grad_norm_g": grad_norm_g}, prog_bar=True)
+            metrics.update(loss_g=_mean(losses_g), grad_norm_g=grad_norm_g)
 
         # 4. Training health: D(real), D(fake), aR1, gradient norms; warn when D wins outright.
-        self.log_dict({"loss_d": loss_d, "d_real": d_real.mean(), "d_fake": d_fake.mean(), "r1": r1, "grad_norm_d": grad_norm_d}, prog_bar=True)
-        self.log("g_updates", float(self.g_updates))
-        self.watch_collapse(loss_adv.item(), d_real.mean().item(), d_fake.mean().item())
+        d = {key: _mean(values) for key, values in stats.items()}
+        metrics.update(loss_d=d["loss_d"], d_real=d["d_real"], d_fake=d["d_fake"], r1=d["r1"], grad_norm_d=grad_norm_d)
+        self.watch_collapse(d["loss_adv"].item(), d["d_real"].item(), d["d_fake"].item())
+        return metrics
 
     def restore_d_grad(self) -> None:
         a = self.config.apt

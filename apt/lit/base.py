@@ -46,6 +46,25 @@ class StageModule(L.LightningModule):
     def encode(self, captions: list[str], *, allow_empty: bool = False) -> TextCond:
         return self.text_encoder.encode(captions, allow_empty=allow_empty).to(self.device)
 
+    def encode_batch(self, batch: dict) -> TextCond:
+        """The batch's text: pre-encoded embeddings from latent shards when present, else its captions encoded now."""
+        if "text_emb" in batch:
+            return TextCond(batch["text_emb"], batch["text_mask"], batch.get("text_pooled")).to(self.device)
+        return self.encode(batch["caption"])
+
+    def decode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent samples -> pixels in [-1, 1] through model.vae (identity for pixel-space models).
+
+        The codec is held outside the module tree so it is neither trained nor checkpointed."""
+        if not self.config.model.vae:
+            return x
+        if "_codec" not in self.__dict__:
+            from apt.codecs import LatentCodec
+
+            self.__dict__["_codec"] = LatentCodec.load(self.config.model.vae)
+        codec = self.__dict__["_codec"].to(x.device)
+        return codec.decode(x, batch_size=1)
+
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.rng).to(self.device)
 
@@ -76,7 +95,8 @@ class StageModule(L.LightningModule):
         shape = (c.data.channels, frames or c.data.frames, c.data.height, c.data.width)
         z = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.device)
         negative = self.encode([c.flow.negative_prompt] * len(prompts), allow_empty=True) if cfg_scale != 1.0 else None
-        return euler_sample(self.sampling_network(), z, self.encode(prompts), steps=steps, shift=c.flow.sample_shift, negative=negative, cfg_scale=cfg_scale)
+        x = euler_sample(self.sampling_network(), z, self.encode(prompts), steps=steps, shift=c.flow.sample_shift, negative=negative, cfg_scale=cfg_scale)
+        return self.decode_latents(x)
 
     # -- checkpoint hooks ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

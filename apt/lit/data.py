@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
 
 from apt.config import Config
+from apt.data.latent_shards import is_latent_shards, latent_train_loader
 from apt.data.shards import resolve_shards, train_loader
 
 
@@ -22,7 +23,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def _loader(self, shards: list[str], batch_size: int, seed: int):
         c = self.config
-        return train_loader(
+        # Pre-encoded latent shards (data/encode_latents.py) have their own loader, same signature.
+        loader = latent_train_loader if is_latent_shards(shards) else train_loader
+        return loader(
             shards,
             batch_size=batch_size,
             seed=seed,

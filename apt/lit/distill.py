@@ -49,7 +49,7 @@ class DistillModule(StageModule):
         c = self.config.distill
         x0 = batch["x"]
         B, N = x0.shape[0], c.num_steps
-        text = self.encode(batch["caption"])
+        text = self.encode_batch(batch)
         negative = self.encode([c.negative_prompt] * B, allow_empty=True)
         # 1. A point on the forward path at a random discrete t_n, n in 1..N.
         n = torch.randint(1, N + 1, (B,), generator=self.rng).to(self.device)

@@ -24,30 +24,43 @@ from torch import nn
 
 @dataclass
 class TextCond:
-    """Encoded text: token embeddings and their validity mask."""
+    """Encoded text: token embeddings, their validity mask and (optionally) a pooled vector.
+
+    ``pooled_BP`` is the pooled text embedding some diffusers families take besides the token
+    sequence (SD3/FLUX/HunyuanVideo ``pooled_projections``, from a CLIP text encoder). It is None
+    for the built-in DiT and wherever no pooled encoder is used; adapters then substitute zeros.
+    """
 
     emb_BLD: torch.Tensor
     mask_BL: torch.Tensor  # bool, True where a token is real
+    pooled_BP: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TextCond":
-        return TextCond(self.emb_BLD.to(device=device, dtype=dtype), self.mask_BL.to(device))
+        pooled = None if self.pooled_BP is None else self.pooled_BP.to(device=device, dtype=dtype)
+        return TextCond(self.emb_BLD.to(device=device, dtype=dtype), self.mask_BL.to(device), pooled)
 
     def __getitem__(self, idx) -> "TextCond":
-        return TextCond(self.emb_BLD[idx], self.mask_BL[idx])
+        return TextCond(self.emb_BLD[idx], self.mask_BL[idx], None if self.pooled_BP is None else self.pooled_BP[idx])
 
     @staticmethod
     def cat(conds: list["TextCond"]) -> "TextCond":
-        """Concatenate along the batch, padding to the longest text."""
+        """Concatenate along the batch, padding to the longest text (pooled vectors: all or none)."""
         L = max(c.emb_BLD.shape[1] for c in conds)
         embs, masks = [], []
         for c in conds:
             pad = L - c.emb_BLD.shape[1]
             embs.append(nn.functional.pad(c.emb_BLD, (0, 0, 0, pad)))
             masks.append(nn.functional.pad(c.mask_BL, (0, pad), value=False))
-        return TextCond(torch.cat(embs), torch.cat(masks))
+        pooled = [c.pooled_BP for c in conds]
+        if any(p is None for p in pooled):
+            if not all(p is None for p in pooled):
+                raise ValueError("TextCond.cat: some conditions have pooled_BP and some do not")
+            return TextCond(torch.cat(embs), torch.cat(masks))
+        return TextCond(torch.cat(embs), torch.cat(masks), torch.cat(pooled))
 
     def repeat(self, n: int) -> "TextCond":
-        return TextCond(self.emb_BLD.repeat(n, 1, 1), self.mask_BL.repeat(n, 1))
+        pooled = None if self.pooled_BP is None else self.pooled_BP.repeat(n, 1)
+        return TextCond(self.emb_BLD.repeat(n, 1, 1), self.mask_BL.repeat(n, 1), pooled)
 
 
 @runtime_checkable

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from apt.models.attention import attention
 from apt.models.backbone import TextCond
-from apt.models.layers import RMSNorm, apply_rope, rope_3d, sincos_3d, timestep_embedding
+from apt.models.layers import RMSNorm, apply_rope, rms_norm_rope, rope_3d, sincos_3d, timestep_embedding
 
 
 @dataclass
@@ -63,10 +63,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(dim // num_heads)
         self.k_norm = RMSNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
+        self.fused_qk_norm_rope = False  # perf switch, set by apt.perf.apply_perf
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask_B11S: torch.Tensor | None):
         q, k, v = rearrange(self.qkv(x_BSD), "b s (three k e) -> three b k s e", three=3, k=self.num_heads)
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        if self.fused_qk_norm_rope:
+            q = rms_norm_rope(q, self.q_norm.weight, *rope, eps=self.q_norm.eps)
+            k = rms_norm_rope(k, self.k_norm.weight, *rope, eps=self.k_norm.eps)
+        else:
+            q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         out_BKSE = attention(q, k, v, mask_B11S)
         return self.proj(rearrange(out_BKSE, "b k s e -> b s (k e)"))
 

@@ -62,6 +62,19 @@ def apply_rope(x: torch.Tensor, cos_SE: torch.Tensor, sin_SE: torch.Tensor) -> t
     return (x.float() * cos_SE + rotated.float() * sin_SE).to(x.dtype)
 
 
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos_SE: torch.Tensor, sin_SE: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """``apply_rope(RMSNorm(x))`` fused: one float32 pass over x (..., S, E) and one rounding to x's dtype.
+
+    The unfused path rounds twice (after the norm and after the rotation); in float32 both agree to
+    rounding, in bf16 they differ by at most a few bf16 ulps. Under ``torch.compile`` this becomes one
+    kernel (perf switch ``perf.fused_qk_norm_rope``, applied by ``apt.perf``).
+    """
+    x32 = x.float()
+    n = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    rotated = torch.stack([-n[..., 1::2], n[..., 0::2]], dim=-1).flatten(-2)
+    return (n * cos_SE + rotated * sin_SE).to(x.dtype)
+
+
 def sincos_3d(dim: int, T: int, H: int, W: int, *, device, dtype) -> torch.Tensor:
     """Fixed 3D sin-cos position table (N, D) at unit scale: a third of the channels per axis."""
     d_axis = 2 * (dim // 6)

@@ -1,0 +1,227 @@
+"""Pre-encoded latent shards: pixel shards -> VAE latents (+ text embeddings), and their train loader.
+
+Schema (one tar member group per sample, same keys as the pixel shard it came from):
+    latent.npy   float32/float16 (C, T', H', W') latents, normalised as the family's pipeline does
+                 (``apt.codecs.LatentCodec``)
+    text.npy     float32/float16 (L, D) text-encoder token embeddings of the caption (optional)
+    mask.npy     bool (L,) valid tokens (optional, with text.npy)
+    pooled.npy   float (P,) pooled text vector (optional; SD3/FLUX/Hunyuan ``pooled_projections``)
+    json         the pixel shard's json + latent_shape, latent_dtype, vae, text_encoder
+
+Encoding (``encode_latent_shards``) is resumable and splittable: input shard i becomes
+``latent-<i>.tar``, written by the process with ``i % world_size == rank`` under a ``.part``
+name and renamed when complete, so a killed run redoes at most one shard per process and a
+restart skips every finished shard. ``manifest.json`` is written once all shards exist.
+
+Loading (``latent_train_loader``): the same signature and determinism as
+``apt.data.shards.train_loader`` (a pure function of shards, seed, rank, batch size and workers;
+``skip_batches`` resumes exactly); batches are ``x`` float32 (B, C, T', H', W'), ``caption``,
+``key``, ``labels``, plus ``text_emb`` (B, L, D) / ``text_mask`` (B, L) (padded to the batch's
+longest text) and ``text_pooled`` (B, P) when the shards carry them.
+
+Legend: B batch, C latent channels, T'/H'/W' latent frames/height/width, L tokens, D text width.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
+
+from apt.data.shards import _CorruptCounter, _stream_seed, _worker, pixels_to_tensor, resolve_shards
+
+LATENT_PATTERN = "latent-%06d.tar"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def is_latent_shards(urls: Sequence[str]) -> bool:
+    """True when the first shard holds ``latent.npy`` members (peeks at its first few members)."""
+    try:
+        with tarfile.open(urls[0]) as tar:
+            for i, member in enumerate(tar):
+                if member.name.endswith(".latent.npy"):
+                    return True
+                if member.name.endswith(".pixels.npy") or i > 8:
+                    return False
+    except (tarfile.TarError, OSError, IndexError):
+        return False
+    return False
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _read_pixel_shard(url: str) -> Iterator[dict]:
+    """(key, pixels uint8 THWC, meta) of every sample of one pixel shard, in order."""
+    for raw in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+        yield {"key": raw["__key__"], "pixels": np.load(io.BytesIO(raw["pixels.npy"]), allow_pickle=False), "meta": json.loads(raw["json"])}
+
+
+def encode_shard(url: str, out_path: str, codec, text_encoder=None, *, dtype: str = "float32", device: str = "cpu") -> int:
+    """Encode one pixel shard into one latent shard (atomic: .part then rename); returns samples written."""
+    np_dtype = DTYPES[dtype]
+    part = out_path + ".part"
+    n = 0
+    with wds.TarWriter(part, mtime=0.0) as sink:
+        for s in _read_pixel_shard(url):
+            caption = s["meta"].get("caption", "")
+            x = pixels_to_tensor(s["pixels"])[None].to(device)  # (1, 3, T, H, W) in [-1, 1]
+            z = codec.encode(x)[0].cpu().numpy().astype(np_dtype)
+            meta = {**s["meta"], "latent_shape": list(z.shape), "latent_dtype": dtype, "vae": codec.name}
+            sample = {"__key__": s["key"], "latent.npy": z}
+            if text_encoder is not None:
+                cond = text_encoder.encode([caption])
+                L = int(cond.mask_BL[0].sum())
+                sample["text.npy"] = cond.emb_BLD[0, :L].cpu().numpy().astype(np_dtype)
+                sample["mask.npy"] = np.ones(L, dtype=bool)
+                if cond.pooled_BP is not None:
+                    sample["pooled.npy"] = cond.pooled_BP[0].cpu().numpy().astype(np_dtype)
+                meta["text_encoder"] = getattr(text_encoder, "name", type(text_encoder).__name__)
+            sample["json"] = meta
+            sink.write(sample)
+            n += 1
+    os.replace(part, out_path)
+    return n
+
+
+def encode_latent_shards(
+    in_shards: str | Sequence[str],
+    out_dir: str,
+    codec,
+    text_encoder=None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Encode this rank's share of the pixel shards; skip those already written. Returns a summary."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    urls = resolve_shards(in_shards)
+    os.makedirs(out_dir, exist_ok=True)
+    outs = [os.path.join(out_dir, LATENT_PATTERN % i) for i in range(len(urls))]
+    mine = [i for i in range(len(urls)) if i % world_size == rank]
+    done = [i for i in mine if os.path.exists(outs[i])]
+    written = 0
+    for i in tqdm([i for i in mine if i not in done], desc=f"latents rank {rank}/{world_size}", disable=not progress):
+        written += encode_shard(urls[i], outs[i], codec, text_encoder, dtype=dtype, device=device)
+    complete = all(os.path.exists(o) for o in outs)
+    if complete:
+        manifest = {"kind": "latent", "num_shards": len(outs), "shards": [os.path.basename(o) for o in outs], "source": list(urls),
+                    "vae": codec.name, "text_encoder": getattr(text_encoder, "name", None), "dtype": dtype}
+        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.part")
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, "manifest.json"))
+    return {"rank": rank, "world_size": world_size, "shards": len(mine), "skipped_existing": len(done), "samples_written": written, "complete": complete}
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _decode_latent(src: Iterator[dict], counter: _CorruptCounter) -> Iterator[dict]:
+    for raw in src:
+        key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+        try:
+            out = {"x": np.load(io.BytesIO(raw["latent.npy"]), allow_pickle=False), "key": key}
+            meta = json.loads(raw["json"])
+            if out["x"].ndim != 4:
+                raise ValueError(f"latent must be (C, T, H, W), got {out['x'].shape}")
+            if "text.npy" in raw:
+                out["text"] = np.load(io.BytesIO(raw["text.npy"]), allow_pickle=False)
+                out["mask"] = np.load(io.BytesIO(raw["mask.npy"]), allow_pickle=False) if "mask.npy" in raw else np.ones(len(out["text"]), bool)
+            if "pooled.npy" in raw:
+                out["pooled"] = np.load(io.BytesIO(raw["pooled.npy"]), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any undecodable sample is corrupt
+            counter.skip(f"sample {key} in {url}: {type(e).__name__}: {e}")
+            continue
+        caption = meta.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"sample {key} in shard {url} has an empty caption")
+        out["caption"], out["labels"] = caption, meta.get("labels", {})
+        yield out
+
+
+def collate_latents(samples: list[dict]) -> dict:
+    shapes = {s["x"].shape for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"latents in one batch have different shapes {sorted(shapes)}: keys {[s['key'] for s in samples]}")
+    batch = {
+        "x": torch.from_numpy(np.stack([s["x"] for s in samples]).astype(np.float32)),
+        "caption": [s["caption"] for s in samples],
+        "labels": [s["labels"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+    if all("text" in s for s in samples):
+        L = max(1, max(len(s["text"]) for s in samples))
+        D = samples[0]["text"].shape[-1]
+        emb, mask = torch.zeros(len(samples), L, D), torch.zeros(len(samples), L, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            emb[i, : len(s["text"])] = torch.from_numpy(s["text"].astype(np.float32))
+            mask[i, : len(s["mask"])] = torch.from_numpy(s["mask"].astype(bool))
+        batch["text_emb"], batch["text_mask"] = emb, mask
+    if all("pooled" in s for s in samples):
+        batch["text_pooled"] = torch.from_numpy(np.stack([s["pooled"] for s in samples]).astype(np.float32))
+    return batch
+
+
+class _LatentTrainStream(IterableDataset):
+    """``apt.data.shards._TrainStream`` with the latent decoder (same seeding and resume arithmetic)."""
+
+    def __init__(self, urls: list[str], batch_size: int, seed: int, rank: int, skip_batches: int, shuffle_buffer: int) -> None:
+        super().__init__()
+        self.urls, self.batch_size, self.seed, self.rank = urls, batch_size, seed, rank
+        self.skip_batches, self.shuffle_buffer = skip_batches, shuffle_buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        physical, num_workers = _worker()
+        k = self.skip_batches
+        worker = (physical + k) % num_workers
+        skip = max(0, -(-(k - worker) // num_workers))
+        counter = _CorruptCounter()
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=self.seed, worker_seed=functools.partial(_stream_seed, self.rank, worker), deterministic=True),
+            wds.tarfile_to_samples(handler=counter),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=wds.utils.make_seed(self.seed, self.rank, worker)),
+            functools.partial(_decode_latent, counter=counter),
+            wds.slice(skip * self.batch_size, None),
+            wds.batched(self.batch_size, collation_fn=collate_latents, partial=False),
+        )
+        return iter(pipeline)
+
+
+def latent_train_loader(
+    shards: str | Sequence[str],
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    skip_batches: int = 0,
+    shuffle_buffer: int = 1000,
+) -> DataLoader:
+    """Infinite, shuffled, resampled latent batches for ``rank`` (see ``apt.data.shards.train_loader``)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+    if batch_size < 1 or skip_batches < 0 or num_workers < 0:
+        raise ValueError(f"need batch_size >= 1, skip_batches >= 0, num_workers >= 0; got {batch_size}, {skip_batches}, {num_workers}")
+    urls = resolve_shards(shards)
+    stream = _LatentTrainStream(urls, batch_size, seed, rank, skip_batches, shuffle_buffer)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)

@@ -1,0 +1,330 @@
+"""WebDataset shards: the sample schema, the toy-shard writer, and the train / eval loaders.
+
+Schema (one tar member group per sample, key = zero-padded sample index):
+    pixels.npy   uint8 (T, H, W, C) clip (T = 1 for images)
+    json         {"caption", "labels": {attribute: value}, "frames", "height", "width", "fps",
+                  "index", "seed"}
+
+Loaders yield dicts: x float32 (B, C, T, H, W) in [-1, 1], caption list[str], labels list[dict],
+key list[str]. The train loader is an infinite resampled stream that is a pure function of
+(shards, seed, rank, batch size, workers), so resume is exact: rebuild it with `skip_batches=k`
+and it yields the batches k, k+1, ... of the uninterrupted stream (DESIGN.md section 3, "Data").
+Corrupt samples are skipped with a warning that carries the running count; an empty caption is a
+user error and raises.
+
+Shape legend: B batch, C channels, T frames, H height, W width.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from apt.data import toy
+
+SHARD_PATTERN = "toy-%06d.tar"
+MANIFEST = "manifest.json"
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+# ---------------------------------------------------------------- tensors <-> pixels
+
+
+def pixels_to_tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, T, H, W, C) -> float32 (B, C, T, H, W) in [-1, 1]; a single (T, H, W, C) clip gives
+    (C, T, H, W)."""
+    p = torch.as_tensor(np.asarray(pixels))
+    if p.dtype != torch.uint8 or p.ndim not in (4, 5):
+        raise ValueError(
+            f"pixels must be uint8 (T, H, W, C) or (B, T, H, W, C), got {p.dtype} {tuple(p.shape)}"
+        )
+    x = p.float() / 127.5 - 1.0
+    return x.permute(3, 0, 1, 2) if p.ndim == 4 else x.permute(0, 4, 1, 2, 3)
+
+
+def tensor_to_pixels(x: torch.Tensor) -> np.ndarray:
+    """float (B, C, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, C) (clamped, rounded); (C, T, H, W)
+    gives (T, H, W, C)."""
+    if x.ndim not in (4, 5):
+        raise ValueError(f"x must be (C, T, H, W) or (B, C, T, H, W), got {tuple(x.shape)}")
+    p = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return (p.permute(1, 2, 3, 0) if x.ndim == 4 else p.permute(0, 2, 3, 4, 1)).numpy()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_toy_shards(
+    out_dir: str,
+    num_samples: int,
+    frames: int = 8,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Render `num_samples` toy clips into WebDataset shards under `out_dir`; returns the manifest.
+
+    Each shard is written under a ".part" name and renamed when complete; `manifest.json` is
+    written last (atomically), so a directory with a manifest is complete.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    os.makedirs(out_dir, exist_ok=True)
+    stale = sorted(glob.glob(os.path.join(out_dir, "*.tar")) + glob.glob(os.path.join(out_dir, MANIFEST)))
+    if stale and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds {len(stale)} shard/manifest files; "
+            "choose an empty directory or pass overwrite=True (--overwrite)"
+        )
+    for path in stale:
+        os.remove(path)
+
+    def _finish(part_name: str) -> None:
+        os.replace(part_name, part_name[: -len(".part")])
+
+    pattern = os.path.join(out_dir, SHARD_PATTERN + ".part")
+    with wds.ShardWriter(pattern, maxcount=samples_per_shard, post=_finish, verbose=0, mtime=0.0) as sink:
+        for index in tqdm(range(num_samples), desc=f"toy shards -> {out_dir}", disable=not progress):
+            s = toy.make_sample(index, seed, frames)
+            pixels_THWC = s["pixels"]
+            meta = {
+                "caption": s["caption"],
+                "labels": s["attributes"].to_dict(),
+                "frames": frames,
+                "height": pixels_THWC.shape[1],
+                "width": pixels_THWC.shape[2],
+                "fps": toy.FPS,
+                "index": index,
+                "seed": seed,
+            }
+            sink.write({"__key__": f"{index:09d}", "pixels.npy": pixels_THWC, "json": meta})
+        num_shards = sink.shard
+    manifest = {
+        "num_samples": num_samples,
+        "num_shards": num_shards,
+        "samples_per_shard": samples_per_shard,
+        "frames": frames,
+        "height": toy.SIZE,
+        "width": toy.SIZE,
+        "fps": toy.FPS,
+        "seed": seed,
+        "shards": [SHARD_PATTERN % i for i in range(num_shards)],
+    }
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.part")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; shards are meant to be shared
+    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+    return manifest
+
+
+# ---------------------------------------------------------------- reading
+
+
+def resolve_shards(path_or_pattern: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Shard paths from a directory (its *.tar, sorted), a brace pattern ("d/toy-{000000..000009}.tar"),
+    a glob, a single file, or a list of those. Raises FileNotFoundError naming what is missing."""
+    if isinstance(path_or_pattern, (list, tuple)):
+        if not path_or_pattern:
+            raise ValueError("empty list of shard paths")
+        return [u for p in path_or_pattern for u in resolve_shards(p)]
+    spec = os.fspath(path_or_pattern)
+    if os.path.isdir(spec):
+        urls = sorted(u for u in glob.glob(os.path.join(spec, "*")) if u.endswith(_SHARD_SUFFIXES))
+        if not urls:
+            raise FileNotFoundError(f"no .tar shards in directory {spec}")
+        return urls
+    if "{" in spec:
+        urls = list(braceexpand.braceexpand(spec))
+        missing = [u for u in urls if not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(urls)} shards of {spec} do not exist, first: {missing[0]}"
+            )
+        return urls
+    if any(ch in spec for ch in "*?["):
+        urls = sorted(glob.glob(spec))
+        if not urls:
+            raise FileNotFoundError(f"no shards match {spec}")
+        return urls
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"shard path does not exist: {spec}")
+    if not spec.endswith(_SHARD_SUFFIXES):
+        raise ValueError(f"not a shard (expected {'/'.join(_SHARD_SUFFIXES)}): {spec}")
+    return [spec]
+
+
+class _CorruptCounter:
+    """Counts skipped corrupt samples / unreadable tar members and warns with the running count."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def skip(self, what: str) -> None:
+        self.count += 1
+        warnings.warn(
+            f"skipped corrupt data ({what}); {self.count} skipped so far in this worker", stacklevel=2
+        )
+
+    def __call__(self, exn: Exception) -> bool:  # webdataset handler: True = continue
+        self.skip(f"{type(exn).__name__}: {exn}")
+        return True
+
+
+def _decode(src: Iterator[dict], counter: _CorruptCounter) -> Iterator[dict]:
+    """Raw tar samples -> dict(pixels uint8 THWC, caption, labels, key); skips and counts corrupt ones."""
+    for raw in src:
+        key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+        try:
+            pixels_THWC = np.load(io.BytesIO(raw["pixels.npy"]), allow_pickle=False)
+            meta = json.loads(raw["json"])
+            if pixels_THWC.dtype != np.uint8 or pixels_THWC.ndim != 4:
+                raise ValueError(
+                    f"pixels must be uint8 (T, H, W, C), got {pixels_THWC.dtype} {pixels_THWC.shape}"
+                )
+        except Exception as e:  # noqa: BLE001 - any undecodable sample is corrupt
+            counter.skip(f"sample {key} in {url}: {type(e).__name__}: {e}")
+            continue
+        caption = meta.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"sample {key} in shard {url} has an empty caption")
+        yield {"pixels": pixels_THWC, "caption": caption, "labels": meta.get("labels", {}), "key": key}
+
+
+def _collate(samples: list[dict]) -> dict:
+    shapes = {s["pixels"].shape for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"samples in one batch have different pixel shapes {sorted(shapes)}: "
+            f"keys {[s['key'] for s in samples]}"
+        )
+    return {
+        "x": pixels_to_tensor(np.stack([s["pixels"] for s in samples])),
+        "caption": [s["caption"] for s in samples],
+        "labels": [s["labels"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _stream_seed(rank: int, worker: int) -> int:
+    """Seed for webdataset's ResampledShards: distinct per (rank, logical dataloader worker)."""
+    return rank * 100_003 + worker
+
+
+class _TrainStream(IterableDataset):
+    """Infinite stream of batches for one rank; each worker draws its own seeded shard sequence."""
+
+    def __init__(
+        self, urls: list[str], batch_size: int, seed: int, rank: int, skip_batches: int, shuffle_buffer: int
+    ) -> None:
+        super().__init__()
+        self.urls, self.batch_size, self.seed, self.rank = urls, batch_size, seed, rank
+        self.skip_batches, self.shuffle_buffer = skip_batches, shuffle_buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        physical, num_workers = _worker()
+        # The DataLoader interleaves workers round robin, batch j from worker j % num_workers, and
+        # always starts at worker 0. On resume after k batches, physical worker p therefore plays
+        # the stream of worker (p + k) % num_workers, which made ceil((k - w) / num_workers) of them.
+        k = self.skip_batches
+        worker = (physical + k) % num_workers
+        skip = max(0, -(-(k - worker) // num_workers))
+        counter = _CorruptCounter()
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(
+                self.urls,
+                seed=self.seed,
+                worker_seed=functools.partial(_stream_seed, self.rank, worker),
+                deterministic=True,
+            ),
+            wds.tarfile_to_samples(handler=counter),
+            wds.shuffle(
+                self.shuffle_buffer,
+                initial=self.shuffle_buffer,
+                seed=wds.utils.make_seed(self.seed, self.rank, worker),
+            ),
+            functools.partial(_decode, counter=counter),
+            wds.slice(skip * self.batch_size, None),
+            wds.batched(self.batch_size, collation_fn=_collate, partial=False),
+        )
+        return iter(pipeline)
+
+
+def train_loader(
+    shards: str | Sequence[str],
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    skip_batches: int = 0,
+    shuffle_buffer: int = 1000,
+) -> DataLoader:
+    """Infinite, shuffled, resampled training batches for `rank`, deterministic in (seed, rank).
+
+    `skip_batches=k` resumes exactly after k consumed batches (same num_workers required).
+    Shard order is resampled with replacement (webdataset ResampledShards, so `shardshuffle` does not
+    apply) and samples pass through a seeded shuffle buffer of `shuffle_buffer` samples.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+    if batch_size < 1 or skip_batches < 0 or num_workers < 0:
+        raise ValueError(
+            "need batch_size >= 1, skip_batches >= 0, num_workers >= 0; "
+            f"got {batch_size}, {skip_batches}, {num_workers}"
+        )
+    urls = resolve_shards(shards)
+    stream = _TrainStream(urls, batch_size, seed, rank, skip_batches, shuffle_buffer)
+    # Batching happens inside the stream (one batch per worker step), so the DataLoader must not batch.
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def _every_nth(src: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
+    for i, sample in enumerate(src):
+        if i % world_size == rank:
+            yield sample
+
+
+def eval_loader(
+    shards: str | Sequence[str], batch_size: int, rank: int = 0, world_size: int = 1
+) -> wds.DataPipeline:
+    """One deterministic pass in shard order; rank r keeps samples r, r + world_size, ...
+
+    Every rank reads every shard (eval sets are small) so that the split is exact at the sample
+    level whatever the shard count: over all ranks each sample appears exactly once.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    urls = resolve_shards(shards)
+    counter = _CorruptCounter()
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.tarfile_to_samples(handler=counter),
+        functools.partial(_decode, counter=counter),
+        functools.partial(_every_nth, rank=rank, world_size=world_size),
+        wds.batched(batch_size, collation_fn=_collate, partial=True),
+    )

@@ -1,0 +1,108 @@
+"""Sharded checkpoints of the DeepSpeed runner: one DeepSpeed checkpoint per engine, plus apt's state.
+
+Layout of ``RUN/checkpoints/step-000200/``::
+
+    generator_engine/checkpoint/       DeepSpeed: G's weights and ZeRO optimiser partitions (a file per rank)
+    discriminator_engine/checkpoint/   the same for D
+    generator_ema.safetensors          the EMA generator, whole (``apt sample`` reads it as it is)
+    trainer_state.pt                   rng, data position, update counts; strategy and world size
+    config.yaml                        the resolved config
+
+Atomic across ranks: every rank writes into ``.step-000200.tmp``; after a barrier rank 0 makes the
+files durable and renames the directory into place (``apt.checkpoint.atomic_write_dir``'s rule), so a
+kill during a save leaves the previous checkpoint loadable and never a partial one under a final name.
+Ranks must share the run directory's filesystem. ``apt.distributed.consolidate`` turns this layout
+into the standard one (single safetensors per network).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from apt.checkpoint import STATE_FILE, list_checkpoints, save_weights
+from apt.config import ConfigError, to_yaml
+
+TAG = "checkpoint"
+ENGINES = ("generator", "discriminator")
+EMA_FILE = "generator_ema.safetensors"
+
+
+def engine_dir(path: str | Path, name: str) -> Path:
+    return Path(path) / f"{name}_engine"
+
+
+def is_sharded(path: str | Path) -> bool:
+    return all(engine_dir(path, n).is_dir() for n in ENGINES)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save(fabric, path: str | Path, module, *, keep: int = 0) -> None:
+    """Collective: every rank writes its shards of both engines; rank 0 the rest, then publishes."""
+    final = Path(fabric.broadcast(str(path)))
+    tmp = final.parent / f".{final.name}.tmp"
+    if fabric.is_global_zero:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was killed
+        tmp.mkdir(parents=True)
+    fabric.barrier()
+    for name in ENGINES:
+        engine = getattr(module, name)._forward_module
+        engine.save_checkpoint(str(engine_dir(tmp, name)), tag=TAG, save_latest=False)
+    if fabric.is_global_zero:
+        save_weights(module.generator_ema.state_dict(), tmp / EMA_FILE)
+        state = {
+            "apt": {"rng": module.rng.get_state(), "batches_consumed": module.batches_consumed, **module.extra_state()},
+            "sharded": {"strategy": module.config.train.strategy, "world_size": fabric.world_size},
+        }
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / "config.yaml").write_text(to_yaml(module.config))
+    fabric.barrier()  # every rank's shards are written
+    if fabric.is_global_zero:
+        _fsync_tree(tmp)
+        old = final.parent / f".{final.name}.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+        if keep > 0:
+            for stale in list_checkpoints(final.parent.parent)[:-keep]:
+                shutil.rmtree(stale, ignore_errors=True)
+    fabric.barrier()
+
+
+def load(fabric, path: str | Path, module) -> None:
+    """Restore both engines (weights + optimiser partitions), the EMA, rng, data position and counters."""
+    path = Path(path)
+    if not is_sharded(path):
+        raise ConfigError(
+            f"resume: {path} is not a DeepSpeed checkpoint of this runner (no generator_engine/ and "
+            "discriminator_engine/); checkpoints of other strategies cannot resume a ZeRO run"
+        )
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    saved_world = state["sharded"]["world_size"]
+    if saved_world != fabric.world_size:
+        raise ConfigError(
+            f"resume: {path} was written by {saved_world} ranks, this run has {fabric.world_size}; ZeRO partitions "
+            "need the same world size (consolidate it with `python -m apt consolidate` to start a new run from its weights)"
+        )
+    for name in ENGINES:
+        engine = getattr(module, name)._forward_module
+        load_path, _ = engine.load_checkpoint(str(engine_dir(path, name)), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load {engine_dir(path, name)}")
+    module.generator_ema.load_state_dict(load_file(str(path / EMA_FILE)))
+    module.rng.set_state(state["apt"]["rng"])
+    module.batches_consumed = state["apt"]["batches_consumed"]
+    module.load_extra_state(state["apt"])

@@ -1,0 +1,152 @@
+"""Toy benchmark metrics: a Fréchet distance in the toy classifier's feature space + attribute accuracy.
+
+    distance            Fréchet distance between Gaussians fitted to classifier features of the
+                        samples and of real toy clips (FID/FVD-style, DESIGN.md section 5).
+    attribute_accuracy  share of samples whose predicted shape AND colour AND background AND
+                        (clips only, frames > 1) direction all match the prompt's parsed caption:
+                        an exact text-alignment score.
+    per_attribute       the same accuracy per attribute.
+
+Report the real-vs-real floor (`real_vs_real_floor`, two disjoint real sets of the same size n)
+next to every distance, with n and the seeds: distances at n = 1000 move by tens between seeds.
+
+Results do not depend on how the caller batches the samples: clips are re-chunked into fixed
+chunks of `chunk` clips before the classifier sees them, and statistics accumulate in float64.
+
+Shape legend: N samples, B batch, C channels, T frames, H height, W width, F feature dim.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from apt.data import toy
+from apt.eval.frechet import FeatureStats, stats_distance
+from apt.eval.toy_classifier import ATTRIBUTES, ToyClassifier
+
+DEFAULT_CHUNK = 250
+
+
+def real_batches(
+    frames: int, n: int, seed: int, batch_size: int = DEFAULT_CHUNK, start: int = 0
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Real clips `make_sample(i, seed, frames)`, i in [start, start + n): (x_BCTHW in [-1, 1], captions)."""
+    for lo in range(start, start + n, batch_size):
+        samples = [toy.make_sample(i, seed, frames) for i in range(lo, min(lo + batch_size, start + n))]
+        pixels_BTHWC = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
+        yield pixels_BTHWC.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0, [s["caption"] for s in samples]
+
+
+def _rechunk(batches: Iterable[torch.Tensor], chunk: int) -> Iterator[torch.Tensor]:
+    """Re-batch a stream of (B, C, T, H, W) tensors into chunks of exactly `chunk` (the last may be short)."""
+    buf: list[torch.Tensor] = []
+    size = 0
+    for x_BCTHW in batches:
+        if x_BCTHW.ndim != 5:
+            raise ValueError(f"sample batches must be (B, C, T, H, W), got {tuple(x_BCTHW.shape)}")
+        buf.append(x_BCTHW.detach().float().cpu())
+        size += x_BCTHW.shape[0]
+        while size >= chunk:
+            x = torch.cat(buf)
+            yield x[:chunk]
+            buf, size = ([x[chunk:]] if x.shape[0] > chunk else []), x.shape[0] - chunk
+    if size:
+        yield torch.cat(buf)
+
+
+@torch.no_grad()
+def _features_and_predictions(
+    classifier: ToyClassifier, batches: Iterable[torch.Tensor], chunk: int
+) -> tuple[FeatureStats, dict[str, list[str]]]:
+    classifier.eval()
+    device = next(classifier.parameters()).device
+    stats = FeatureStats(dim=classifier.num_features)
+    preds: dict[str, list[str]] = {name: [] for name in ATTRIBUTES}
+    for x_BCTHW in _rechunk(batches, chunk):
+        x_BCTHW = x_BCTHW.to(device)
+        f_BF = classifier.features(x_BCTHW)
+        stats.update(f_BF.double().cpu().numpy())
+        for name, head in classifier.heads.items():
+            preds[name].extend(ATTRIBUTES[name][i] for i in head(f_BF).argmax(-1).tolist())
+    return stats, preds
+
+
+def real_stats(
+    classifier: ToyClassifier,
+    frames: int,
+    n: int,
+    seed: int,
+    cache_path: str | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> FeatureStats:
+    """Feature statistics (float64) of n real clips `make_sample(i, seed, frames)`, i < n.
+
+    With `cache_path` (.npz), loads it when present (checking n and the feature dim) or writes it.
+    The cache does not know which classifier made it: use one path per classifier checkpoint.
+    """
+    if cache_path is not None and os.path.exists(cache_path):
+        cached = FeatureStats.load(cache_path)
+        if cached.n != n or cached.dim != classifier.num_features:
+            raise ValueError(
+                f"cached real stats {cache_path} have n={cached.n}, dim={cached.dim}; "
+                f"asked for n={n}, dim={classifier.num_features} (delete the file to recompute)"
+            )
+        return cached
+    stats, _ = _features_and_predictions(
+        classifier, (x for x, _ in real_batches(frames, n, seed, chunk)), chunk
+    )
+    if cache_path is not None:
+        stats.save(cache_path)
+    return stats
+
+
+def attribute_scores(predictions: dict[str, list[str]], prompts: list[str]) -> dict:
+    """Joint and per-attribute accuracy of predicted class names against parsed prompts."""
+    targets = [toy.parse_caption(p) for p in prompts]
+    n = len(targets)
+    correct_N = np.ones(n, dtype=bool)
+    per_attribute: dict[str, float] = {}
+    for name in ATTRIBUTES:
+        wanted = [getattr(a, name) for a in targets]
+        if all(w is None for w in wanted):  # images: no direction
+            continue
+        hit_N = np.array([p == w for p, w in zip(predictions[name], wanted, strict=True)])
+        per_attribute[name] = float(hit_N.mean())
+        correct_N &= hit_N
+    return {"attribute_accuracy": float(correct_N.mean()), "per_attribute": per_attribute}
+
+
+def evaluate_samples(
+    classifier: ToyClassifier,
+    samples: torch.Tensor | Iterable[torch.Tensor],
+    prompts: list[str],
+    real_stats: FeatureStats,
+    chunk: int = DEFAULT_CHUNK,
+) -> dict:
+    """Score generated clips against their prompts and the real statistics.
+
+    `samples`: x (N, C, T, H, W) in [-1, 1], or an iterable of such batches, in prompt order.
+    Returns {"distance", "attribute_accuracy", "per_attribute": {attribute: accuracy}, "n"}; the
+    joint accuracy uses shape, colour, background and, for clips, direction.
+    """
+    batches = [samples] if isinstance(samples, torch.Tensor) else samples
+    stats, preds = _features_and_predictions(classifier, batches, chunk)
+    if stats.n != len(prompts):
+        raise ValueError(f"got {stats.n} samples for {len(prompts)} prompts")
+    return {"distance": stats_distance(stats, real_stats), **attribute_scores(preds, prompts), "n": stats.n}
+
+
+def real_vs_real_floor(
+    classifier: ToyClassifier, frames: int, n: int, seed: int, chunk: int = DEFAULT_CHUNK
+) -> float:
+    """Distance between two disjoint real sets of n clips (indices [0, n) and [n, 2n) of `seed`):
+    the smallest distance a perfect generator can expect at this n."""
+    a, _ = _features_and_predictions(classifier, (x for x, _ in real_batches(frames, n, seed, chunk)), chunk)
+    b, _ = _features_and_predictions(
+        classifier, (x for x, _ in real_batches(frames, n, seed, chunk, start=n)), chunk
+    )
+    return stats_distance(a, b)

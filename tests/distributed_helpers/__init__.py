@@ -1,0 +1,1 @@
+"""Scripts the multiprocess tests (tests/test_distributed.py) launch as subprocesses."""
