@@ -10,15 +10,32 @@ from pathlib import Path
 
 import torch
 
-from apt.checkpoint import latest_checkpoint, load_weights
+from apt.checkpoint import latest_checkpoint
 from apt.config import Config, PerfConfig, config_from_yaml
 from apt.flow import euler_sample
 from apt.media import to_uint8
-from apt.models import DiT, build_dit
+from apt.models import factory
 from apt.perf import apply_perf
 from apt.text import TextEncoder
 
 PRODUCT = {"teacher": "net_ema", "distill": "net_ema", "apt": "generator_ema"}
+
+
+def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """One z per seed, so a sample does not depend on the batch it is generated in."""
+    return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def sample(net, text_encoder: TextEncoder, config: Config, prompts: list[str], seeds: list[int], *, steps: int, cfg_scale: float, frames: int | None = None, device="cpu") -> torch.Tensor:
+    """Euler sampling (``steps`` = 1: the one-step generator) from seeded noise, with CFG when cfg_scale != 1."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    c = config
+    z = seeded_noise((c.data.channels, frames or c.data.frames, c.data.height, c.data.width), seeds).to(device)
+    text = text_encoder.encode(prompts).to(device)
+    negative = text_encoder.encode([c.flow.negative_prompt] * len(prompts), allow_empty=True).to(device) if cfg_scale != 1.0 else None
+    return euler_sample(net, z, text, steps=steps, shift=c.flow.sample_shift, negative=negative, cfg_scale=cfg_scale)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -35,8 +52,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 class Generator:
     """A stage's sampling network plus its text encoder, ready to generate clips."""
 
-    def __init__(self, config: Config, net: DiT, text_encoder: TextEncoder, device: str = "cpu"):
+    def __init__(self, config: Config, net: torch.nn.Module, text_encoder: TextEncoder, device: str = "cpu"):
         self.config, self.net, self.text_encoder, self.device = config, net.to(device).eval(), text_encoder, device
+        self._codec = None
 
     @property
     def num_frames(self) -> int:
@@ -60,17 +78,16 @@ class Generator:
 
     @torch.no_grad()
     def generate_tensor(self, prompts: list[str], seeds: list[int], *, steps: int | None = None, cfg_scale: float | None = None, frames: int | None = None) -> torch.Tensor:
-        """Samples in [-1, 1], (B, C, T, H, W). Noise z is drawn per seed, so a sample does not depend on the batch."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        c = self.config
-        steps = steps or self.default_steps
+        """Samples in [-1, 1], (B, C, T, H, W) (decoded to pixels when the run has a VAE)."""
         cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
-        shape = (c.data.channels, frames or c.data.frames, c.data.height, c.data.width)
-        z = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.device)
-        text = self.text_encoder.encode(prompts).to(self.device)
-        negative = self.text_encoder.encode([c.flow.negative_prompt] * len(prompts), allow_empty=True).to(self.device) if cfg_scale != 1.0 else None
-        return euler_sample(self.net, z, text, steps=steps, shift=c.flow.sample_shift, negative=negative, cfg_scale=cfg_scale)
+        x = sample(self.net, self.text_encoder, self.config, prompts, seeds, steps=steps or self.default_steps, cfg_scale=cfg_scale, frames=frames, device=self.device)
+        if not self.config.model.vae:
+            return x
+        if self._codec is None:
+            from apt.codecs import LatentCodec
+
+            self._codec = LatentCodec.load(self.config.model.vae)
+        return self._codec.to(x.device).decode(x, batch_size=1)
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int | None = None, **kw) -> torch.Tensor:
         """uint8 (B, T, H, W, 3)."""
@@ -82,7 +99,6 @@ def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str 
     ckpt = resolve_checkpoint(checkpoint)
     config = config_from_yaml(ckpt / "config.yaml")
     text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
-    net = build_dit(config.model.flavour, text_dim=text_encoder.dim)
-    net.load_state_dict(load_weights(ckpt, weights or PRODUCT[config.stage]))
+    net = factory.load_backbone(config, str(ckpt), weights or PRODUCT[config.stage], text_dim=text_encoder.dim)
     net = apply_perf(net.to(device).eval(), perf or config.perf)
     return Generator(config, net, text_encoder, device)

@@ -1,7 +1,6 @@
 """Tiny end-to-end runs on CPU through the CLI: artifacts, step counts, exact resume, clear failures."""
 
 import csv
-import os
 from pathlib import Path
 
 import pytest

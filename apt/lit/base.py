@@ -9,14 +9,12 @@ skips ``batches_consumed`` batches. Frozen networks (the text encoder, a teacher
 from __future__ import annotations
 
 from copy import deepcopy
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
 
 from apt.config import Config, to_yaml
-from apt.flow import euler_sample
 from apt.models import TextCond, factory
 from apt.text import TextEncoder
 
@@ -91,11 +89,9 @@ class StageModule(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], *, steps: int, cfg_scale: float = 1.0, frames: int | None = None) -> torch.Tensor:
-        c = self.config
-        shape = (c.data.channels, frames or c.data.frames, c.data.height, c.data.width)
-        z = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.device)
-        negative = self.encode([c.flow.negative_prompt] * len(prompts), allow_empty=True) if cfg_scale != 1.0 else None
-        x = euler_sample(self.sampling_network(), z, self.encode(prompts), steps=steps, shift=c.flow.sample_shift, negative=negative, cfg_scale=cfg_scale)
+        from apt.inference import sample
+
+        x = sample(self.sampling_network(), self.text_encoder, self.config, prompts, seeds, steps=steps, cfg_scale=cfg_scale, frames=frames, device=self.device)
         return self.decode_latents(x)
 
     # -- checkpoint hooks ----------------------------------------------------------------------
