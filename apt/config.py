@@ -106,6 +106,11 @@ class TrainConfig:
     accelerator: str = "auto"
     devices: int = 1
     strategy: str = "auto"
+    """auto | ddp | fsdp2 | deepspeed_stage_2 | deepspeed_stage_3 (docs/distributed.md)."""
+    num_nodes: int = 0
+    """Nodes of the job (0 = from the launcher: SLURM or torchrun, else 1)."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per update; G and D updates stay separate (DeepSpeed runner)."""
     ema_decay: float = 0.999
     """EMA decay of the trained network (the EMA is what is sampled and exported)."""
     log_every_steps: int = 10
@@ -329,6 +334,11 @@ def check_config(c: Config) -> None:
     else:
         need(c.model.flavour in FLAVOURS, f"model.flavour '{c.model.flavour}' unknown; choose from {', '.join(sorted(FLAVOURS))}")
     need(c.train.max_steps > 0, f"train.max_steps must be positive, got {c.train.max_steps}")
+    need(c.train.num_nodes >= 0, f"train.num_nodes must be >= 0, got {c.train.num_nodes}")
+    need(c.train.accumulate_grad_batches >= 1, f"train.accumulate_grad_batches must be >= 1, got {c.train.accumulate_grad_batches}")
+    from apt.distributed.strategies import check_strategy
+
+    check_strategy(c)
     for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
         need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
     need(c.data.batch_size > 0, f"data.batch_size must be positive, got {c.data.batch_size}")

@@ -140,8 +140,8 @@ def build_fabric(c: Config) -> L.Fabric:
 
 
 def accumulate_batches(c: Config) -> int:
-    """Micro-batches per update (``train.accumulate_grad_batches`` when the config has it, else 1)."""
-    return int(getattr(c.train, "accumulate_grad_batches", 1) or 1)
+    """Micro-batches per update (``train.accumulate_grad_batches``)."""
+    return c.train.accumulate_grad_batches
 
 
 def setup_apt(fabric: L.Fabric, module, accumulate: int = 1) -> tuple[EngineUpdate, EngineUpdate]:

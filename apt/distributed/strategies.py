@@ -36,9 +36,8 @@ def uses_deepspeed(config: Config) -> bool:
 def num_nodes(config: Config) -> int:
     """Nodes of the job: ``train.num_nodes`` if the config has it, else what the launcher says
     (SLURM_NNODES, or torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE), else 1."""
-    n = getattr(config.train, "num_nodes", None)
-    if n:
-        return int(n)
+    if config.train.num_nodes:
+        return config.train.num_nodes
     if "SLURM_NNODES" in os.environ and "SLURM_NTASKS" in os.environ:
         return int(os.environ["SLURM_NNODES"])
     if "WORLD_SIZE" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
