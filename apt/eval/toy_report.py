@@ -9,8 +9,9 @@ Protocol (every number in the report comes from this one run):
   ``attribute_accuracy``: share of samples whose shape, colour, direction and background all match
   the prompt (``apt.eval.toy_metrics``). The real-vs-real floor (two disjoint real sets of size N)
   is reported alongside.
-- ``seconds_per_sample``: batch-1 wall time per sample (mean over 16 prompts after a warm-up);
-  ``seconds_per_sample_batched``: wall time of the whole evaluation set in batches of 250, per sample.
+- ``seconds_per_sample``: batch-1 wall time per sample, one torch thread, mean over >= 16 calls and
+  >= 2 s after a warm-up; ``seconds_per_sample_batched``: wall time of the whole evaluation set in
+  batches of 250 with all torch threads, per sample.
   ``nfe``: network evaluations per sample (CFG counts two).
 """
 
@@ -41,12 +42,21 @@ def generate_all(gen: Generator, prompts: list[str], seed0: int, *, steps: int, 
     return torch.cat(outs), (time.perf_counter() - t0) / len(prompts)
 
 
-def batch1_seconds(gen: Generator, prompts: list[str], *, steps: int, cfg_scale: float | None = None, n: int = 16) -> float:
-    gen.generate_tensor(prompts[:1], [0], steps=steps, cfg_scale=cfg_scale)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(n):
-        gen.generate_tensor(prompts[i : i + 1], [i], steps=steps, cfg_scale=cfg_scale)
-    return (time.perf_counter() - t0) / n
+def batch1_seconds(gen: Generator, prompts: list[str], *, steps: int, cfg_scale: float | None = None, min_calls: int = 16, min_seconds: float = 2.0) -> float:
+    """Mean latency of one-sample calls, with one torch thread (intra-op threads only add overhead on
+    tensors this small, for every row alike); at least ``min_calls`` calls and ``min_seconds``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(3):  # warm-up
+            gen.generate_tensor(prompts[i : i + 1], [i], steps=steps, cfg_scale=cfg_scale)
+        calls, t0 = 0, time.perf_counter()
+        while calls < min_calls or time.perf_counter() - t0 < min_seconds:
+            gen.generate_tensor(prompts[calls % len(prompts) : calls % len(prompts) + 1], [calls], steps=steps, cfg_scale=cfg_scale)
+            calls += 1
+        return (time.perf_counter() - t0) / calls
+    finally:
+        torch.set_num_threads(threads)
 
 
 def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samples: int, classifier_path: str = "assets/toy_classifier", torch_threads: int = 1) -> dict:

@@ -118,6 +118,18 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
         self.gradient_checkpointing = False
         self._num_text_tokens = 0  # set per forward; lets visual_tokens() slice block outputs
+        self._table_cache: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tables(self, kind: str, T: int, H: int, W: int, L: int, like: torch.Tensor):
+        """Position tables depend only on the token grid: computed once per (grid, text length, device)."""
+        key = (kind, T, H, W, L, like.device, like.dtype)
+        if key not in self._table_cache:
+            c = self.config
+            if kind == "sincos":
+                self._table_cache[key] = sincos_3d(c.hidden_dim, T, H, W, device=like.device, dtype=like.dtype)
+            else:
+                self._table_cache[key] = rope_3d(c.hidden_dim // c.num_heads, T, H, W, num_text=L, theta=c.rope_theta, device=like.device)
+        return self._table_cache[key]
 
     # -- backbone protocol -------------------------------------------------------------------
     @property
@@ -154,7 +166,7 @@ class DiT(nn.Module):
         tokens_BNP = rearrange(x_in, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
         h_BND = self.patch_embed(tokens_BNP)
         if c.abs_pos_embed:
-            h_BND = h_BND + sincos_3d(c.hidden_dim, Tp, Hp, Wp, device=h_BND.device, dtype=h_BND.dtype)
+            h_BND = h_BND + self._tables("sincos", Tp, Hp, Wp, 0, h_BND)
 
         text_BLD = self.text_proj(text.emb_BLD.to(h_BND.dtype))
         L = text_BLD.shape[1]
@@ -166,7 +178,7 @@ class DiT(nn.Module):
         x_BSD = torch.cat([text_BLD, h_BND], dim=1)
         N = h_BND.shape[1]
         mask_B11S = torch.cat([mask_BL, mask_BL.new_ones(B, N)], dim=1)[:, None, None, :]
-        rope = rope_3d(c.hidden_dim // c.num_heads, Tp, Hp, Wp, num_text=L, theta=c.rope_theta, device=h_BND.device)
+        rope = self._tables("rope", Tp, Hp, Wp, L, h_BND)
         for block in self._blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask_B11S, use_reentrant=False)
