@@ -3,11 +3,11 @@
     python eval/measure_fvd_memory.py --sizes 64 256
 
 Makes N generated + N real mp4 clips (49 frames, 128x72, 24 fps), a TorchScript stand-in for
-I3D with the real file's call signature (forward(x, rescale, resize, return_features) ->
-(B, 400), resizing to 224x224 inside like the real one), then for each N runs
-`apt.eval.fvd.compute_fvd` in a fresh subprocess (ru_maxrss is a per-process high-water mark)
-and prints wall time, peak RSS, RSS growth over the post-import baseline, and the tracemalloc
-peak (Python + numpy allocations). The numbers are the pipeline's, not the real I3D's.
+I3D with the real file's call signature (`apt.eval.standins.StandInI3D`: forward(x, rescale,
+resize, return_features) -> (B, 400), resizing to 224x224 inside like the real one), then for
+each N runs `apt.eval.fvd.compute_fvd` in a fresh subprocess (ru_maxrss is a per-process
+high-water mark) and prints wall time, peak RSS, RSS growth over the post-import baseline, and
+the tracemalloc peak (Python + numpy allocations). The numbers are the pipeline's, not the real I3D's.
 """
 
 from __future__ import annotations
@@ -20,31 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-
-def build_standin(path: str) -> None:
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class StandInI3D(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv3d(3, 16, kernel_size=(3, 7, 7), stride=(2, 7, 7))
-            self.fc = nn.Linear(16, 400)
-
-        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                    return_features: bool = False) -> torch.Tensor:
-            x = x.float()
-            if rescale:
-                x = x / 127.5 - 1.0
-            if resize:
-                x = F.interpolate(x, size=(x.shape[2], 224, 224), mode="trilinear", align_corners=False)
-            logits = self.fc(self.conv(x).relu().mean(dim=(2, 3, 4)))
-            return logits if return_features else logits.softmax(-1)
-
-    torch.manual_seed(0)
-    torch.jit.script(StandInI3D().eval()).save(path)
 
 
 def make_clips(d: str, n: int, seed: int, frames: int, height: int, width: int) -> None:
@@ -117,7 +92,9 @@ def main() -> None:
     make_clips(os.path.join(a.workdir, "gen"), n_max, 1, a.frames, a.height, a.width)
     make_clips(os.path.join(a.workdir, "real"), n_max, 2, a.frames, a.height, a.width)
     detector = os.path.join(a.workdir, "i3d_torchscript.pt")
-    build_standin(detector)
+    from apt.eval.standins import save_standin_i3d
+
+    save_standin_i3d(detector, resize_to=224, patch=7)
     print(f"made 2 x {n_max} clips ({a.frames} frames, {a.width}x{a.height}) in {time.time() - t0:.1f} s")
     rows = []
     for n in a.sizes:

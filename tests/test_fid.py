@@ -1,6 +1,6 @@
 """FID end to end offline, with a tiny TorchScript stand-in for `inception-2015-12-05.pt`.
 
-The stand-in has the real file's interface: forward(img, return_features, use_fp16,
+The stand-in (`apt.eval.standins.StandInInception`) has the real file's interface: forward(img, return_features, use_fp16,
 no_output_bias) on [0, 255] NCHW images of any size (it resizes to 299 itself, normalises
 (x - 128) / 128 and runs `self.layers`), pool3-like 2048-d features; it is scripted and saved in
 the test and loaded through the real `torch.jit.load` path.
@@ -13,59 +13,19 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
+from eval_helpers import load_benchmark_with_generator
 
-from apt.eval.fid import (
-    INCEPTION_PUBLIC_URL,
-    InceptionFeatures,
-    _feed,
-    _make_metric,
-    compute_fid,
-    fid_report_markdown,
-    frechet_distance_psd,
-    list_images,
-    load_inception,
-    preprocess_image,
-)
+from apt.eval.fid import (INCEPTION_PUBLIC_URL, InceptionFeatures, _feed, _make_metric, compute_fid,
+                          fid_report_markdown, frechet_distance_psd, list_images, load_inception,
+                          preprocess_image)
 from apt.eval.frechet import frechet_distance
+from apt.eval.standins import save_standin_inception
 from apt.eval.video_io import write_png
-
-
-class TinyLayers(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 32, kernel_size=13, stride=13)
-        self.proj = nn.Conv2d(32, 2048, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x).relu()
-        return self.proj(h).mean(dim=(2, 3), keepdim=True)  # (N, 2048, 1, 1) like pool3
-
-
-class TinyInception(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = TinyLayers()
-        self.output = nn.Linear(2048, 1008)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:
-        x = img.to(torch.float32)
-        if x.shape[2] != 299 or x.shape[3] != 299:
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        features = self.layers((x - 128.0) / 128.0).reshape(-1, 2048)
-        if return_features:
-            return features
-        return self.output(features)
 
 
 @pytest.fixture(scope="module")
 def inception_path(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("weights") / "inception-2015-12-05.pt")
-    torch.jit.script(TinyInception().eval()).save(path)
-    return path
+    return save_standin_inception(str(tmp_path_factory.mktemp("weights") / "inception-2015-12-05.pt"))
 
 
 def make_images(d, n: int, seed: int, size: int = 128, shift: float = 0.0) -> str:
@@ -204,16 +164,6 @@ def test_fid_torchscript_resize_mode_and_n(inception_path, sets):
 # ----------------------------------------------------------------- benchmark script
 
 
-def _load_script(name: str):
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(f"_test_{name}", os.path.join(root, "eval", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class FakeImageGenerator:
     num_frames, height, width = 1, 64, 64
 
@@ -225,13 +175,8 @@ class FakeImageGenerator:
 @pytest.mark.integration
 def test_benchmark_images_generates_and_reports(inception_path, sets, tmp_path, monkeypatch):
     import json
-    import sys
-    import types
 
-    fake = types.ModuleType("apt.inference")
-    fake.load_generator = lambda checkpoint, device="cpu": FakeImageGenerator()
-    monkeypatch.setitem(sys.modules, "apt.inference", fake)
-    bench = _load_script("benchmark_images")
+    bench = load_benchmark_with_generator("benchmark_images", FakeImageGenerator(), monkeypatch)
     (tmp_path / "prompts.txt").write_text("a red cube\na blue ball\n")
     out = tmp_path / "run"
     res = bench.main(["--checkpoint", "ckpt", "--prompts", str(tmp_path / "prompts.txt"), "--real", sets["real"],

@@ -1,8 +1,8 @@
 """FVD (StyleGAN-V protocol) end to end offline, with a tiny TorchScript stand-in for I3D.
 
-The stand-in has the real `i3d_torchscript.pt` call signature, forward(x, rescale, resize,
-return_features) -> (B, 400), is scripted and saved inside the test, and goes through the same
-`torch.jit.load` path as the real file.
+The stand-in (`apt.eval.standins.StandInI3D`) has the real `i3d_torchscript.pt` call signature,
+forward(x, rescale, resize, return_features) -> (B, 400), is scripted and saved inside the test,
+and goes through the same `torch.jit.load` path as the real file.
 """
 
 from __future__ import annotations
@@ -12,53 +12,22 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from eval_helpers import ROOT, load_benchmark_with_generator
 from torch import nn
 
 from apt.eval import fvd
-from apt.eval.fvd import (
-    I3D_KWARGS,
-    ClipTooShortError,
-    FVDProtocol,
-    clip_frame_indices,
-    compute_fvd,
-    compute_set_stats,
-    fvd_report_markdown,
-    load_clip,
-    load_i3d,
-    preprocess_frame,
-    spanning_stride,
-)
+from apt.eval.fvd import (I3D_KWARGS, ClipTooShortError, FVDProtocol, clip_frame_indices, compute_fvd,
+                          compute_set_stats, fvd_report_markdown, load_clip, load_i3d, preprocess_frame,
+                          spanning_stride)
+from apt.eval.standins import save_standin_i3d
 from apt.eval.video_io import write_video
-
-
-class TinyI3D(nn.Module):
-    """Stand-in with the real file's forward kwargs; resizes to 32x32 instead of 224x224."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv3d(3, 16, kernel_size=(3, 4, 4), stride=(2, 4, 4))
-        self.fc = nn.Linear(16, 400)
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                return_features: bool = False) -> torch.Tensor:
-        x = x.float()
-        if rescale:
-            x = x / 127.5 - 1.0
-        if resize:
-            x = F.interpolate(x, size=(x.shape[2], 32, 32), mode="trilinear", align_corners=False)
-        logits = self.fc(self.conv(x).relu().mean(dim=(2, 3, 4)))
-        if return_features:
-            return logits
-        return logits.softmax(dim=-1)
 
 
 @pytest.fixture(scope="module")
 def detector_path(tmp_path_factory) -> str:
+    # Resizes to 32x32 instead of 224x224 (and a 4x4 patch) to keep the test fast.
     path = str(tmp_path_factory.mktemp("weights") / "i3d_torchscript.pt")
-    torch.jit.script(TinyI3D().eval()).save(path)
-    return path
+    return save_standin_i3d(path, resize_to=32, patch=4)
 
 
 def make_clip(seed: int, T: int = 20, H: int = 48, W: int = 64, shift: float = 0.0) -> np.ndarray:
@@ -242,9 +211,8 @@ def test_cli_writes_json_and_markdown(sets, detector_path, tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "report"
-    cmd = [sys.executable, os.path.join(root, "eval", "fvd.py"), "--gen", sets["gen"], "--real", sets["real"],
+    cmd = [sys.executable, os.path.join(ROOT, "eval", "fvd.py"), "--gen", sets["gen"], "--real", sets["real"],
            "--detector", detector_path, "--num-videos", "6", "--resolution", "32", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -254,16 +222,6 @@ def test_cli_writes_json_and_markdown(sets, detector_path, tmp_path):
 
 
 # ----------------------------------------------------------------- benchmark script
-
-
-def _load_script(name: str):
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(f"_test_{name}", os.path.join(root, "eval", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class FakeVideoGenerator:
@@ -278,13 +236,8 @@ class FakeVideoGenerator:
 @pytest.mark.integration
 def test_benchmark_video_generates_and_reports(sets, detector_path, tmp_path, monkeypatch):
     import json
-    import sys
-    import types
 
-    fake = types.ModuleType("apt.inference")
-    fake.load_generator = lambda checkpoint, device="cpu": FakeVideoGenerator()
-    monkeypatch.setitem(sys.modules, "apt.inference", fake)
-    bench = _load_script("benchmark_video")
+    bench = load_benchmark_with_generator("benchmark_video", FakeVideoGenerator(), monkeypatch)
     (tmp_path / "prompts.txt").write_text("a red cube\na blue ball\n")
     common = ["--real", sets["real"], "--detector", detector_path, "--num-videos", "6", "--resolution", "32",
               "--cache-dir", str(tmp_path / "cache")]

@@ -38,10 +38,9 @@ Legend: N images, C = 3 channels, H height, W width.
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -51,6 +50,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from apt.eval.frechet import (
+    cached_real_stats,
+    load_detector,
+    report_table_markdown,
+    run_facts,
+    save_npz_atomic,
+    set_facts,
+)
 from apt.eval.fvd import file_sha256
 from apt.eval.video_io import read_png
 
@@ -71,15 +78,8 @@ REJECTED_EXTENSIONS = (".jpg", ".jpeg", ".jfif")
 
 def load_inception(path: str, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
     """Load `inception-2015-12-05.pt` (TorchScript) from a local file or directory; never downloads."""
-    if os.path.isdir(path):
-        path = os.path.join(path, INCEPTION_FILENAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"FID detector {INCEPTION_FILENAME!r} not found at {path!r}. It cannot be downloaded here; "
-            f"copy it from its public source {INCEPTION_PUBLIC_URL} (StyleGAN2-ADA / clean-fid) and "
-            "pass its local path."
-        )
-    return torch.jit.load(path, map_location=device).eval()
+    return load_detector(path, filename=INCEPTION_FILENAME, metric="FID", public_url=INCEPTION_PUBLIC_URL,
+                         origin="StyleGAN2-ADA / clean-fid", device=device)
 
 
 class InceptionFeatures(nn.Module):
@@ -250,21 +250,10 @@ def _feed(metric, paths: Sequence[str], *, real: bool, resize: str, batch_size: 
     return {"n": n_done, "skipped": skipped, "source_sizes": sizes, "not_expected_size": off_size}
 
 
-def _cache_key(paths: Sequence[str], resize: str, sha: str, num_images: int | None) -> str:
-    files = [(os.path.abspath(p), os.path.getsize(p) if os.path.exists(p) else -1) for p in paths]
-    payload = {"resize": resize, "detector_sha256": sha, "files": files, "num_images": num_images, "version": 1}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def _save_real(path: str, metric, info: dict) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
-    os.close(fd)
-    np.savez(tmp, sum_D=metric.real_features_sum.double().cpu().numpy(),
-             sum_DD=metric.real_features_cov_sum.double().cpu().numpy(),
-             n=int(metric.real_features_num_samples), meta=json.dumps(info))
-    os.replace(tmp, path)
+    save_npz_atomic(path, sum_D=metric.real_features_sum.double().cpu().numpy(),
+                    sum_DD=metric.real_features_cov_sum.double().cpu().numpy(),
+                    n=int(metric.real_features_num_samples), meta=json.dumps(info))
 
 
 def _load_real(path: str, metric, device: str | torch.device) -> dict:
@@ -303,16 +292,13 @@ def compute_fid(
     feed = dict(resize=resize, batch_size=batch_size, num_images=num_images, device=device,
                 expected_size=expected_size)
 
-    cache_file, hit = None, False
-    if cache_dir is not None:
-        cache_file = os.path.join(cache_dir, f"fid_real_{_cache_key(real_paths, resize, sha, num_images)[:20]}.npz")
-        hit = os.path.isfile(cache_file)
-    if hit:
-        real_info = _load_real(cache_file, metric, device)
-    else:
-        real_info = _feed(metric, real_paths, real=True, **feed)
-        if cache_file is not None:
-            _save_real(cache_file, metric, real_info)
+    real_info, cache_file, hit = cached_real_stats(
+        cache_dir, prefix="fid_real", paths=real_paths,
+        key_fields={"resize": resize, "detector_sha256": sha, "num_images": num_images, "version": 1},
+        compute=lambda: _feed(metric, real_paths, real=True, **feed),
+        save=lambda path, info: _save_real(path, metric, info),
+        load=lambda path: _load_real(path, metric, device),
+    )
     gen_info = _feed(metric, gen_paths, real=False, **feed)
     for name, info in (("generated", gen_info), ("real", real_info)):
         if info["n"] < 2:
@@ -331,45 +317,65 @@ def compute_fid(
         "crop": "none",
         "expected_size": expected_size,
         "N": num_images,
-        "num_generated": gen_info["n"],
-        "num_real": real_info["n"],
-        "generated_source": gen if isinstance(gen, str) else f"{len(gen)} files",
-        "real_source": real if isinstance(real, str) else f"{len(real)} files",
-        "source_sizes": {"generated": gen_info["source_sizes"], "real": real_info["source_sizes"]},
-        "detector": {
-            "file": os.path.abspath(inception_path),
-            "sha256": sha,
-            "public_source": INCEPTION_PUBLIC_URL,
-            "call": "layers((x - 128) / 128) on 299x299 float" if resize == "clean"
+        **set_facts(
+            gen, real, num_generated=gen_info["n"], num_real=real_info["n"],
+            source_sizes={"generated": gen_info["source_sizes"], "real": real_info["source_sizes"]},
+            detector_file=inception_path, detector_sha256=sha, public_source=INCEPTION_PUBLIC_URL,
+            call="layers((x - 128) / 128) on 299x299 float" if resize == "clean"
             else "model(x_uint8, return_features=True)",
-            "feature_dim": INCEPTION_FEATURE_DIM,
-        },
+            feature_dim=INCEPTION_FEATURE_DIM,
+        ),
         "covariance": "1/(N-1) (torchmetrics, as clean-fid np.cov), float64 sums",
         "distance": "Tr sqrt via eigvalsh(F^T S_r F), S_g = F F^T pivoted Cholesky, float64 (frechet_distance_psd)",
-        "skipped": {"generated": gen_info["skipped"], "real": real_info["skipped"]},
-        "real_stats_cache": cache_file,
-        "real_stats_cache_hit": hit,
-        "batch_size": batch_size,
-        "device": str(device),
-        "seconds": round(time.time() - t0, 3),
+        **run_facts(skipped={"generated": gen_info["skipped"], "real": real_info["skipped"]},
+                    cache_file=cache_file, cache_hit=hit, batch_size=batch_size, device=device, started=t0),
     }
 
 
 def fid_report_markdown(result: dict, title: str = "FID") -> str:
     """A markdown table of one FID result with its protocol facts."""
-    skipped = sum(len(v) for v in result["skipped"].values())
-    rows = [
+    return report_table_markdown(result, title=title, metric_rows=[
         ("FID", f"{result['fid']:.3f}"),
         ("N (generated / real)",
          f"{result['num_generated']} / {result['num_real']} (requested {result['N'] or 'all'})"),
         ("resize", result["resize_filter"]),
         ("source sizes", f"gen {result['source_sizes']['generated']}, real {result['source_sizes']['real']}"),
-        ("real set", str(result["real_source"])),
-        ("generated set", str(result["generated_source"])),
-        ("detector", f"{os.path.basename(result['detector']['file'])} sha256 {result['detector']['sha256'][:16]}..."),
-        ("skipped files", str(skipped)),
-        ("real stats cache", f"{result['real_stats_cache']} (hit: {result['real_stats_cache_hit']})"),
-    ]
-    lines = [f"## {title}", "", "| | |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines) + "\n"
+    ])
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_fid_args(p: argparse.ArgumentParser) -> None:
+    """The FID options shared by eval/fid.py and eval/benchmark_images.py (read by `fid_from_args`)."""
+    p.add_argument("--inception", required=True, help="local path of inception-2015-12-05.pt (or its directory)")
+    p.add_argument("--resize", choices=sorted(RESIZE_MODES), default="clean",
+                   help="clean = PIL bicubic to 299 (default); torchscript = the model's own bilinear resize")
+    p.add_argument("--num-images", type=int, default=None, help="N per set (default: all files)")
+    p.add_argument("--expected-size", type=int, default=1024, help="warn when images are not this square size")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/apt/fid"),
+                   help="real-set statistics cache ('none' to disable)")
+    p.add_argument("--clip-dir", default=None, help="local transformers CLIP directory (optional)")
+    p.add_argument("--prompts", default=None, help=".txt/.json prompts for the CLIP score")
+
+
+def fid_from_args(a: argparse.Namespace, gen: str) -> dict:
+    """`compute_fid(gen, a.real, ...)` with the options of `add_fid_args`, plus a CLIP score if `a.clip_dir`.
+
+    For the CLIP score, prompt i belongs to the i-th image in sorted order (cycling).
+    """
+    result = compute_fid(gen, a.real, inception_path=a.inception, resize=a.resize, num_images=a.num_images,
+                         batch_size=a.batch_size, device=a.device, expected_size=a.expected_size,
+                         cache_dir=None if a.cache_dir == "none" else a.cache_dir)
+    if a.clip_dir:
+        from apt.eval.clip_score import clip_score_files, load_prompts
+
+        if not a.prompts:
+            raise ValueError("--clip-dir needs --prompts (prompt i belongs to image i in sorted order)")
+        prompts = load_prompts(a.prompts)
+        paths = list_images(gen)[: result["num_generated"]]
+        result["clip"] = clip_score_files(paths, [prompts[i % len(prompts)] for i in range(len(paths))],
+                                          model_dir=a.clip_dir, batch_size=a.batch_size, device=a.device)
+    return result

@@ -8,9 +8,14 @@ Statistics are accumulated and stored in float64; the matrix square root uses sc
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import scipy.linalg
@@ -87,3 +92,132 @@ def frechet_distance(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, si
 
 def stats_distance(a: FeatureStats, b: FeatureStats) -> float:
     return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+# --------------------------------------------------------------------------- shared by FID and FVD
+
+T = TypeVar("T")
+
+
+def file_set_key(paths: Sequence[str], **fields: Any) -> str:
+    """sha256 (hex) of `fields` plus each file's absolute path and size (-1 if missing).
+
+    The real-set cache key of FID and FVD: any change to the file list, a file's size, or a
+    field (protocol, detector hash, N, format version) gives a new key.
+    """
+    files = [(os.path.abspath(p), os.path.getsize(p) if os.path.exists(p) else -1) for p in paths]
+    payload = {**fields, "files": files}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def save_npz_atomic(path: str, **arrays: Any) -> None:
+    """np.savez to a temporary file in the target directory, then rename: readers never see half a file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def cached_real_stats(
+    cache_dir: str | None,
+    *,
+    prefix: str,
+    paths: Sequence[str],
+    key_fields: dict[str, Any],
+    compute: Callable[[], T],
+    save: Callable[[str, T], None],
+    load: Callable[[str], T],
+) -> tuple[T, str | None, bool]:
+    """Real-set statistics through an .npz cache -> (value, cache file or None, cache hit).
+
+    The file is `<cache_dir>/<prefix>_<first 20 hex of file_set_key(paths, **key_fields)>.npz`;
+    `cache_dir=None` computes without caching.
+    """
+    if cache_dir is None:
+        return compute(), None, False
+    cache_file = os.path.join(cache_dir, f"{prefix}_{file_set_key(paths, **key_fields)[:20]}.npz")
+    if os.path.isfile(cache_file):
+        return load(cache_file), cache_file, True
+    value = compute()
+    save(cache_file, value)
+    return value, cache_file, False
+
+
+def report_table_markdown(
+    result: dict,
+    *,
+    title: str,
+    metric_rows: Sequence[tuple[str, str]],
+    detector_rows: Sequence[tuple[str, str]] = (),
+) -> str:
+    """Markdown table of one FID/FVD result: `metric_rows`, then the sets, detector, skipped files, cache."""
+    skipped = sum(len(v) for v in result["skipped"].values())
+    rows = [
+        *metric_rows,
+        ("real set", str(result["real_source"])),
+        ("generated set", str(result["generated_source"])),
+        ("detector", f"{os.path.basename(result['detector']['file'])} sha256 {result['detector']['sha256'][:16]}..."),
+        *detector_rows,
+        ("skipped files", str(skipped)),
+        ("real stats cache", f"{result['real_stats_cache']} (hit: {result['real_stats_cache_hit']})"),
+    ]
+    lines = [f"## {title}", "", "| | |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def set_facts(
+    gen: str | Sequence[str],
+    real: str | Sequence[str],
+    *,
+    num_generated: int,
+    num_real: int,
+    source_sizes: dict[str, list[str]],
+    detector_file: str,
+    detector_sha256: str,
+    public_source: str,
+    **detector: Any,
+) -> dict:
+    """The report keys on the two sets and the detector file (`detector` = its extra facts)."""
+    return {
+        "num_generated": num_generated,
+        "num_real": num_real,
+        "generated_source": gen if isinstance(gen, str) else f"{len(gen)} files",
+        "real_source": real if isinstance(real, str) else f"{len(real)} files",
+        "source_sizes": source_sizes,
+        "detector": {"file": os.path.abspath(detector_file), "sha256": detector_sha256,
+                     "public_source": public_source, **detector},
+    }
+
+
+def run_facts(*, skipped: dict[str, list[dict]], cache_file: str | None, cache_hit: bool, batch_size: int,
+              device: Any, started: float) -> dict:
+    """The report keys on how the run went: skipped files, real-stats cache, batch, device, seconds."""
+    return {
+        "skipped": skipped,
+        "real_stats_cache": cache_file,
+        "real_stats_cache_hit": cache_hit,
+        "batch_size": batch_size,
+        "device": str(device),
+        "seconds": round(time.time() - started, 3),
+    }
+
+
+def load_detector(path: str, *, filename: str, metric: str, public_url: str, origin: str,
+                  device: Any = "cpu") -> Any:
+    """`torch.jit.load` a detector from a local file (or `filename` inside a directory); never downloads.
+
+    A missing file is a FileNotFoundError naming the file, the metric, and its public source.
+    """
+    import torch  # lazy: the rest of this module is numpy only
+
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{metric} detector {filename!r} not found at {path!r}. It cannot be downloaded here; "
+            f"copy it from its public source {public_url} ({origin}) and pass its local path."
+        )
+    return torch.jit.load(path, map_location=device).eval()

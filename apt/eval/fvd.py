@@ -46,10 +46,10 @@ Legend: B batch, C = 3 channels, T frames, H height, W width, D = 400 feature di
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections import deque
@@ -61,7 +61,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from apt.eval.frechet import FeatureStats, frechet_distance
+from apt.eval.frechet import (
+    FeatureStats,
+    cached_real_stats,
+    frechet_distance,
+    load_detector,
+    report_table_markdown,
+    run_facts,
+    save_npz_atomic,
+    set_facts,
+)
 from apt.eval.video_io import VideoDecodeError, iter_frames, video_info
 
 I3D_FILENAME = "i3d_torchscript.pt"
@@ -195,16 +204,9 @@ def file_sha256(path: str, chunk_bytes: int = 1 << 20) -> str:
 
 
 def load_i3d(path: str, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    """Load the StyleGAN-V I3D TorchScript from a local file (never downloads)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, I3D_FILENAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"FVD detector {I3D_FILENAME!r} not found at {path!r}. It cannot be downloaded here; "
-            f"copy it from its public source {I3D_PUBLIC_URL} (StyleGAN-V, "
-            "src/metrics/frechet_video_distance.py) and pass its local path."
-        )
-    return torch.jit.load(path, map_location=device).eval()
+    """Load the StyleGAN-V I3D TorchScript from a local file or directory (never downloads)."""
+    return load_detector(path, filename=I3D_FILENAME, metric="FVD", public_url=I3D_PUBLIC_URL,
+                         origin="StyleGAN-V, src/metrics/frechet_video_distance.py", device=device)
 
 
 @torch.no_grad()
@@ -347,24 +349,12 @@ def compute_set_stats(
 # --------------------------------------------------------------------------- real-set cache
 
 
-def _cache_key(paths: Sequence[str], protocol: FVDProtocol, detector_sha256: str) -> str:
-    files = [(os.path.abspath(p), os.path.getsize(p) if os.path.exists(p) else -1) for p in paths]
-    payload = {"protocol": asdict(protocol), "detector_sha256": detector_sha256, "files": files,
-               "i3d_kwargs": I3D_KWARGS, "version": 1}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
 def _save_set(path: str, res: SetResult) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
-    os.close(fd)
     meta = {"skipped": res.skipped, "fps_mismatch": res.fps_mismatch, "strides": res.strides,
             "source_sizes": res.source_sizes, "num_files_listed": res.num_files_listed}
     s = res.stats
-    np.savez(tmp, sum_D=s.sum_D.astype(np.float64), sum_DD=s.sum_DD.astype(np.float64), n=s.n,
-             dim=s.dim, meta=json.dumps(meta))
-    os.replace(tmp, path)
+    save_npz_atomic(path, sum_D=s.sum_D.astype(np.float64), sum_DD=s.sum_DD.astype(np.float64), n=s.n,
+                    dim=s.dim, meta=json.dumps(meta))
 
 
 def _load_set(path: str) -> SetResult:
@@ -384,14 +374,12 @@ def real_set_stats(
     **kw,
 ) -> tuple[SetResult, str | None, bool]:
     """Real-set statistics, read from / written to `cache_dir` (npz, float64). -> (set, cache file, hit)."""
-    if cache_dir is None:
-        return compute_set_stats(paths, detector, protocol, **kw), None, False
-    cache_file = os.path.join(cache_dir, f"fvd_real_{_cache_key(paths, protocol, detector_sha256)[:20]}.npz")
-    if os.path.isfile(cache_file):
-        return _load_set(cache_file), cache_file, True
-    res = compute_set_stats(paths, detector, protocol, **kw)
-    _save_set(cache_file, res)
-    return res, cache_file, False
+    return cached_real_stats(
+        cache_dir, prefix="fvd_real", paths=paths,
+        key_fields={"protocol": asdict(protocol), "detector_sha256": detector_sha256, "i3d_kwargs": I3D_KWARGS,
+                    "version": 1},
+        compute=lambda: compute_set_stats(paths, detector, protocol, **kw), save=_save_set, load=_load_set,
+    )
 
 
 # --------------------------------------------------------------------------- FVD
@@ -452,46 +440,63 @@ def compute_fvd(
         "resize": protocol.describe_resize(),
         "fps": protocol.fps,
         "N": protocol.num_videos,
-        "num_generated": gen_res.stats.n,
-        "num_real": real_res.stats.n,
-        "generated_source": gen if isinstance(gen, str) else f"{len(gen)} files",
-        "real_source": real if isinstance(real, str) else f"{len(real)} files",
-        "source_sizes": {"generated": gen_res.source_sizes, "real": real_res.source_sizes},
-        "detector": {
-            "file": os.path.abspath(detector_path),
-            "sha256": sha,
-            "public_source": I3D_PUBLIC_URL,
-            "kwargs": dict(I3D_KWARGS),
-            "input": "uint8 (B, 3, T, H, W) in [0, 255]",
-            "feature_dim": I3D_FEATURE_DIM,
-        },
+        **set_facts(
+            gen, real, num_generated=gen_res.stats.n, num_real=real_res.stats.n,
+            source_sizes={"generated": gen_res.source_sizes, "real": real_res.source_sizes},
+            detector_file=detector_path, detector_sha256=sha, public_source=I3D_PUBLIC_URL,
+            kwargs=dict(I3D_KWARGS), input="uint8 (B, 3, T, H, W) in [0, 255]", feature_dim=I3D_FEATURE_DIM,
+        ),
         "covariance": "1/N (StyleGAN-V FeatureStats.get_mean_cov), float64",
-        "skipped": {"generated": gen_res.skipped, "real": real_res.skipped},
         "fps_mismatch": {"generated": gen_res.fps_mismatch, "real": real_res.fps_mismatch},
-        "real_stats_cache": cache_file,
-        "real_stats_cache_hit": hit,
-        "batch_size": batch_size,
-        "device": str(device),
-        "seconds": round(time.time() - t0, 3),
+        **run_facts(skipped={"generated": gen_res.skipped, "real": real_res.skipped}, cache_file=cache_file,
+                    cache_hit=hit, batch_size=batch_size, device=device, started=t0),
     }
 
 
 def fvd_report_markdown(result: dict, title: str = "FVD") -> str:
     """A markdown table of one FVD result with its protocol facts."""
-    skipped = sum(len(v) for v in result["skipped"].values())
-    rows = [
+    return report_table_markdown(result, title=title, metric_rows=[
         ("FVD", f"{result['fvd']:.2f}"),
         ("N (generated / real)", f"{result['num_generated']} / {result['num_real']} (requested {result['N']})"),
         ("clip", f"{result['num_frames']} frames from frame {result['clip_offset']}, stride {result['clip_stride']}"),
         ("fps", str(result["fps"])),
         ("resize / crop", result["resize"]),
-        ("real set", str(result["real_source"])),
-        ("generated set", str(result["generated_source"])),
-        ("detector", f"{os.path.basename(result['detector']['file'])} sha256 {result['detector']['sha256'][:16]}..."),
+    ], detector_rows=[
         ("detector call", ", ".join(f"{k}={v}" for k, v in result["detector"]["kwargs"].items())),
-        ("skipped files", str(skipped)),
-        ("real stats cache", f"{result['real_stats_cache']} (hit: {result['real_stats_cache_hit']})"),
-    ]
-    lines = [f"## {title}", "", "| | |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines) + "\n"
+    ])
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The FVD options shared by eval/fvd.py and eval/benchmark_video.py (read by `fvd_from_args`)."""
+    d = FVDProtocol()
+    p.add_argument("--detector", required=True, help="local path of i3d_torchscript.pt (or its directory)")
+    p.add_argument("--num-videos", type=int, default=d.num_videos, help="N clips per set")
+    p.add_argument("--num-frames", type=int, default=d.num_frames)
+    p.add_argument("--offset", type=int, default=d.offset, help="first frame of the clip")
+    p.add_argument("--stride", default=str(d.stride), help="frame step in the clip, or 'span'")
+    p.add_argument("--crop", choices=["center", "none"], default=d.crop)
+    p.add_argument("--resolution", type=lambda s: None if s == "none" else int(s), default=d.resolution,
+                   help="square side after the PIL Lanczos resize, or 'none'")
+    p.add_argument("--fps", type=float, default=d.fps)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-workers", type=int, default=0, help="decoding threads")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/apt/fvd"),
+                   help="real-set statistics cache ('none' to disable)")
+
+
+def protocol_from_args(a: argparse.Namespace) -> FVDProtocol:
+    """The `FVDProtocol` of the options added by `add_protocol_args`."""
+    stride = a.stride if a.stride == "span" else int(a.stride)
+    return FVDProtocol(num_frames=a.num_frames, offset=a.offset, stride=stride, crop=a.crop,
+                       resolution=a.resolution, fps=a.fps, num_videos=a.num_videos)
+
+
+def fvd_from_args(a: argparse.Namespace, gen: str) -> dict:
+    """`compute_fvd(gen, a.real, ...)` with the options of `add_protocol_args` (progress printed)."""
+    return compute_fvd(gen, a.real, detector_path=a.detector, protocol=protocol_from_args(a),
+                       batch_size=a.batch_size, device=a.device, num_workers=a.num_workers,
+                       cache_dir=None if a.cache_dir == "none" else a.cache_dir, progress=True)
