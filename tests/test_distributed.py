@@ -137,7 +137,7 @@ def test_zero2_kill_during_save_then_resume_continues_identically(deepspeed_comm
     from apt.inference import load_generator
 
     full, part = tmp_path / "full", tmp_path / "part"
-    args = lambda run, *extra: fit_args(run, toy_shards["video"], tiny_init, "deepspeed_stage_2", "train.max_steps=3", *extra)  # noqa: E731
+    args = lambda run, *extra: fit_args(run, toy_shards["video"], tiny_init, "deepspeed_stage_2", "train.max_steps=3", "train.keep_checkpoints=2", *extra)  # noqa: E731
     ok(launch(["-m", "apt", *args(full)], nproc=2))
     killed = launch([str(HELPERS / "fit_die.py"), "3", *args(part)], nproc=2)
     assert killed.returncode != 0

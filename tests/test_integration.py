@@ -102,7 +102,7 @@ def test_nan_input_fails_clearly_without_checkpoint(tiny_teacher, toy_shards, tm
     w = {k: torch.full_like(v, float("nan")) if "patch_embed.weight" in k else v for k, v in w.items()}
     save_file(w, str(bad / "net_ema.safetensors"))
     run = tmp_path / "run"
-    rc = main(fit_args("recipes/demo/distill.yaml", run, toy_shards["video"], f"distill.teacher={bad}"))
+    rc = main(fit_args("recipes/demo/distill.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}", f"distill.teacher={bad}"))
     assert rc == 1
     assert "not finite" in capsys.readouterr().err
     assert list_checkpoints(run) == []
