@@ -184,7 +184,7 @@ def test_benchmark_images_generates_and_reports(inception_path, sets, tmp_path, 
                       "--gen-batch-size", "4", "--expected-size", "64", "--cache-dir", "none", "--out", str(out)])
     assert res["num_generated"] == 6 and res["num_real"] == 6 and np.isfinite(res["fid"])
     assert len(json.loads((out / "samples" / "index.json").read_text())) == 6
-    for f in ("report.json", "report.md", "sample_grid.png"):
+    for f in ("report.json", "report.md", "sample_grid.png", "plot.png"):
         assert (out / f).is_file()
     again = bench.main(["--samples-dir", str(out / "samples"), "--real", sets["real"], "--inception", inception_path,
                         "--num-images", "6", "--cache-dir", "none", "--out", str(tmp_path / "re"),

@@ -249,7 +249,7 @@ def test_benchmark_video_generates_and_reports(sets, detector_path, tmp_path, mo
     index = json.loads((out / "samples" / "index.json").read_text())
     assert [e["prompt"] for e in index[:3]] == ["a red cube", "a blue ball", "a red cube"]
     assert [e["seed"] for e in index[:2]] == [0, 1]
-    for f in ("report.json", "report.md", "sample_grid.mp4"):
+    for f in ("report.json", "report.md", "sample_grid.mp4", "plot.png"):
         assert (out / f).is_file()
     from apt.eval.video_io import video_info
 
