@@ -24,7 +24,6 @@ Legend: B batch, C latent channels, T'/H'/W' latent frames/height/width, L token
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -35,10 +34,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from apt.data.shards import _CorruptCounter, _stream_seed, _worker, pixels_to_tensor, resolve_shards
+from apt.data.shards import _CorruptCounter, pixels_to_tensor, resolve_shards, train_loader
 
 LATENT_PATTERN = "latent-%06d.tar"
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -182,31 +181,6 @@ def collate_latents(samples: list[dict]) -> dict:
     return batch
 
 
-class _LatentTrainStream(IterableDataset):
-    """``apt.data.shards._TrainStream`` with the latent decoder (same seeding and resume arithmetic)."""
-
-    def __init__(self, urls: list[str], batch_size: int, seed: int, rank: int, skip_batches: int, shuffle_buffer: int) -> None:
-        super().__init__()
-        self.urls, self.batch_size, self.seed, self.rank = urls, batch_size, seed, rank
-        self.skip_batches, self.shuffle_buffer = skip_batches, shuffle_buffer
-
-    def __iter__(self) -> Iterator[dict]:
-        physical, num_workers = _worker()
-        k = self.skip_batches
-        worker = (physical + k) % num_workers
-        skip = max(0, -(-(k - worker) // num_workers))
-        counter = _CorruptCounter()
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(self.urls, seed=self.seed, worker_seed=functools.partial(_stream_seed, self.rank, worker), deterministic=True),
-            wds.tarfile_to_samples(handler=counter),
-            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=wds.utils.make_seed(self.seed, self.rank, worker)),
-            functools.partial(_decode_latent, counter=counter),
-            wds.slice(skip * self.batch_size, None),
-            wds.batched(self.batch_size, collation_fn=collate_latents, partial=False),
-        )
-        return iter(pipeline)
-
-
 def latent_train_loader(
     shards: str | Sequence[str],
     batch_size: int,
@@ -217,11 +191,7 @@ def latent_train_loader(
     skip_batches: int = 0,
     shuffle_buffer: int = 1000,
 ) -> DataLoader:
-    """Infinite, shuffled, resampled latent batches for ``rank`` (see ``apt.data.shards.train_loader``)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-    if batch_size < 1 or skip_batches < 0 or num_workers < 0:
-        raise ValueError(f"need batch_size >= 1, skip_batches >= 0, num_workers >= 0; got {batch_size}, {skip_batches}, {num_workers}")
-    urls = resolve_shards(shards)
-    stream = _LatentTrainStream(urls, batch_size, seed, rank, skip_batches, shuffle_buffer)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    """Infinite, shuffled, resampled latent batches for ``rank``: ``apt.data.shards.train_loader``
+    (same determinism and exact skip-resume) with the latent decoder and collation."""
+    return train_loader(shards, batch_size, seed, rank, world_size, num_workers, skip_batches, shuffle_buffer,
+                        decode=_decode_latent, collate=collate_latents)

@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import braceexpand
 import numpy as np
@@ -237,11 +237,13 @@ class _TrainStream(IterableDataset):
     """Infinite stream of batches for one rank; each worker draws its own seeded shard sequence."""
 
     def __init__(
-        self, urls: list[str], batch_size: int, seed: int, rank: int, skip_batches: int, shuffle_buffer: int
+        self, urls: list[str], batch_size: int, seed: int, rank: int, skip_batches: int, shuffle_buffer: int,
+        decode: Callable = None, collate: Callable = None,
     ) -> None:
         super().__init__()
         self.urls, self.batch_size, self.seed, self.rank = urls, batch_size, seed, rank
         self.skip_batches, self.shuffle_buffer = skip_batches, shuffle_buffer
+        self.decode, self.collate = decode or _decode, collate or _collate
 
     def __iter__(self) -> Iterator[dict]:
         physical, num_workers = _worker()
@@ -265,9 +267,9 @@ class _TrainStream(IterableDataset):
                 initial=self.shuffle_buffer,
                 seed=wds.utils.make_seed(self.seed, self.rank, worker),
             ),
-            functools.partial(_decode, counter=counter),
+            functools.partial(self.decode, counter=counter),
             wds.slice(skip * self.batch_size, None),
-            wds.batched(self.batch_size, collation_fn=_collate, partial=False),
+            wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
         )
         return iter(pipeline)
 
@@ -281,8 +283,13 @@ def train_loader(
     num_workers: int = 0,
     skip_batches: int = 0,
     shuffle_buffer: int = 1000,
+    *,
+    decode: Callable | None = None,
+    collate: Callable | None = None,
 ) -> DataLoader:
     """Infinite, shuffled, resampled training batches for `rank`, deterministic in (seed, rank).
+
+    `decode(samples, counter)` / `collate(samples)` default to the pixel shards' (latent shards pass theirs).
 
     `skip_batches=k` resumes exactly after k consumed batches (same num_workers required).
     Shard order is resampled with replacement (webdataset ResampledShards, so `shardshuffle` does not
@@ -296,7 +303,7 @@ def train_loader(
             f"got {batch_size}, {skip_batches}, {num_workers}"
         )
     urls = resolve_shards(shards)
-    stream = _TrainStream(urls, batch_size, seed, rank, skip_batches, shuffle_buffer)
+    stream = _TrainStream(urls, batch_size, seed, rank, skip_batches, shuffle_buffer, decode, collate)
     # Batching happens inside the stream (one batch per worker step), so the DataLoader must not batch.
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
 
