@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from apt.config import Config, to_yaml
+from apt.ema import ema_update
+from apt.lit.data import batch_parts
 from apt.models import TextCond, factory
 from apt.text import TextEncoder
 
@@ -127,3 +129,27 @@ class StageModule(L.LightningModule):
     def trainer_max_steps(self) -> int:
         """Lightning's max_steps (it counts optimiser steps); APT overrides."""
         return self.config.train.max_steps
+
+
+class EmaNetModule(StageModule):
+    """A stage that trains one network ``net`` on a per-batch loss and samples from its EMA ``net_ema``
+    (teacher pretraining, distillation). Subclasses set ``net``/``net_ema`` and define ``part_loss``."""
+
+    loss_label = "loss"
+
+    def part_loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sampling_network(self) -> nn.Module:
+        return self.net_ema
+
+    def training_step(self, batch, batch_idx):
+        loss = sum(self.part_loss(part) for part in batch_parts(batch))  # video (+ image) batches
+        self.check_finite(self.loss_label, loss)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Inside the step, so callbacks (checkpoints, samples) always see the updated EMA.
+        ema_update(self.net_ema, self.net, self.config.train.ema_decay)

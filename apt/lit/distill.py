@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from apt.config import Config
-from apt.ema import ema_update
 from apt.flow import guided_velocity, timestep_schedule
-from apt.lit.base import StageModule
-from apt.lit.data import batch_parts
+from apt.lit.base import EmaNetModule
 
 
-class DistillModule(StageModule):
+class DistillModule(EmaNetModule):
+    loss_label = "distillation loss"
+
     def __init__(self, config: Config):
         super().__init__(config)
         self.teacher = self.frozen_copy(self.load_backbone(config.distill.teacher, "net_ema"))
@@ -36,16 +36,7 @@ class DistillModule(StageModule):
         # t_0 = 0 < t_1 < ... < t_N = 1 (the sampler's schedule, increasing).
         self.register_buffer("ts", timestep_schedule(config.distill.num_steps, shift=config.distill.shift).flip(0), persistent=False)
 
-    def sampling_network(self):
-        return self.net_ema
-
-    def training_step(self, batch, batch_idx):
-        loss = sum(self.consistency_loss(part) for part in batch_parts(batch))
-        self.check_finite("distillation loss", loss)
-        self.log("loss", loss, prog_bar=True)
-        return loss
-
-    def consistency_loss(self, batch: dict) -> torch.Tensor:
+    def part_loss(self, batch: dict) -> torch.Tensor:
         c = self.config.distill
         x0 = batch["x"]
         B, N = x0.shape[0], c.num_steps
@@ -67,10 +58,6 @@ class DistillModule(StageModule):
         v_target = (x_n - target) / tb(t_n)
         weights = torch.where(n == N, c.final_step_weight, 1.0).to(v.dtype)
         return (F.mse_loss(v, v_target, reduction="none").flatten(1).mean(1) * weights).mean()
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        ema_update(self.net_ema, self.net, self.config.train.ema_decay)
 
     def configure_optimizers(self):
         o = self.config.optim

@@ -9,29 +9,20 @@ from __future__ import annotations
 import torch
 
 from apt.config import Config
-from apt.ema import ema_update
 from apt.flow import add_noise, sample_timesteps
-from apt.lit.base import StageModule
-from apt.lit.data import batch_parts
+from apt.lit.base import EmaNetModule
 from apt.losses import flow_matching_loss
 
 
-class TeacherModule(StageModule):
+class TeacherModule(EmaNetModule):
+    loss_label = "teacher loss"
+
     def __init__(self, config: Config):
         super().__init__(config)
         self.net = self.build_backbone()
         self.net_ema = self.frozen_copy(self.net)
 
-    def sampling_network(self):
-        return self.net_ema
-
-    def training_step(self, batch, batch_idx):
-        loss = sum(self.flow_loss(part) for part in batch_parts(batch))
-        self.check_finite("teacher loss", loss)
-        self.log("loss", loss, prog_bar=True)
-        return loss
-
-    def flow_loss(self, batch: dict) -> torch.Tensor:
+    def part_loss(self, batch: dict) -> torch.Tensor:
         c = self.config
         x0 = batch["x"]
         B = x0.shape[0]
@@ -46,11 +37,6 @@ class TeacherModule(StageModule):
         # 3. Flow-matching loss (x0 space for x0-parameterised flavours: same optimum, bounded weights).
         v = self.net(x_t, t, text)
         return flow_matching_loss(v, x0, eps, t, space=self.net.config.prediction)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # Inside the step, so callbacks (checkpoints, samples) always see the updated EMA.
-        ema_update(self.net_ema, self.net, self.config.train.ema_decay)
 
     def configure_optimizers(self):
         o = self.config.optim
