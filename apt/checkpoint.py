@@ -36,9 +36,17 @@ def atomic_write_dir(final: Path, write) -> None:
         shutil.rmtree(tmp)
     tmp.mkdir()
     write(tmp)
-    for f in tmp.iterdir():  # make the data durable before the rename publishes it
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    publish_dir(tmp, final)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Make every file under ``tmp`` durable, then rename it to ``final`` (replacing an existing one).
+
+    Until the last rename, ``final`` is either the previous complete checkpoint or absent."""
+    for dirpath, _, files in os.walk(tmp):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)

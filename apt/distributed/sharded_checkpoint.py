@@ -17,14 +17,13 @@ into the standard one (single safetensors per network).
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from apt.checkpoint import STATE_FILE, list_checkpoints, save_weights
+from apt.checkpoint import STATE_FILE, list_checkpoints, publish_dir, save_weights
 from apt.config import ConfigError, to_yaml
 
 TAG = "checkpoint"
@@ -38,13 +37,6 @@ def engine_dir(path: str | Path, name: str) -> Path:
 
 def is_sharded(path: str | Path) -> bool:
     return all(engine_dir(path, n).is_dir() for n in ENGINES)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def save(fabric, path: str | Path, module, *, keep: int = 0) -> None:
@@ -69,13 +61,7 @@ def save(fabric, path: str | Path, module, *, keep: int = 0) -> None:
         (tmp / "config.yaml").write_text(to_yaml(module.config))
     fabric.barrier()  # every rank's shards are written
     if fabric.is_global_zero:
-        _fsync_tree(tmp)
-        old = final.parent / f".{final.name}.old"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
+        publish_dir(tmp, final)
         if keep > 0:
             for stale in list_checkpoints(final.parent.parent)[:-keep]:
                 shutil.rmtree(stale, ignore_errors=True)

@@ -19,14 +19,14 @@ from apt.cli import main  # noqa: E402
 from apt.distributed import sharded_checkpoint  # noqa: E402
 
 die_at = int(sys.argv[1])
-publish = sharded_checkpoint._fsync_tree
+publish = sharded_checkpoint.publish_dir
 
 
-def fsync_or_die(root: Path) -> None:
-    if root.name == f".step-{die_at:06d}.tmp":
+def publish_or_die(tmp: Path, final: Path) -> None:
+    if tmp.name == f".step-{die_at:06d}.tmp":
         os._exit(137)
-    publish(root)
+    publish(tmp, final)
 
 
-sharded_checkpoint._fsync_tree = fsync_or_die
+sharded_checkpoint.publish_dir = publish_or_die
 sys.exit(main(sys.argv[2:]))
