@@ -111,6 +111,10 @@ class TrainConfig:
     """Nodes of the job (0 = from the launcher: SLURM or torchrun, else 1)."""
     accumulate_grad_batches: int = 1
     """Micro-batches per update; G and D updates stay separate (DeepSpeed runner)."""
+    sequence_parallel: int = 1
+    """Ulysses sequence parallelism: ranks per group that split each sample's tokens (1 = off). The P
+    consecutive ranks of a group read the same samples, so ``data.batch_size`` is per group; APT stage,
+    under ddp, fsdp2 or deepspeed_stage_* (docs/distributed.md)."""
     ema_decay: float = 0.999
     """EMA decay of the trained network (the EMA is what is sampled and exported)."""
     log_every_steps: int = 10
@@ -339,6 +343,7 @@ def check_config(c: Config) -> None:
     from apt.distributed.strategies import check_strategy
 
     check_strategy(c)
+    check_sequence_parallel_config(c)
     for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
         need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
     need(c.data.batch_size > 0, f"data.batch_size must be positive, got {c.data.batch_size}")
@@ -365,3 +370,30 @@ def check_config(c: Config) -> None:
     if c.stage == "apt":
         need(bool(c.apt.generator), "apt.generator must name the stage-1 (distilled) checkpoint")
         need(bool(c.apt.teacher), "apt.teacher must name the original diffusion checkpoint (D is initialised from it)")
+
+
+def check_sequence_parallel_config(c: Config) -> None:
+    """``train.sequence_parallel``: what Ulysses needs, checked before any work (docs/distributed.md)."""
+    from apt.distributed.strategies import DEEPSPEED_STAGES
+    from apt.models.registry import FLAVOURS
+
+    P = c.train.sequence_parallel
+    if P < 1:
+        raise ConfigError(f"train.sequence_parallel must be >= 1, got {P}")
+    if P == 1:
+        return
+    key = f"train.sequence_parallel={P}"
+    strategies = ("ddp", "fsdp2", *DEEPSPEED_STAGES)  # one process per rank
+    if c.stage != "apt":
+        raise ConfigError(f"{key}: only the APT stage runs sequence-parallel; stage '{c.stage}' needs train.sequence_parallel=1")
+    if c.train.strategy not in strategies:
+        raise ConfigError(f"{key} runs under train.strategy {', '.join(strategies)}; got '{c.train.strategy}'")
+    if c.train.devices % P:
+        raise ConfigError(f"{key} must divide train.devices={c.train.devices}: a sequence-parallel group is {P} consecutive ranks of one node")
+    if c.model.source == "diffusers":
+        if c.model.family != "wan":  # the heads of a diffusers model are checked against model.path (apt.train.check_paths)
+            raise ConfigError(f"{key}: of the diffusers families only wan is wired (diffusers' context-parallel hooks); got model.family={c.model.family}")
+        return
+    heads = FLAVOURS[c.model.flavour].num_heads
+    if heads % P:
+        raise ConfigError(f"{key}: Ulysses splits attention heads over the group, and the {heads} heads of model '{c.model.flavour}' do not divide {P} ranks")

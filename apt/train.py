@@ -55,6 +55,14 @@ def check_paths(c: Config) -> None:
             what = " or ".join(f"{n}.safetensors" for n in names)
             raise ConfigError(f"{key}: no weights at {path} (expected a checkpoint/run dir with {what}"
                               + (", or a diffusers model dir" if c.model.source == "diffusers" else "") + ")")
+    P = c.train.sequence_parallel
+    if P > 1 and c.model.source == "diffusers":  # the built-in flavours' heads are checked with the config
+        from apt.models.adapters import read_model_config
+
+        heads = read_model_config(c.model.path)[1]["num_attention_heads"]
+        if heads % P:
+            raise ConfigError(f"train.sequence_parallel={P}: Ulysses splits attention heads over the group, and the {heads} heads of "
+                              f"model.path {c.model.path} do not divide {P} ranks")
 
 
 def check_manifest(c: Config, key: str, path: str) -> None:

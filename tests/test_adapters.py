@@ -195,6 +195,16 @@ def test_not_a_diffusers_dir_names_the_directory(tiny_dirs, tmp_path):
         build_backbone(c, text_dim=32)
 
 
+def test_sequence_parallel_checks_the_heads_of_model_path_before_training(tiny_dirs, toy_shards):
+    from apt.train import check_paths
+
+    net = tiny_dirs["wan"]["transformer"]
+    c = diffusers_config("wan", tiny_dirs["wan"], "stage=apt", f"apt.generator={net}", f"apt.teacher={net}", f"data.shards={toy_shards['video']}",
+                         "train.strategy=ddp", "train.devices=4", "train.sequence_parallel=4")
+    with pytest.raises(ConfigError, match="train.sequence_parallel=4: .* the 2 heads of model.path .* do not divide 4 ranks"):
+        check_paths(c)
+
+
 def test_codec_geometry_errors(tiny_dirs):
     wan = ADAPTERS["wan"].from_pretrained(tiny_dirs["wan"]["transformer"])
     wan_vae, ltx_vae = LatentCodec.load(tiny_dirs["wan"]["vae"]), LatentCodec.load(tiny_dirs["ltx"]["vae"])

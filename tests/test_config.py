@@ -34,6 +34,26 @@ def test_config_errors_name_the_key(override, message):
         load_config("recipes/demo/teacher.yaml", ["tiny"], [override])
 
 
+SP = ["train.strategy=ddp", "train.devices=2", "train.sequence_parallel=2"]
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, message",
+    [
+        ("apt_video", ["train.sequence_parallel=0"], "train.sequence_parallel must be >= 1, got 0"),
+        ("apt_video", [*SP, "train.devices=3"], "train.sequence_parallel=2 must divide train.devices=3"),
+        ("apt_video", [*SP, "train.devices=4", "train.sequence_parallel=4"], "the 2 heads of model 'tiny' do not divide 4 ranks"),
+        ("apt_video", [*SP, "train.strategy=auto"], "train.sequence_parallel=2 runs under train.strategy ddp, fsdp2, deepspeed_stage_1"),
+        ("teacher", SP, "only the APT stage runs sequence-parallel; stage 'teacher'"),
+        ("apt_video", [*SP, "model.source=diffusers", "model.family=flux", "model.path=x"], "only wan is wired"),
+    ],
+)
+def test_sequence_parallel_errors_name_the_key(recipe, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(f"recipes/demo/{recipe}.yaml", ["tiny"], overrides)
+    load_config("recipes/demo/apt_video.yaml", ["tiny"], SP)  # 2 heads over 2 ranks, 2 devices
+
+
 def test_unknown_overlay_and_missing_recipe():
     with pytest.raises(ConfigError, match="unknown overlay 'tinyy'"):
         load_config("recipes/demo/teacher.yaml", ["tinyy"], [])

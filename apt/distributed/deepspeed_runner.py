@@ -7,7 +7,8 @@ stays in ``AptModule.apt_step``, shared with the Trainer path; this file only su
 
 - ``EngineUpdate``: the step's ``NetUpdate`` for an engine (``fabric.backward(loss, model=engine)``
   names the engine; D is frozen in the G step by the step itself, which two ZeRO engines need),
-- the loop: data for this rank, logging and media on rank 0, sharded checkpoints (``sharded_checkpoint``).
+- the loop: data for this rank (the same for the ranks of a sequence-parallel group), logging and
+  media on rank 0, sharded checkpoints (``sharded_checkpoint``).
 
 The DeepSpeed config comes from the recipe (``apt.distributed.strategies.deepspeed_config``).
 """
@@ -28,6 +29,7 @@ from lightning.fabric.utilities.seed import reset_seed
 
 from apt.config import Config, ConfigError
 from apt.distributed import sharded_checkpoint
+from apt.distributed.sequence_parallel import apply_sequence_parallel_apt, data_parallel_rank, sequence_parallel_mesh
 from apt.distributed.strategies import deepspeed_config, num_nodes
 
 
@@ -145,10 +147,12 @@ def accumulate_batches(c: Config) -> int:
 
 
 def setup_apt(fabric: L.Fabric, module, accumulate: int = 1) -> tuple[EngineUpdate, EngineUpdate]:
-    """Turn G and D of an ``AptModule`` into engines (in place) and return their updates."""
+    """Turn G and D of an ``AptModule`` into engines (in place), then split their sequences over groups
+    of ``train.sequence_parallel`` ranks if asked; return their updates."""
     import deepspeed
 
     device = fabric.device
+    generator, discriminator = module.generator, module.discriminator
     for name, child in module.named_children():
         if name not in ("generator", "discriminator"):
             child.to(device)  # the engines place G and D themselves (ZeRO-3: already partitioned)
@@ -159,6 +163,9 @@ def setup_apt(fabric: L.Fabric, module, accumulate: int = 1) -> tuple[EngineUpda
     module.generator, module.discriminator = G, BypassWhenFrozen(D, fabric.strategy.precision)
     if G._forward_module.zero_optimization_stage() == 3:
         module.gather_generator = lambda: deepspeed.zero.GatheredParameters(list(G.parameters()), modifier_rank=None)
+    P = module.config.train.sequence_parallel
+    if P > 1:  # after the engines (the order of apt.distributed.strategies)
+        apply_sequence_parallel_apt(generator, discriminator, sequence_parallel_mesh(P, device.type))
     return EngineUpdate(fabric, G, accumulate), EngineUpdate(fabric, D, accumulate)
 
 
@@ -191,10 +198,11 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None):
     update_g, update_d = setup_apt(fabric, module, accumulate)
     if ckpt_path is not None:
         sharded_checkpoint.load(fabric, ckpt_path, module)
+    rank, world_size = data_parallel_rank(fabric.global_rank, fabric.world_size, c.train.sequence_parallel)  # of the data
     shards = resolve_shards(c.data.shards)
     loader = (latent_train_loader if is_latent_shards(shards) else train_loader)(  # as ShardDataModule chooses
         shards, batch_size=c.data.batch_size, seed=c.train.seed,
-        rank=fabric.global_rank, world_size=fabric.world_size, num_workers=c.data.num_workers,
+        rank=rank, world_size=world_size, num_workers=c.data.num_workers,
         skip_batches=module.batches_consumed,
     )
     sampler = SampleMedia(c.run_dir, c.train.sample_every_steps, sample_prompts(c), steps=1, cfg_scale=1.0)
@@ -214,7 +222,7 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None):
         t0 = time.perf_counter()  # the step, as the Trainer's Throughput callback times it
         module.batches_consumed += accumulate  # before the step, as the Trainer path counts it
         g_before = module.progress_step
-        metrics = module.apt_step(micro_batches, update_g=update_g, update_d=update_d, rank=fabric.global_rank, world_size=fabric.world_size)
+        metrics = module.apt_step(micro_batches, update_g=update_g, update_d=update_d, rank=rank, world_size=world_size)
         iteration = module.batches_consumed // accumulate - 1
         if c.train.log_every_steps and iteration % c.train.log_every_steps == 0:
             logged = _mean_over_ranks(fabric, metrics)

@@ -20,7 +20,13 @@ per rank drops ~P-fold; attention stays exact.
 - Heads must divide P (checked before any work: ``check_sequence_parallel``).
 
 ``apply_sequence_parallel`` patches the blocks' ``forward`` on the instance (parameter names and
-hooks unchanged); model files stay free of distributed code.
+hooks unchanged); model files stay free of distributed code. Diffusers adapters go through diffusers'
+own context-parallel hooks instead (``apt.distributed.context_parallel``).
+
+Training (``train.sequence_parallel: P``): ``sequence_parallel_mesh`` groups P consecutive ranks; the
+ranks of a group read the same samples and draw the same noise (``data_parallel_rank``);
+``apply_sequence_parallel_apt`` runs after the engines / FSDP units exist; gradients are averaged
+over the whole world as without SP, which gives the single-device gradient (the gathers' backward).
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from apt.models.attention import attention, sequence_parallel_attention
 
@@ -98,6 +106,12 @@ class _GatherSequence(torch.autograd.Function):
         return out, None, None
 
 
+def gather_sequence(x_local: torch.Tensor, group, length: int | None = None) -> torch.Tensor:
+    """(B, S_pad/P, ...) chunks -> the first ``length`` (default: all) tokens on every rank; the backward
+    sums the ranks' gradients for each chunk."""
+    return _GatherSequence.apply(x_local, group, x_local.shape[1] * dist.get_world_size(group) if length is None else length)
+
+
 def _split(x: torch.Tensor, dim: int, S_pad: int, rank: int, P: int) -> torch.Tensor:
     pad = S_pad - x.shape[dim]
     if pad:
@@ -131,13 +145,37 @@ def _sequence_parallel_forward(forward, *, gather: bool, group, P: int, rank: in
         mask_pad = F.pad(mask_B11S, (0, S_pad - S), value=False)  # pad keys are never attended
         with sequence_parallel_attention(ulysses):
             out = forward(x_BSD, c_BD, rope_local, mask_pad)
-        return _GatherSequence.apply(out, group, S) if gather else out
+        return gather_sequence(out, group, S) if gather else out
 
     return sp_forward
 
 
-def apply_sequence_parallel_apt(module, group: dist.ProcessGroup | None = None) -> None:
-    """G and D of an ``AptModule`` sequence-parallel (D gathers at its readout layers). The EMA generator
-    is left whole: rank 0 samples from it alone."""
-    apply_sequence_parallel(module.generator, group)
-    apply_sequence_parallel(module.discriminator.backbone, group, gather_after=module.discriminator.layers)
+def data_parallel_rank(global_rank: int, world_size: int, sp_size: int) -> tuple[int, int]:
+    """(rank, world size) of the data: the ``sp_size`` consecutive ranks of a sequence-parallel group
+    read the same samples and draw the same noise (``apt.lit.apt.SampleNoise``)."""
+    assert world_size % sp_size == 0, (world_size, sp_size)  # checked with the config (train.sequence_parallel)
+    return global_rank // sp_size, world_size // sp_size
+
+
+def sequence_parallel_mesh(sp_size: int, device_type: str) -> DeviceMesh:
+    """Mesh (data_parallel, ring, ulysses) = (world / P, 1, P): the ulysses groups are P consecutive
+    ranks. The ring dimension (size 1) is what diffusers' ``ContextParallelConfig`` expects of a mesh."""
+    world = dist.get_world_size()
+    return init_device_mesh(device_type, (world // sp_size, 1, sp_size), mesh_dim_names=("data_parallel", "ring", "ulysses"))
+
+
+def apply_sequence_parallel_apt(generator: nn.Module, discriminator: nn.Module, mesh: DeviceMesh) -> None:
+    """G and D of an ``AptModule`` sequence-parallel over the mesh's ulysses groups (D's readout heads
+    read whole layers): the built-in DiT by patching its blocks (above), a diffusers adapter through
+    diffusers' context-parallel hooks. The EMA generator is left whole: rank 0 samples from it alone."""
+    from apt.distributed.context_parallel import apply_context_parallel
+    from apt.models.adapters import DiffusersAdapter
+
+    rank_zero_info(f"Ulysses sequence parallelism: {mesh['ulysses'].size()} ranks per group split G's and D's tokens; "
+                   f"{mesh['data_parallel'].size()} data-parallel group(s)")
+    group = mesh["ulysses"].get_group()
+    for backbone, readout_layers in ((generator, ()), (discriminator.backbone, discriminator.layers)):
+        if isinstance(backbone, DiffusersAdapter):
+            apply_context_parallel(backbone, mesh)
+        else:
+            apply_sequence_parallel(backbone, group, gather_after=readout_layers)

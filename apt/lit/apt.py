@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from apt.config import Config
 from apt.discriminator import Discriminator
+from apt.distributed.sequence_parallel import apply_sequence_parallel_apt, data_parallel_rank, sequence_parallel_mesh
 from apt.ema import ema_update
 from apt.lit.base import StageModule
 from apt.losses import approximate_r1, d_loss_nonsaturating, g_loss_nonsaturating
@@ -127,11 +128,16 @@ class AptModule(StageModule):
         return self.generator_ema
 
     def configure_model(self) -> None:
-        """FSDP2 (``train.strategy: fsdp2``) shards G and D separately; a no-op on one device or DDP."""
+        """FSDP2 (``train.strategy: fsdp2``) shards G and D separately; ``train.sequence_parallel`` splits
+        their sequences over groups of ranks (after FSDP2, the order of ``apt.distributed.strategies``);
+        a no-op on one device or plain DDP."""
         if self.device_mesh is not None:
             from apt.distributed.strategies import fully_shard_apt
 
             fully_shard_apt(self, self.device_mesh)
+        P = self.config.train.sequence_parallel
+        if P > 1:
+            apply_sequence_parallel_apt(self.generator, self.discriminator, sequence_parallel_mesh(P, self.trainer.strategy.root_device.type))
 
     def full_generator_weights(self) -> ContextManager:
         """Context in which the generator's parameters are whole tensors (ZeRO-3 / FSDP2 gather them)."""
@@ -145,12 +151,13 @@ class AptModule(StageModule):
 
     def training_step(self, batch, batch_idx):
         opt_g, opt_d = self.optimizers()
+        rank, world_size = data_parallel_rank(self.global_rank, self.trainer.world_size, self.config.train.sequence_parallel)
         metrics = self.apt_step(
             [batch],
             update_g=ManualUpdate(self, opt_g, self.generator),
             update_d=ManualUpdate(self, opt_d, self.discriminator),
-            rank=self.global_rank,
-            world_size=self.trainer.world_size,
+            rank=rank,  # of the data: the ranks of a sequence-parallel group share samples and noise
+            world_size=world_size,
         )
         self.log_dict(metrics, prog_bar=True, sync_dist=True)  # means over ranks, as the DeepSpeed runner logs
         self.log("g_updates", float(self.g_updates))

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from apt.config import Config
 from apt.data.latent_shards import is_latent_shards, latent_train_loader
 from apt.data.shards import resolve_shards, train_loader
+from apt.distributed.sequence_parallel import data_parallel_rank
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -25,12 +26,14 @@ class ShardDataModule(L.LightningDataModule):
         c = self.config
         # Pre-encoded latent shards (data/encode_latents.py) have their own loader, same signature.
         loader = latent_train_loader if is_latent_shards(shards) else train_loader
+        # The ranks of a sequence-parallel group read the same samples.
+        rank, world_size = data_parallel_rank(self.trainer.global_rank, self.trainer.world_size, c.train.sequence_parallel)
         return loader(
             shards,
             batch_size=batch_size,
             seed=seed,
-            rank=self.trainer.global_rank,
-            world_size=self.trainer.world_size,
+            rank=rank,
+            world_size=world_size,
             num_workers=c.data.num_workers,
             skip_batches=self.trainer.lightning_module.batches_consumed,
         )
