@@ -124,6 +124,9 @@ def resolve_weights_dir(path: str | Path, name: str) -> Path:
         return latest
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    for d in (p, latest):
+        if d is not None and (d / f"{name}_partitions").is_dir():  # apt.distributed.sharded_checkpoint, ZeRO-3
+            raise FileNotFoundError(f"{d} holds {name} as per-rank ZeRO-3 partitions; `python -m apt consolidate {d}` writes the whole {name}.safetensors")
     raise FileNotFoundError(f"no {name}.safetensors in {path} (nor in its latest checkpoint)")
 
 

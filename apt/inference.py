@@ -44,6 +44,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (p / "config.yaml").exists() and any(p.glob("*.safetensors")):
         return p
     latest = latest_checkpoint(p)
+    for d in (p, latest):
+        if d is not None and any(d.glob("*_partitions")):  # apt.distributed.sharded_checkpoint, ZeRO-3
+            raise FileNotFoundError(f"{d} is a ZeRO-3 checkpoint (EMA in per-rank partitions); `python -m apt consolidate {d}` writes a directory to sample from")
     if latest is None:
         raise FileNotFoundError(f"no checkpoint at {path} (expected a checkpoint dir with config.yaml + *.safetensors, or a run dir)")
     return latest

@@ -1,5 +1,6 @@
-"""Scale-out on CPU with gloo, 2 processes: ZeRO-2/3 == single device, kill during save -> resume
-continues identically, Ulysses attention == full attention, DDP and FSDP2 APT steps run, training with
+"""Scale-out on CPU with gloo, 2 processes: ZeRO-2/3 and FSDP2 == single device (ZeRO-3 and FSDP2 with
+the EMA sharded like G), kill during save -> resume continues identically (ZeRO-2), FSDP2 save ->
+resume continues identically, Ulysses attention == full attention, a DDP APT step runs, training with
 ``train.sequence_parallel=2`` == one process, the Wan adapter under sequence parallelism == one process.
 
 Every test launches subprocesses (torchrun, or plain python) with a clean environment (no inherited
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from apt.checkpoint import latest_checkpoint, list_checkpoints, save_weights
+from apt.distributed.consolidate import ema_state_dict
 from apt.distributed.sequence_parallel import data_parallel_rank
 
 pytestmark = pytest.mark.multiprocess
@@ -108,17 +110,37 @@ def single_device(tiny_init, tmp_path_factory) -> dict:
     return apt_steps(tiny_init, tmp_path_factory.mktemp("single") / "single.pt", "single")
 
 
-@pytest.mark.parametrize("stage, extra", [(2, []), (3, ["--extra", "model.gradient_checkpointing=true"])], ids=["zero2", "zero3+ckpt"])
-def test_zero_apt_steps_match_single_device(stage, extra, deepspeed_comm_op, tiny_init, single_device, tmp_path):
-    """Global batch 4: one process vs 2 ranks x 2 samples, 3 iterations (1 D-only warm-up, then D + G)."""
-    zero = apt_steps(tiny_init, tmp_path / "zero.pt", f"deepspeed_stage_{stage}", *extra, nproc=2)
-    assert zero["g_updates"] == single_device["g_updates"] == 2
-    for it, (a, b) in enumerate(zip(single_device["history"], zero["history"])):
+@pytest.mark.parametrize("mode, extra", [("deepspeed_stage_2", []), ("deepspeed_stage_3", ["--extra", "model.gradient_checkpointing=true"]), ("fsdp2", [])],
+                         ids=["zero2", "zero3+ckpt", "fsdp2"])
+def test_sharded_apt_steps_match_single_device(mode, extra, request, tiny_init, single_device, tmp_path):
+    """Global batch 4: one process vs 2 ranks x 2 samples, 3 iterations (1 D-only warm-up, then D + G).
+    ZeRO-3 and FSDP2 shard the EMA like G (half of it per rank); the DeepSpeed runs also write a sharded
+    checkpoint before the last iteration, zero their EMA and read it back."""
+    deepspeed = mode.startswith("deepspeed")
+    if deepspeed:
+        request.getfixturevalue("deepspeed_comm_op")
+    ckpt = tmp_path / "ckpt"
+    sharded = apt_steps(tiny_init, tmp_path / "sharded.pt", mode, *(["--roundtrip", str(ckpt)] if deepspeed else []), *extra, nproc=2)
+    assert sharded["g_updates"] == single_device["g_updates"] == 2
+    for it, (a, b) in enumerate(zip(single_device["history"], sharded["history"])):
         assert a.keys() == b.keys(), it
         for key in a:
             tol = 1e-5 * abs(a[key]) if key.startswith("grad_norm") else 1e-5
             assert abs(a[key] - b[key]) <= tol, (it, key, a[key], b[key])
-    assert max((single_device["ema"][k] - zero["ema"][k]).abs().max().item() for k in single_device["ema"]) < 1e-6
+    for it, (a, b) in enumerate(zip(single_device["emas"], sharded["emas"])):  # gathered after every iteration
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, it
+    assert (single_device["samples"] - sharded["samples"]).abs().max().item() < 1e-5  # every rank sampled the sharded EMA
+    (whole,) = {n for _, n in sharded["ema_numel"]}
+    held = [n / whole for n, _ in sharded["ema_numel"]]
+    assert held == [1.0, 1.0] if mode == "deepspeed_stage_2" else all(abs(f - 0.5) < 0.02 for f in held), held
+    if mode == "deepspeed_stage_3":  # per-rank partitions in the checkpoint; consolidate joins them
+        from apt.distributed.consolidate import consolidate
+
+        assert not (ckpt / "generator_ema.safetensors").exists()
+        assert sorted(p.name for p in (ckpt / "generator_ema_partitions").glob("rank-*")) == ["rank-00000.safetensors", "rank-00001.safetensors"]
+        ema = load_file(str(consolidate(ckpt, tmp_path / "consolidated") / "generator_ema.safetensors"))
+        before_last = single_device["emas"][-2]
+        assert ema.keys() == before_last.keys() and max((ema[k] - before_last[k]).abs().max().item() for k in ema) < 1e-6
 
 
 def metrics(run: Path) -> dict[int, dict[str, str]]:
@@ -207,7 +229,8 @@ def test_sequence_parallel_fit_matches_single_process(strategy, request, tiny_in
                 continue
             x, y = float(a[step][key]), float(b[step][key])
             assert abs(x - y) <= (1e-5 * abs(x) if key.startswith("grad_norm") else 1e-5), (step, key, x, y)
-    ema_a, ema_b = (load_file(str(latest_checkpoint(r) / "generator_ema.safetensors")) for r in (single_fit, run))
+    ema_a = load_file(str(latest_checkpoint(single_fit) / "generator_ema.safetensors"))
+    ema_b = ema_state_dict(latest_checkpoint(run)) if strategy.startswith("deepspeed") else load_file(str(latest_checkpoint(run) / "generator_ema.safetensors"))
     assert ema_a.keys() == ema_b.keys()
     assert max((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a) < 1e-6
 
@@ -221,13 +244,34 @@ def test_wan_sequence_parallel_on_two_ranks_equals_one_process(tmp_path):
     assert "train.sequence_parallel=2: a latent of 1x6x6 (frames x height x width) is 9 visual tokens" in report["uneven_error"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_trainer_strategies_run_an_apt_step(strategy, tiny_init, toy_shards, tmp_path):
-    run = tmp_path / strategy
-    ok(launch(["-m", "apt", *fit_args(run, toy_shards["video"], tiny_init, strategy, "train.max_steps=1")], nproc=2))
+def test_ddp_runs_an_apt_step(tiny_init, toy_shards, tmp_path):
+    run = tmp_path / "ddp"
+    ok(launch(["-m", "apt", *fit_args(run, toy_shards["video"], tiny_init, "ddp", "train.max_steps=1")], nproc=2))
     last = latest_checkpoint(run)
     assert last.name == "step-000001"
     for name in ("generator", "generator_ema", "discriminator"):
         assert (last / f"{name}.safetensors").exists()
     rows = metrics(run)
     assert rows[1]["loss_g"] and rows[1]["grad_norm_g"]
+
+
+def test_fsdp2_save_then_resume_continues_identically(tiny_init, toy_shards, tmp_path):
+    """FSDP2 (EMA sharded like G) on 2 ranks, 3 G updates, sampling the sharded EMA after each; then a run
+    resumed from the first one's step-2 checkpoint (standard layout, gathered to rank 0, scattered back)
+    repeats step 3 exactly."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = lambda run, *extra: fit_args(run, toy_shards["video"], tiny_init, "fsdp2", "train.max_steps=3", "train.sample_every_steps=1", *extra)  # noqa: E731
+    out = ok(launch(["-m", "apt", *args(full)], nproc=2)).stdout
+    assert "EMA generator sharded like G: 67360 elements, per rank [33680, 33680]" in out
+    step2, step3 = full / "checkpoints" / "step-000002", full / "checkpoints" / "step-000003"
+    for name in ("generator", "generator_ema", "discriminator"):  # the standard layout, whole tensors
+        assert (step2 / f"{name}.safetensors").exists()
+    ok(launch(["-m", "apt", *args(part, f"resume={step2}")], nproc=2))
+    a, b = metrics(full), metrics(part)
+    assert max(a) == max(b) and a[max(a)] == b[max(b)]  # the resumed iteration, to the last printed digit
+    for name in ("generator", "generator_ema", "discriminator"):
+        wa, wb = (load_file(str(d / f"{name}.safetensors")) for d in (step3, latest_checkpoint(part)))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    assert sorted(p.name for p in (full / "samples").glob("*.png")) == [f"step-00000{i}.png" for i in (1, 2, 3)]  # sample, then update
+    png = [(r / "samples" / "step-000003.png").read_bytes() for r in (full, part)]  # every rank sampled, rank 0 wrote
+    assert png[0] == png[1]

@@ -11,12 +11,17 @@ it can seed a later stage (``apt.generator=DIR``). Optimiser states are not carr
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from apt.checkpoint import atomic_write_dir, latest_checkpoint, save_weights
-from apt.distributed.sharded_checkpoint import EMA_FILE, ENGINES, TAG, engine_dir, is_sharded
+from apt.distributed.sharded_checkpoint import EMA_FILE, EMA_PARTITIONS, ENGINES, TAG, ema_partition_file, engine_dir, is_sharded
+from apt.distributed.zero3_ema import join_partitions
 
 
 def resolve_sharded(path: str | Path) -> Path:
@@ -29,6 +34,16 @@ def resolve_sharded(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a sharded checkpoint (generator_engine/ + discriminator_engine/) nor a run whose latest checkpoint is one")
 
 
+def ema_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The whole EMA generator of a sharded checkpoint: its file (ZeRO-1/2), or its partitions joined (ZeRO-3)."""
+    src = Path(checkpoint)
+    if (src / EMA_FILE).exists():
+        return load_file(str(src / EMA_FILE))
+    layout = json.loads((src / EMA_PARTITIONS / "layout.json").read_text())
+    ranks = [load_file(str(ema_partition_file(src, r))) for r in range(layout["world_size"])]
+    return {**join_partitions(layout, ranks), **load_file(str(src / EMA_PARTITIONS / "buffers.safetensors"))}
+
+
 def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     """Write the standard layout of the sharded checkpoint at ``path`` (or a run's latest); returns DIR."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -36,11 +51,11 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     src = resolve_sharded(path)
     out = Path(out) if out is not None else src.parent.parent / "consolidated" / src.name
     weights = {name: get_fp32_state_dict_from_zero_checkpoint(str(engine_dir(src, name)), tag=TAG) for name in ENGINES}
+    weights["generator_ema"] = ema_state_dict(src)
 
     def write(tmp: Path) -> None:
         for name, state_dict in weights.items():
             save_weights(state_dict, tmp / f"{name}.safetensors")
-        shutil.copyfile(src / EMA_FILE, tmp / EMA_FILE)
         shutil.copyfile(src / "config.yaml", tmp / "config.yaml")
 
     atomic_write_dir(out, write)

@@ -8,7 +8,8 @@ stays in ``AptModule.apt_step``, shared with the Trainer path; this file only su
 - ``EngineUpdate``: the step's ``NetUpdate`` for an engine (``fabric.backward(loss, model=engine)``
   names the engine; D is frozen in the G step by the step itself, which two ZeRO engines need),
 - the loop: data for this rank (the same for the ranks of a sequence-parallel group), logging and
-  media on rank 0, sharded checkpoints (``sharded_checkpoint``).
+  media on rank 0, sharded checkpoints (``sharded_checkpoint``),
+- under ZeRO-3, the EMA generator partitioned like G (``zero3_ema.PartitionedEma``).
 
 The DeepSpeed config comes from the recipe (``apt.distributed.strategies.deepspeed_config``).
 """
@@ -31,6 +32,7 @@ from apt.config import Config, ConfigError
 from apt.distributed import sharded_checkpoint
 from apt.distributed.sequence_parallel import apply_sequence_parallel_apt, data_parallel_rank, sequence_parallel_mesh
 from apt.distributed.strategies import deepspeed_config, num_nodes
+from apt.distributed.zero3_ema import PartitionedEma
 
 
 class DeepSpeedAnyDeviceStrategy(FabricDeepSpeedStrategy):
@@ -149,8 +151,6 @@ def accumulate_batches(c: Config) -> int:
 def setup_apt(fabric: L.Fabric, module, accumulate: int = 1) -> tuple[EngineUpdate, EngineUpdate]:
     """Turn G and D of an ``AptModule`` into engines (in place), then split their sequences over groups
     of ``train.sequence_parallel`` ranks if asked; return their updates."""
-    import deepspeed
-
     device = fabric.device
     generator, discriminator = module.generator, module.discriminator
     for name, child in module.named_children():
@@ -161,8 +161,9 @@ def setup_apt(fabric: L.Fabric, module, accumulate: int = 1) -> tuple[EngineUpda
     G, opt_g = fabric.setup(module.generator, opt_g)
     D, opt_d = fabric.setup(module.discriminator, opt_d)
     module.generator, module.discriminator = G, BypassWhenFrozen(D, fabric.strategy.precision)
-    if G._forward_module.zero_optimization_stage() == 3:
-        module.gather_generator = lambda: deepspeed.zero.GatheredParameters(list(G.parameters()), modifier_rank=None)
+    if G._forward_module.zero_optimization_stage() == 3:  # the EMA partitioned like G (ZeRO-1/2: whole, as G is)
+        module.ema_partitions = PartitionedEma(module.generator_ema, G)
+        module.log_ema_size()
     P = module.config.train.sequence_parallel
     if P > 1:  # after the engines (the order of apt.distributed.strategies)
         apply_sequence_parallel_apt(generator, discriminator, sequence_parallel_mesh(P, device.type))

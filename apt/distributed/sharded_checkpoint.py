@@ -4,7 +4,9 @@ Layout of ``RUN/checkpoints/step-000200/``::
 
     generator_engine/checkpoint/       DeepSpeed: G's weights and ZeRO optimiser partitions (a file per rank)
     discriminator_engine/checkpoint/   the same for D
-    generator_ema.safetensors          the EMA generator, whole (``apt sample`` reads it as it is)
+    generator_ema.safetensors          the EMA generator, whole (``apt sample`` reads it as it is); ZeRO-1/2
+    generator_ema_partitions/          ZeRO-3 instead: ``rank-00000.safetensors``... (this rank's partitions,
+                                       ``apt.distributed.zero3_ema``), ``buffers.safetensors``, ``layout.json``
     trainer_state.pt                   rng, data position, update counts; strategy and world size
     config.yaml                        the resolved config
 
@@ -12,11 +14,12 @@ Atomic across ranks: every rank writes into ``.step-000200.tmp``; after a barrie
 files durable and renames the directory into place (``apt.checkpoint.atomic_write_dir``'s rule), so a
 kill during a save leaves the previous checkpoint loadable and never a partial one under a final name.
 Ranks must share the run directory's filesystem. ``apt.distributed.consolidate`` turns this layout
-into the standard one (single safetensors per network).
+into the standard one (single safetensors per network, the EMA's partitions joined).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -29,6 +32,11 @@ from apt.config import ConfigError, to_yaml
 TAG = "checkpoint"
 ENGINES = ("generator", "discriminator")
 EMA_FILE = "generator_ema.safetensors"
+EMA_PARTITIONS = "generator_ema_partitions"
+
+
+def ema_partition_file(path: str | Path, rank: int) -> Path:
+    return Path(path) / EMA_PARTITIONS / f"rank-{rank:05d}.safetensors"
 
 
 def engine_dir(path: str | Path, name: str) -> Path:
@@ -47,12 +55,23 @@ def save(fabric, path: str | Path, module, *, keep: int = 0) -> None:
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a save that was killed
         tmp.mkdir(parents=True)
+        if module.ema_partitions is not None:
+            (tmp / EMA_PARTITIONS).mkdir()
     fabric.barrier()
     for name in ENGINES:
         engine = getattr(module, name)._forward_module
         engine.save_checkpoint(str(engine_dir(tmp, name)), tag=TAG, save_latest=False)
+    if module.ema_partitions is not None:  # ZeRO-3: each rank its own partitions, never the whole EMA
+        save_weights(module.ema_partitions.state_dict(), ema_partition_file(tmp, fabric.global_rank))
     if fabric.is_global_zero:
-        save_weights(module.generator_ema.state_dict(), tmp / EMA_FILE)
+        if module.ema_partitions is None:
+            save_weights(module.generator_ema.state_dict(), tmp / EMA_FILE)
+        else:
+            params = set(module.ema_partitions.names)
+            buffers = {k: v for k, v in module.generator_ema.state_dict().items() if k not in params}  # whole under ZeRO-3
+            save_weights(buffers, tmp / EMA_PARTITIONS / "buffers.safetensors")
+            layout = {**module.ema_partitions.layout(), "world_size": fabric.world_size}
+            (tmp / EMA_PARTITIONS / "layout.json").write_text(json.dumps(layout, indent=1))
         state = {
             "apt": {"rng": module.rng.get_state(), "batches_consumed": module.batches_consumed, **module.extra_state()},
             "sharded": {"strategy": module.config.train.strategy, "world_size": fabric.world_size},
@@ -88,7 +107,15 @@ def load(fabric, path: str | Path, module) -> None:
         load_path, _ = engine.load_checkpoint(str(engine_dir(path, name)), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {engine_dir(path, name)}")
-    module.generator_ema.load_state_dict(load_file(str(path / EMA_FILE)))
+    if module.ema_partitions is None:
+        if not (path / EMA_FILE).exists():
+            raise ConfigError(f"resume: {path} has no {EMA_FILE} (a ZeRO-3 checkpoint resumes only under deepspeed_stage_3)")
+        module.generator_ema.load_state_dict(load_file(str(path / EMA_FILE)))
+    else:
+        if not (path / EMA_PARTITIONS).is_dir():
+            raise ConfigError(f"resume: {path} has no {EMA_PARTITIONS}/ (not a ZeRO-3 checkpoint; resume it with its own strategy)")
+        module.ema_partitions.load_state_dict(load_file(str(ema_partition_file(path, fabric.global_rank))))
+        module.generator_ema.load_state_dict(load_file(str(path / EMA_PARTITIONS / "buffers.safetensors")), strict=False)
     module.rng.set_state(state["apt"]["rng"])
     module.batches_consumed = state["apt"]["batches_consumed"]
     module.load_extra_state(state["apt"])

@@ -16,12 +16,9 @@ root sharded per network -> (DeepSpeed) one engine per network -> (Ulysses) atte
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Iterator
 
 import torch
-from torch import nn
 
 from apt.config import Config, ConfigError
 
@@ -103,33 +100,27 @@ def deepspeed_config(config: Config, *, accumulate: int = 1) -> dict:
 
 # -- FSDP2 -----------------------------------------------------------------------------------------
 def fully_shard_apt(module, mesh) -> None:
-    """FSDP2 for the APT module: each backbone block, then the rest of G and of D, as separate units.
+    """FSDP2 for the APT module: each backbone block, then the rest of G, of its EMA and of D, as separate units.
 
-    G and D are separate FSDP roots (they run and step separately). The EMA generator stays whole on
-    every rank (rank 0 samples from it alone); its update gathers G (``module.gather_generator``).
+    G and D are separate FSDP roots (they run and step separately). The EMA generator is sharded
+    exactly like G (same mesh, same units), so each rank's EMA shards match its G shards and the EMA
+    update is a local lerp (``apt.ema.ema_update``); sampling runs it on every rank, gathering block by
+    block. Logs the EMA elements each rank holds.
     The text encoder is frozen and replicated. D's root unit owns its readout heads.
     """
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-    for net, backbone in ((module.generator, module.generator), (module.discriminator, module.discriminator.backbone)):
+    # reshard_after_forward: None is FSDP2's default (a root keeps its parameters gathered for the
+    # backward); the EMA has no backward, and its update needs the shards back after sampling.
+    nets = ((module.generator, module.generator, None), (module.generator_ema, module.generator_ema, True),
+            (module.discriminator, module.discriminator.backbone, None))
+    for net, backbone, reshard_root in nets:
         for block in backbone.blocks:
             fully_shard(block, mesh=dp_mesh)
-        fully_shard(net, mesh=dp_mesh)
-    module.gather_generator = lambda: unsharded(module.generator)
-
-
-@contextlib.contextmanager
-def unsharded(net: nn.Module) -> Iterator[None]:
-    """All FSDP2 units of ``net`` gathered (its parameters are whole tensors inside), resharded after."""
-    units = [m for m in net.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
-    for m in units:
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in units:
-            m.reshard()
+        fully_shard(net, mesh=dp_mesh, reshard_after_forward=reshard_root)
+    module.ema_sharded = True
+    module.log_ema_size()
 
 
 def _fsdp2_strategy_class():

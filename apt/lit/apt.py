@@ -8,21 +8,23 @@ real data, RMSProp (alpha 0.9), G:D 1:1, EMA of G (0.995) is the product.
 One iteration is ``apt_step``, shared by every way of running it: Lightning's Trainer (one device,
 DDP, FSDP2) through ``training_step``, and the DeepSpeed runner (one engine per network,
 ``apt.distributed.deepspeed_runner``). They differ only in how a network is updated from a loss
-(``NetUpdate``) and in how the EMA reads a sharded generator (``full_generator_weights``).
+(``NetUpdate``). Under FSDP2 and ZeRO-3 the EMA generator is sharded like G (``update_ema``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Protocol
+import math
+from typing import ContextManager, Protocol
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from apt.config import Config
 from apt.discriminator import Discriminator
 from apt.distributed.sequence_parallel import apply_sequence_parallel_apt, data_parallel_rank, sequence_parallel_mesh
-from apt.ema import ema_update
+from apt.distributed.zero3_ema import PartitionedEma
+from apt.ema import ema_update, local_shard
 from apt.lit.base import StageModule
 from apt.losses import approximate_r1, d_loss_nonsaturating, g_loss_nonsaturating
 from apt.models.backbone import TextCond
@@ -100,7 +102,9 @@ class AptModule(StageModule):
         self.g_updates = 0
         self.d_updates = 0
         self.win_streak = 0
-        self.gather_generator: Callable[[], ContextManager] | None = None  # set by ZeRO-3 / FSDP2 (apt.distributed)
+        # A sharded EMA (set by apt.distributed): FSDP2 shards the module like G; ZeRO-3 keeps partitions.
+        self.ema_sharded = False
+        self.ema_partitions: PartitionedEma | None = None
 
     def load_generator_init(self, path: str):
         """Stage-1 student (net_ema) or an earlier APT stage's EMA generator (generator_ema)."""
@@ -139,9 +143,38 @@ class AptModule(StageModule):
         if P > 1:
             apply_sequence_parallel_apt(self.generator, self.discriminator, sequence_parallel_mesh(P, self.trainer.strategy.root_device.type))
 
-    def full_generator_weights(self) -> ContextManager:
-        """Context in which the generator's parameters are whole tensors (ZeRO-3 / FSDP2 gather them)."""
-        return self.gather_generator() if self.gather_generator is not None else contextlib.nullcontext()
+    # -- the EMA generator, whole or sharded like G -----------------------------------------------
+    def update_ema(self, decay: float) -> None:
+        """EMA <- decay * EMA + (1 - decay) * G, on this rank's shards when sharded (no gather)."""
+        if self.ema_partitions is not None:
+            self.ema_partitions.update(self.generator, decay)  # ZeRO-3
+        else:
+            ema_update(self.generator_ema, self.generator, decay)  # whole, or FSDP2 shard by shard
+
+    @property
+    def samples_on_every_rank(self) -> bool:
+        return self.ema_sharded or self.ema_partitions is not None
+
+    def gathered_sampling_network(self) -> ContextManager[torch.nn.Module]:
+        """ZeRO-3 gathers the whole EMA for the call; FSDP2's EMA gathers block by block in its forward."""
+        if self.ema_partitions is not None:
+            return self.ema_partitions.gathered()
+        return contextlib.nullcontext(self.generator_ema)
+
+    def ema_numel(self) -> tuple[int, int]:
+        """(EMA elements on this rank, elements of the whole EMA); ZeRO-3 partitions include their padding."""
+        if self.ema_partitions is not None:
+            return self.ema_partitions.numel(), sum(math.prod(s) for s in self.ema_partitions.shapes)
+        params = list(self.generator_ema.parameters())
+        return sum(local_shard(p).numel() for p in params), sum(p.numel() for p in params)  # a DTensor's numel is global
+
+    def log_ema_size(self) -> None:
+        """Collective: one line on rank 0 with the EMA elements every rank holds (the tests read it)."""
+        counts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(counts, self.ema_numel())
+        whole = counts[0][1]
+        rank_zero_info(f"EMA generator sharded like G: {whole} elements, per rank {[n for n, _ in counts]} "
+                       f"(fractions {[round(n / whole, 4) for n, _ in counts]})")
 
     # -- the method ----------------------------------------------------------------------------
     def one_step(self, net, z: torch.Tensor, text: TextCond) -> torch.Tensor:
@@ -220,8 +253,7 @@ class AptModule(StageModule):
             grad_norm_g = update_g.step()
             self.restore_d_grad()
             # 3. EMA of G (decay 0.995): the product.
-            with self.full_generator_weights():
-                ema_update(self.generator_ema, G, a.ema_decay)
+            self.update_ema(a.ema_decay)
             self.g_updates += 1
             metrics.update(loss_g=_mean(losses_g), grad_norm_g=grad_norm_g)
 

@@ -8,7 +8,9 @@ skips ``batches_consumed`` batches. Frozen networks (the text encoder, a teacher
 
 from __future__ import annotations
 
+import contextlib
 from copy import deepcopy
+from typing import ContextManager
 
 import lightning as L
 import torch
@@ -89,11 +91,22 @@ class StageModule(L.LightningModule):
     def sampling_network(self) -> nn.Module:
         raise NotImplementedError
 
+    @property
+    def samples_on_every_rank(self) -> bool:
+        """True when the sampling network is sharded over ranks (APT's EMA under FSDP2 / ZeRO-3): its gathers
+        are collective, so every rank calls ``generate`` together (rank 0 writes); else rank 0 alone samples."""
+        return False
+
+    def gathered_sampling_network(self) -> ContextManager[nn.Module]:
+        """The sampling network, ready for a forward for the duration of the context (a sharded one gathered)."""
+        return contextlib.nullcontext(self.sampling_network())
+
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], *, steps: int, cfg_scale: float = 1.0, frames: int | None = None) -> torch.Tensor:
         from apt.inference import sample
 
-        x = sample(self.sampling_network(), self.text_encoder, self.config, prompts, seeds, steps=steps, cfg_scale=cfg_scale, frames=frames, device=self.device)
+        with self.gathered_sampling_network() as net:
+            x = sample(net, self.text_encoder, self.config, prompts, seeds, steps=steps, cfg_scale=cfg_scale, frames=frames, device=self.device)
         return self.decode_latents(x)
 
     # -- checkpoint hooks ----------------------------------------------------------------------

@@ -51,15 +51,16 @@ class SampleMedia(L.Callback):
         self.every, self.prompts, self.steps, self.cfg_scale, self.fps = every, prompts, steps, cfg_scale, fps
         self._last = -1
 
-    @rank_zero_only
     def write(self, module) -> None:
+        """Rank 0 writes; the other ranks sample along only when the EMA is sharded (collective gathers)."""
         step = module.progress_step
-        if step == self._last:
+        if step == self._last or not (rank_zero_only.rank == 0 or module.samples_on_every_rank):
             return
         self._last = step
         x = module.generate(self.prompts, list(range(len(self.prompts))), steps=self.steps, cfg_scale=self.cfg_scale)
-        save_samples(x, self.dir / f"step-{step:06d}", fps=self.fps)
-        (self.dir / "prompts.json").write_text(json.dumps(self.prompts, indent=1))
+        if rank_zero_only.rank == 0:
+            save_samples(x, self.dir / f"step-{step:06d}", fps=self.fps)
+            (self.dir / "prompts.json").write_text(json.dumps(self.prompts, indent=1))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = module.progress_step

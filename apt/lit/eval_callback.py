@@ -41,19 +41,21 @@ class ToyEvalCallback(L.Callback):
             self._real = real_stats(self._classifier, frames=self.frames, n=self.config.eval.num_samples, seed=VAL_PROMPT_SEED,
                                     cache_path=str(self.dir / f"real_stats_{self.frames}f_{self.config.eval.num_samples}.npz"))
 
-    @rank_zero_only
     def evaluate(self, module) -> dict:
+        """Rank 0 evaluates; the other ranks sample along only when the EMA is sharded (collective gathers)."""
         from apt.eval.toy_metrics import evaluate_samples
 
         step = module.progress_step
-        if step == self._last:
+        if step == self._last or not (rank_zero_only.rank == 0 or module.samples_on_every_rank):
             return {}
         self._last = step
-        self._setup()
         steps = self.config.flow.sample_steps if self.config.stage == "teacher" else 1
         cfg = self.config.flow.cfg_scale if self.config.stage == "teacher" else 1.0
         seeds = [VAL_NOISE_SEED + i for i in range(len(self.prompts))]
         x = torch.cat([module.generate(self.prompts[i : i + 256], seeds[i : i + 256], steps=steps, cfg_scale=cfg) for i in range(0, len(self.prompts), 256)])
+        if rank_zero_only.rank != 0:
+            return {}
+        self._setup()
         m = evaluate_samples(self._classifier, x.cpu(), self.prompts, self._real)
         result = {"step": step, "val_distance": float(m["distance"]), "val_attribute_accuracy": float(m["attribute_accuracy"])}
         module.log_dict({k: v for k, v in result.items() if k != "step"}, rank_zero_only=True)

@@ -4,9 +4,15 @@
     torchrun --nproc_per_node 2 tests/distributed_helpers/apt_steps.py --init DIR --out FILE.pt --mode deepspeed_stage_2
 
 ``single`` runs the shared ``AptModule.apt_step`` with plain torch optimisers in one process (the
-single-device math); the other modes run it through the DeepSpeed runner's engines on every rank.
-The global batch is the same in every mode: rank r takes its contiguous slice, split into
-``--accumulate`` micro-batches, so the losses can be compared number for number.
+single-device math); ``deepspeed_stage_*`` runs it through the DeepSpeed runner's engines on every
+rank; ``fsdp2`` shards G, its EMA and D with ``fully_shard_apt`` (plain torch optimisers, as the
+Trainer's FSDP2 path). The global batch is the same in every mode: rank r takes its contiguous slice,
+split into ``--accumulate`` micro-batches, so the losses can be compared number for number.
+
+The output holds the metrics, the whole EMA after every iteration (gathered when sharded), the EMA
+elements each rank holds, and samples of the final EMA (every rank sampling when it is sharded).
+``--roundtrip DIR`` (DeepSpeed modes): after the last-but-one iteration, save a sharded checkpoint to
+DIR, zero the EMA, load the checkpoint back and go on.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from apt.config import load_config  # noqa: E402
 from apt.data.shards import pixels_to_tensor  # noqa: E402
 from apt.data.toy import make_sample  # noqa: E402
 from apt.lit.apt import AptModule, _grad_norm  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 
 class PlainUpdate:
@@ -60,6 +67,7 @@ def main() -> None:
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides")
+    p.add_argument("--roundtrip", default=None, help="sharded checkpoint dir written and read back before the last iteration")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_batch = args.global_batch // world
@@ -75,6 +83,19 @@ def main() -> None:
         opt_g, opt_d = module.configure_optimizers()
         update_g, update_d = PlainUpdate(opt_g, module.generator), PlainUpdate(opt_d, module.discriminator)
         all_reduce = lambda t: t  # noqa: E731
+    elif args.mode == "fsdp2":
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from apt.distributed.strategies import fully_shard_apt
+
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        module = AptModule(c)
+        fully_shard_apt(module, init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",)))
+        opt_g, opt_d = module.configure_optimizers()
+        update_g, update_d = PlainUpdate(opt_g, module.generator), PlainUpdate(opt_d, module.discriminator)
+        all_reduce = lambda t: (dist.all_reduce(t), t / world)[1]  # noqa: E731
     else:
         from apt.distributed.deepspeed_runner import build_fabric, setup_apt
 
@@ -95,15 +116,29 @@ def main() -> None:
     micro = [{"x": x[i * mb:(i + 1) * mb], "caption": captions[i * mb:(i + 1) * mb]} for i in range(args.accumulate)]
     if args.accumulate > 1 and world > 1:
         raise SystemExit("the global-index layout of micro-batches x ranks is (micro, rank); test one of them at a time")
-    history = []
-    for _ in range(args.iterations):
+    history, emas = [], []
+    for it in range(args.iterations):
+        if args.roundtrip and it == args.iterations - 1:
+            from apt.distributed import sharded_checkpoint
+
+            sharded_checkpoint.save(fabric, args.roundtrip, module)
+            for part in (module.ema_partitions.parts if module.ema_partitions else module.generator_ema.parameters()):
+                part.data.zero_()  # what the load must restore
+            sharded_checkpoint.load(fabric, args.roundtrip, module)
         metrics = module.apt_step(micro, update_g=update_g, update_d=update_d, rank=rank, world_size=world)
         keys = sorted(k for k in metrics if not k.startswith("grad_norm"))
         values = all_reduce(torch.stack([metrics[k].detach().float().reshape(()) for k in keys]))
         history.append({k: float(v) for k, v in zip(keys, values)} | {k: float(metrics[k]) for k in metrics if k.startswith("grad_norm")})
+        with module.gathered_sampling_network() as net:  # collective when sharded
+            emas.append({k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().float().clone() for k, v in net.state_dict().items()})
+    counts = [module.ema_numel()]
+    if world > 1:
+        counts = [None] * world
+        torch.distributed.all_gather_object(counts, module.ema_numel())
+    samples = module.generate(["a red circle moving left on a black background", "a blue square"], [0, 1], steps=1)
     if rank == 0:
-        ema = {k: v.detach().float().clone() for k, v in module.generator_ema.state_dict().items()}
-        torch.save({"history": history, "ema": ema, "g_updates": module.g_updates}, args.out)
+        out = {"history": history, "ema": emas[-1], "emas": emas, "g_updates": module.g_updates, "ema_numel": counts, "samples": samples}
+        torch.save(out, args.out)
         print("done", history[-1])
 
 
