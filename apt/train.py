@@ -59,10 +59,29 @@ def check_paths(c: Config) -> None:
     if P > 1 and c.model.source == "diffusers":  # the built-in flavours' heads are checked with the config
         from apt.models.adapters import read_model_config
 
-        heads = read_model_config(c.model.path)[1]["num_attention_heads"]
+        model_config = read_model_config(c.model.path)[1]
+        heads = model_config["num_attention_heads"]
         if heads % P:
             raise ConfigError(f"train.sequence_parallel={P}: Ulysses splits attention heads over the group, and the {heads} heads of "
                               f"model.path {c.model.path} do not divide {P} ranks")
+        check_sequence_split(c, model_config.get("patch_size"))
+
+
+def check_sequence_split(c: Config, patch_size) -> None:
+    """diffusers' context parallelism splits the visual tokens without padding: their count, from the first
+    latent of data.shards and the model's patch, must divide train.sequence_parallel."""
+    from apt.data.latent_shards import first_latent_shape, is_latent_shards
+    from apt.data.shards import resolve_shards
+
+    P, urls = c.train.sequence_parallel, resolve_shards(c.data.shards)
+    if not patch_size or not is_latent_shards(urls):
+        return  # pixel shards are encoded on the fly: apt.distributed.context_parallel checks at the first forward
+    (_, f, h, w), (pt, ph, pw) = first_latent_shape(urls), patch_size
+    tokens = (f // pt) * (h // ph) * (w // pw)
+    if tokens % P:
+        raise ConfigError(f"train.sequence_parallel={P}: the latents of data.shards {c.data.shards} are {f}x{h}x{w} (frames x height x width), "
+                          f"{tokens} visual tokens for patch {pt}x{ph}x{pw}, which do not split over {P} ranks; choose another "
+                          f"sequence-parallel size or a resolution/frame count whose token count divides {P}")
 
 
 def check_manifest(c: Config, key: str, path: str) -> None:

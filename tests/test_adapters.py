@@ -205,6 +205,29 @@ def test_sequence_parallel_checks_the_heads_of_model_path_before_training(tiny_d
         check_paths(c)
 
 
+def test_sequence_parallel_checks_the_latent_token_count_before_training(tiny_dirs, toy_shards, tmp_path):
+    """diffusers' split does not pad: 1x6x6 latents (9 tokens for Wan's 1x2x2 patch) cannot go over 2 ranks."""
+    import io
+    import tarfile
+
+    from apt.train import check_sequence_split
+
+    shards = tmp_path / "lat"
+    shards.mkdir()
+    raw = io.BytesIO()
+    np.save(raw, np.zeros((4, 1, 6, 6), dtype=np.float32))
+    with tarfile.open(shards / "latents-000000.tar", "w") as tar:
+        info = tarfile.TarInfo("000000.latent.npy")
+        info.size = len(raw.getvalue())
+        tar.addfile(info, io.BytesIO(raw.getvalue()))
+    net = tiny_dirs["wan"]["transformer"]
+    base = ["stage=apt", f"apt.generator={net}", f"apt.teacher={net}", "train.strategy=ddp", "train.devices=2", "train.sequence_parallel=2"]
+    c = diffusers_config("wan", tiny_dirs["wan"], *base, f"data.shards={shards}")
+    with pytest.raises(ConfigError, match=r"train.sequence_parallel=2: the latents of data.shards .* are 1x6x6 .* 9 visual tokens for patch 1x2x2"):
+        check_sequence_split(c, [1, 2, 2])
+    check_sequence_split(diffusers_config("wan", tiny_dirs["wan"], *base, f"data.shards={toy_shards['video']}"), [1, 2, 2])  # pixel shards: at the first forward
+
+
 def test_codec_geometry_errors(tiny_dirs):
     wan = ADAPTERS["wan"].from_pretrained(tiny_dirs["wan"]["transformer"])
     wan_vae, ltx_vae = LatentCodec.load(tiny_dirs["wan"]["vae"]), LatentCodec.load(tiny_dirs["ltx"]["vae"])

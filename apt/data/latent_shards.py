@@ -133,6 +133,15 @@ def encode_latent_shards(
 
 
 # ---------------------------------------------------------------- reading
+def first_latent_shape(urls: Sequence[str]) -> tuple[int, ...]:
+    """Shape (C, T', H', W') of the first sample's latent (reads one member of the first shard)."""
+    with tarfile.open(urls[0]) as tar:
+        for member in tar:
+            if member.name.endswith(".latent.npy"):
+                return tuple(np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False).shape)
+    raise ValueError(f"{urls[0]} holds no .latent.npy member")
+
+
 
 
 def _decode_latent(src: Iterator[dict], counter: _CorruptCounter) -> Iterator[dict]:
