@@ -101,3 +101,16 @@ def test_real_vs_real_floor_is_small_but_positive(shipped: ToyClassifier) -> Non
         toy_metrics.real_stats(shipped, FRAMES, n=200, seed=3),
     )
     assert 0 < floor < blank["distance"] / 5
+
+
+def test_toy_validate_script_ranks_the_teacher_above_its_one_step_mean() -> None:
+    """eval/toy_validate.py on the shipped teacher: 25 steps with CFG 2 score far better than one
+    step (the blurry conditional mean), on the validation prompts that training logs."""
+    from eval_helpers import load_eval_script
+
+    validate = load_eval_script("toy_validate")
+    (one,) = validate.main(["assets/demo_teacher", "--num-samples", "32"])
+    (full,) = validate.main(["assets/demo_teacher", "--num-samples", "32", "--steps", "25", "--cfg", "2"])
+    assert full["steps"] == 25 and set(full["per_attribute"]) == {"shape", "colour", "direction", "background"}
+    assert full["val_distance"] < one["val_distance"] / 2, (full, one)
+    assert full["val_attribute_accuracy"] > one["val_attribute_accuracy"] + 0.2, (full, one)
