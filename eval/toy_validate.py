@@ -4,7 +4,7 @@
     python eval/toy_validate.py assets/demo_teacher --steps 25 --cfg 2
 
 Samples each checkpoint's product network (EMA) on the validation prompts and noise seeds of
-``apt.lit.eval_callback`` (disjoint from the demo report's set) and prints one JSON line each: the
+``apt.eval.toy_metrics`` (disjoint from the demo report's set) and prints one JSON line each: the
 Fréchet distance to real clips in the toy classifier's feature space and the attribute accuracies.
 It scores checkpoints that ran without in-training evaluation (an image stage, a distillation) on the
 same scale as the ``val_distance`` of ``eval/history.jsonl`` (docs/demo.md uses both).
@@ -15,13 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from apt.data.toy import eval_prompts
 from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import evaluate_samples, real_stats
+from apt.eval.toy_metrics import VAL_PROMPT_SEED, real_stats
+from apt.eval.toy_report import validation_metrics
 from apt.inference import load_generator
-from apt.lit.eval_callback import VAL_NOISE_SEED, VAL_PROMPT_SEED
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -34,16 +31,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--classifier", default="assets/toy_classifier")
     args = ap.parse_args(argv)
     classifier = load_toy_classifier(args.classifier)
-    prompts = eval_prompts(args.num_samples, seed=VAL_PROMPT_SEED, frames=args.frames)
-    seeds = [VAL_NOISE_SEED + i for i in range(len(prompts))]
     real = real_stats(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED)
     rows = []
     for ckpt in args.checkpoints:
-        gen = load_generator(ckpt)
-        with torch.no_grad():
-            x = torch.cat([gen.generate_tensor(prompts[i : i + 256], seeds[i : i + 256], steps=args.steps, cfg_scale=args.cfg, frames=args.frames)
-                           for i in range(0, len(prompts), 256)])
-        m = evaluate_samples(classifier, x, prompts, real)
+        m = validation_metrics(load_generator(ckpt), classifier, real, n=args.num_samples, steps=args.steps, cfg_scale=args.cfg, frames=args.frames)
         rows.append({"checkpoint": ckpt, "steps": args.steps, "cfg": args.cfg, "val_distance": round(float(m["distance"]), 2),
                      "val_attribute_accuracy": float(m["attribute_accuracy"]), "per_attribute": m["per_attribute"]})
         print(json.dumps(rows[-1]), flush=True)

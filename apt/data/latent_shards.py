@@ -43,18 +43,24 @@ LATENT_PATTERN = "latent-%06d.tar"
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def is_latent_shards(urls: Sequence[str]) -> bool:
-    """True when the first shard holds ``latent.npy`` members (peeks at its first few members)."""
+def first_latent_shape(urls: Sequence[str]) -> tuple[int, ...] | None:
+    """Shape (C, T', H', W') of the first shard's first latent; None when the shards hold pixels
+    (peeks at the first few members of the first shard)."""
     try:
         with tarfile.open(urls[0]) as tar:
             for i, member in enumerate(tar):
                 if member.name.endswith(".latent.npy"):
-                    return True
+                    return tuple(np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False).shape)
                 if member.name.endswith(".pixels.npy") or i > 8:
-                    return False
+                    return None
     except (tarfile.TarError, OSError, IndexError):
-        return False
-    return False
+        return None
+    return None
+
+
+def is_latent_shards(urls: Sequence[str]) -> bool:
+    """True when the first shard holds ``latent.npy`` members."""
+    return first_latent_shape(urls) is not None
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -133,17 +139,6 @@ def encode_latent_shards(
 
 
 # ---------------------------------------------------------------- reading
-def first_latent_shape(urls: Sequence[str]) -> tuple[int, ...]:
-    """Shape (C, T', H', W') of the first sample's latent (reads one member of the first shard)."""
-    with tarfile.open(urls[0]) as tar:
-        for member in tar:
-            if member.name.endswith(".latent.npy"):
-                return tuple(np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False).shape)
-    raise ValueError(f"{urls[0]} holds no .latent.npy member")
-
-
-
-
 def _decode_latent(src: Iterator[dict], counter: _CorruptCounter) -> Iterator[dict]:
     for raw in src:
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")

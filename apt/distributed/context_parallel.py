@@ -67,14 +67,20 @@ def apply_context_parallel(adapter: DiffusersAdapter, mesh: DeviceMesh) -> None:
     adapter.visual_tokens = lambda block_output: gather_sequence(visual_tokens(block_output), group)
 
 
+def visual_tokens(frames_height_width: tuple[int, int, int], patch_size: tuple[int, int, int]) -> int:
+    """Visual tokens of a (frames, height, width) latent for a (t, h, w) patch."""
+    (f, h, w), (pt, ph, pw) = frames_height_width, patch_size
+    return (f // pt) * (h // ph) * (w // pw)
+
+
 def _check_token_count(patch_size: tuple[int, int, int], P: int):
     """Pre-hook: the visual tokens of the input latent must split evenly over P ranks (diffusers' split
     does not pad), checked before diffusers' own assertion so that the error says what to change."""
 
     def check(_model, args, kwargs):
         latent = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        (_, _, f, h, w), (pt, ph, pw) = latent.shape, patch_size
-        tokens = (f // pt) * (h // ph) * (w // pw)
+        (f, h, w), (pt, ph, pw) = latent.shape[2:], patch_size
+        tokens = visual_tokens((f, h, w), patch_size)
         if tokens % P:
             raise ValueError(
                 f"train.sequence_parallel={P}: a latent of {f}x{h}x{w} (frames x height x width) is {tokens} visual tokens "

@@ -54,13 +54,8 @@ class FeatureStats:
         return (self.sum_DD - self.n * np.outer(mu, mu)) / (self.n - 1)
 
     def save(self, path: str) -> None:
-        """Atomic write of mu/sigma/n to an .npz file."""
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, sum_D=self.sum_D, sum_DD=self.sum_DD, n=self.n, dim=self.dim)
-        os.replace(tmp, path)
+        """Atomic write of the sums and counts to an .npz file."""
+        save_npz_atomic(path, sum_D=self.sum_D, sum_DD=self.sum_DD, n=self.n, dim=self.dim)
 
     @classmethod
     def load(cls, path: str) -> "FeatureStats":

@@ -29,6 +29,10 @@ from apt.eval.frechet import FeatureStats, stats_distance
 from apt.eval.toy_classifier import ATTRIBUTES, ToyClassifier
 
 DEFAULT_CHUNK = 250
+VAL_PROMPT_SEED, VAL_NOISE_SEED = 4321, 20_000
+"""The validation split (prompts ``toy.eval_prompts(n, seed=VAL_PROMPT_SEED)``, noise seeds VAL_NOISE_SEED + i):
+what training logs (``eval.every_steps``) and what the demo picks its APT checkpoint on; disjoint from
+the demo report's prompts and seeds."""
 
 
 def real_batches(

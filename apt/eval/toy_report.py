@@ -2,8 +2,8 @@
 
 Protocol (every number in the report comes from this one run):
 - Evaluation prompts: ``eval_prompts(N, seed=EVAL_SEED)`` (balanced over attributes), noise seeds
-  10_000 + i. The APT checkpoint is chosen on a disjoint validation set (VAL_SEED prompts, noise
-  seeds 20_000 + i, 256 samples) among the checkpoints of the video-stage run, as DESIGN.md §7
+  10_000 + i. The APT checkpoint is chosen on a disjoint validation set (``validation_metrics``:
+  VAL_PROMPT_SEED prompts, noise seeds VAL_NOISE_SEED + i, 256 samples) among the checkpoints of the video-stage run, as DESIGN.md §7
   recommends (the raw APT trajectory oscillates).
 - ``distance``: Fréchet distance to N real toy clips in the toy classifier's feature space;
   ``attribute_accuracy``: share of samples whose shape, colour, direction and background all match
@@ -25,21 +25,30 @@ import torch
 
 from apt.data.toy import eval_prompts
 from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import evaluate_samples, real_stats, real_vs_real_floor
+from apt.eval.toy_metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED, evaluate_samples, real_stats, real_vs_real_floor
 from apt.inference import Generator, load_generator
 from apt.media import grid_image, save_gif, save_png, to_uint8
 
-EVAL_SEED, VAL_SEED = 1234, 4321
+EVAL_SEED = 1234
 BATCH = 250
 
 
-def generate_all(gen: Generator, prompts: list[str], seed0: int, *, steps: int, cfg_scale: float | None = None) -> tuple[torch.Tensor, float]:
+def generate_all(gen: Generator, prompts: list[str], seed0: int, *, steps: int, cfg_scale: float | None = None, frames: int | None = None) -> tuple[torch.Tensor, float]:
     """All samples (B, C, T, H, W) in batches, and the batched seconds per sample."""
     outs, t0 = [], time.perf_counter()
     for i in range(0, len(prompts), BATCH):
         p = prompts[i : i + BATCH]
-        outs.append(gen.generate_tensor(p, [seed0 + i + j for j in range(len(p))], steps=steps, cfg_scale=cfg_scale))
+        outs.append(gen.generate_tensor(p, [seed0 + i + j for j in range(len(p))], steps=steps, cfg_scale=cfg_scale, frames=frames))
     return torch.cat(outs), (time.perf_counter() - t0) / len(prompts)
+
+
+def validation_metrics(gen: Generator, classifier, val_real, *, n: int = 256, steps: int = 1, cfg_scale: float | None = None, frames: int | None = None) -> dict:
+    """Toy metrics of ``gen`` on the validation split (``apt.eval.toy_metrics.VAL_PROMPT_SEED``), against
+    ``val_real`` (``real_stats`` of the same n and seed); ``frames`` defaults to the generator's own."""
+    frames = frames or gen.num_frames
+    prompts = eval_prompts(n, seed=VAL_PROMPT_SEED, frames=frames)
+    x, _ = generate_all(gen, prompts, VAL_NOISE_SEED, steps=steps, cfg_scale=cfg_scale, frames=frames)
+    return evaluate_samples(classifier, x, prompts, val_real)
 
 
 def batch1_seconds(gen: Generator, prompts: list[str], *, steps: int, cfg_scale: float | None = None, min_calls: int = 16, min_seconds: float = 2.0) -> float:
@@ -65,17 +74,14 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
     t_gen = load_generator(teacher)
     frames = t_gen.num_frames
     prompts = eval_prompts(num_samples, seed=EVAL_SEED, frames=frames)
-    val_prompts = eval_prompts(256, seed=VAL_SEED, frames=frames)
     real = real_stats(classifier, frames=frames, n=num_samples, seed=EVAL_SEED, cache_path=str(out_dir / f"real_stats_{frames}f_{num_samples}.npz"))
     floor = real_vs_real_floor(classifier, frames=frames, n=num_samples, seed=EVAL_SEED)
-    val_real = real_stats(classifier, frames=frames, n=256, seed=VAL_SEED, cache_path=str(out_dir / f"real_stats_{frames}f_val256.npz"))
+    val_real = real_stats(classifier, frames=frames, n=256, seed=VAL_PROMPT_SEED, cache_path=str(out_dir / f"real_stats_{frames}f_val256.npz"))
 
     # Pick the APT checkpoint on the validation set.
     selection = []
     for ckpt in apt_candidates:
-        g = load_generator(ckpt)
-        x, _ = generate_all(g, val_prompts, 20_000, steps=1)
-        m = evaluate_samples(classifier, x, val_prompts, val_real)
+        m = validation_metrics(load_generator(ckpt), classifier, val_real)
         selection.append({"checkpoint": str(ckpt), "val_distance": m["distance"], "val_attribute_accuracy": m["attribute_accuracy"]})
         print(f"[eval] validation {ckpt}: distance {m['distance']:.1f}, attribute accuracy {m['attribute_accuracy']:.3f}")
     best = min(selection, key=lambda s: s["val_distance"])["checkpoint"]

@@ -15,9 +15,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from apt.config import Config
+from apt.eval.toy_metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED
 from apt.media import save_samples
-
-VAL_PROMPT_SEED, VAL_NOISE_SEED = 4321, 20_000
 
 
 class ToyEvalCallback(L.Callback):
