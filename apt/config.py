@@ -172,6 +172,11 @@ class AptConfig:
     """Train all D parameters (paper); False freezes the backbone (ablation)."""
     use_r1: bool = True
     """Approximate R1 on (ablation: off collapses)."""
+    mismatch_weight: float = 0.0
+    """Not in the paper (0 = APT as published). Weight of a matching-aware D term (GAN-INT-CLS, GigaGAN):
+    real clips paired with the batch's most similar different text count as fake, so D must judge text
+    alignment too.
+    docs/demo.md: without it the toy's D is blind to a wrong shape in the prompt."""
     ema_decay: float = 0.995
     collapse_patience: int = 50
     """Warn when D wins outright (real>0>fake, D loss < 0.05) this many steps in a row."""
@@ -357,6 +362,7 @@ def check_config(c: Config) -> None:
     need(c.apt.d_steps_per_g_step >= 1, f"apt.d_steps_per_g_step must be >= 1, got {c.apt.d_steps_per_g_step}")
     need(c.distill.num_steps >= 1, f"distill.num_steps must be >= 1, got {c.distill.num_steps}")
     need(len(c.apt.readout_fractions) > 0, "apt.readout_fractions must list at least one depth")
+    need(c.apt.mismatch_weight >= 0.0, f"apt.mismatch_weight must be >= 0, got {c.apt.mismatch_weight}")
     if c.model.source == "builtin":  # diffusers shapes are checked against model.path when the model is built
         flav = FLAVOURS[c.model.flavour]
         pt, ph, pw = flav.patch_size

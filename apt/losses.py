@@ -3,6 +3,8 @@
 - Flow matching (rectified flow): || v_pred - (eps - x0) ||^2, or in x0 space for x0-parameterised nets.
 - Non-saturating GAN (Goodfellow et al. 2014), as APT (arXiv 2501.08316 §3.3):
       L_D = softplus(-D(x)) + softplus(D(G(z))),   L_G = softplus(-D(G(z)))
+- Matching-aware D term (not in APT; Reed et al. 2016, GigaGAN): real x with the wrong text is fake,
+      L_match = mean softplus(D(x, c_wrong)).
 - Approximate R1 (APT §3.4): L_aR1 = lambda * mean || D(x) - D(x + sigma n) ||^2, real x only.
 - Consistency distillation target: MSE between student velocity and a bootstrapped target.
 """
@@ -32,6 +34,11 @@ def d_loss_nonsaturating(logits_real_B: torch.Tensor, logits_fake_B: torch.Tenso
 def g_loss_nonsaturating(logits_fake_B: torch.Tensor) -> torch.Tensor:
     """mean softplus(-D(G(z)))."""
     return F.softplus(-logits_fake_B).mean()
+
+
+def mismatch_loss(logits_mismatched_B: torch.Tensor) -> torch.Tensor:
+    """mean softplus(D(x, c')): a real clip under another sample's text, judged as a fake."""
+    return F.softplus(logits_mismatched_B).mean()
 
 
 def approximate_r1(logits_real_B: torch.Tensor, logits_perturbed_B: torch.Tensor, *, weight: float) -> torch.Tensor:

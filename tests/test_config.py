@@ -26,6 +26,7 @@ def test_defaults_and_override_precedence():
         ("data.frames=3", "temporal patch size"),
         ("model.flavour=huge", "model.flavour 'huge' unknown"),
         ("apt.optimizer=sgd", "apt.optimizer"),
+        ("apt.mismatch_weight=-1", "apt.mismatch_weight must be >= 0, got -1"),
         ("notakeyvalue", "key=value"),
     ],
 )

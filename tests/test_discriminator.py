@@ -4,6 +4,7 @@ import torch
 from apt.discriminator import Discriminator
 from apt.losses import d_loss_nonsaturating, g_loss_nonsaturating
 from apt.models import build_dit
+from apt.models.backbone import TextCond
 from tests.conftest import random_text
 
 
@@ -78,3 +79,15 @@ def test_logit_and_r1_stay_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = d(x, t, text)
     assert logits.dtype == torch.float32
+
+
+def test_nearest_other_text_is_the_most_similar_different_one():
+    base = random_text(1, 4, 8, pad_from=3)
+    near = TextCond(base.emb_BLD + 0.1 * torch.randn(1, 4, 8), base.mask_BL)
+    far = TextCond(-base.emb_BLD, base.mask_BL)  # cosine -1 to base, a little above -1 to near
+    text = TextCond.cat([base, near, far, base])  # sample 3 repeats sample 0's text
+    picked = text.nearest_other()
+    for i, j in enumerate([1, 0, 1, 1]):
+        assert torch.equal(picked.emb_BLD[i], text.emb_BLD[j]), (i, j)
+    same = TextCond.cat([base, base])  # no different text in the batch: the neighbour's
+    assert torch.equal(same.nearest_other().emb_BLD, same.emb_BLD)

@@ -1,6 +1,7 @@
 """Tiny end-to-end runs on CPU through the CLI: artifacts, step counts, exact resume, clear failures."""
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,69 @@ def test_apt_video_stage_starts_from_image_stage_ema(tiny_teacher, tiny_distille
     teacher = load_file(str(latest_checkpoint(tiny_teacher) / "net_ema.safetensors"))
     assert all(torch.equal(m.generator.state_dict()[k], g_img[k]) for k in g_img)
     assert all(torch.equal(m.discriminator.backbone.state_dict()[k], teacher[k]) for k in teacher)
+
+
+class _NoUpdate:
+    """A NetUpdate that keeps the networks as they are: the step's losses can be recomputed by hand."""
+
+    def zero_grad(self):
+        pass
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        return torch.zeros(())
+
+
+def test_mismatch_term_scores_real_clips_under_the_nearest_other_text(tiny_teacher, tiny_distilled, toy_shards):
+    """apt.mismatch_weight adds w * mean softplus(D(x_real, t, nearest other text)) to the D loss, with the
+    step's own timesteps; the paper's loss is unchanged at w = 0."""
+    import torch.nn.functional as F
+
+    from apt.config import load_config
+    from apt.lit.apt import AptModule, SampleNoise
+
+    c = load_config("recipes/demo/apt_video.yaml", ["tiny"], [f"data.shards={toy_shards['video']}", f"apt.generator={tiny_distilled}",
+                                                              f"apt.teacher={tiny_teacher}", "apt.d_warmup_steps=100"])
+    m = AptModule(c)
+    x = torch.rand(3, 3, c.data.frames, c.data.height, c.data.width) * 2 - 1
+    batch = {"x": x, "caption": ["a red circle moving left on a black background", "a red square moving left on a black background",
+                                 "a green triangle moving down on a white background"]}
+    rng = m.rng.get_state()
+    losses_d = {}
+    for w in (0.0, 2.0):
+        m.config.apt.mismatch_weight = w
+        m.rng.set_state(rng)
+        losses_d[w] = m.apt_step([batch], update_g=_NoUpdate(), update_d=_NoUpdate())["loss_d"]
+    m.rng.set_state(rng)
+    noise = SampleNoise(int(torch.randint(0, 2**62, (1,), generator=m.rng)), range(3))
+    noise.randn(x.shape[1:], "cpu")  # the fakes' z, drawn before the timesteps
+    t = noise.timesteps(m.discriminator, "cpu")
+    text = m.encode(batch["caption"])
+    with torch.no_grad():
+        mismatched = m.discriminator(x, t, text.nearest_other())
+    torch.testing.assert_close(text.nearest_other().emb_BLD[:2], text.emb_BLD[[1, 0]])  # circle <-> square
+    torch.testing.assert_close(losses_d[2.0] - losses_d[0.0], 2.0 * F.softplus(mismatched).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_d_text_probe_scores_true_against_swapped_captions(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
+    from eval_helpers import load_eval_script
+
+    from apt.data.toy import parse_caption
+
+    probe = load_eval_script("d_text_probe")
+    prompts = ["a red circle moving left on a black background", "a blue square moving up on a gray background"]
+    for attribute in ("shape", "colour", "direction", "background"):
+        for p, q in zip(prompts, probe.swapped_captions(prompts, attribute)):
+            a, b = parse_caption(p).to_dict(), parse_caption(q).to_dict()
+            assert [k for k in a if a[k] != b[k]] == [attribute], (p, q)
+    run = tmp_path / "apt"
+    assert main(apt_args(run, toy_shards["video"], tiny_distilled, tiny_teacher, "train.max_steps=1")) == 0
+    rows = probe.main([str(run), "--num-samples", "8"])
+    assert [r["t"] for r in rows] == [0.05, 0.2, 0.4, 0.6, 0.8]
+    for r in rows:
+        assert 0.0 <= r["share_true_higher"] <= 1.0 and math.isfinite(r["d_true_caption"]) and math.isfinite(r["d_swapped_caption"]), r
 
 
 def test_nan_input_fails_clearly_without_checkpoint(tiny_teacher, toy_shards, tmp_path, capsys):

@@ -3,7 +3,7 @@ import math
 import torch
 
 from apt.ema import ema_update
-from apt.losses import approximate_r1, d_loss_nonsaturating, flow_matching_loss, g_loss_nonsaturating
+from apt.losses import approximate_r1, d_loss_nonsaturating, flow_matching_loss, g_loss_nonsaturating, mismatch_loss
 
 
 def sp(x: float) -> float:
@@ -15,6 +15,11 @@ def test_gan_losses_match_hand_computation():
     expected_d = (sp(-0.5) + sp(1.0)) / 2 + (sp(2.0) + sp(0.0)) / 2
     assert abs(d_loss_nonsaturating(real, fake).item() - expected_d) < 1e-6
     assert abs(g_loss_nonsaturating(fake).item() - (sp(-2.0) + sp(0.0)) / 2) < 1e-6
+
+
+def test_mismatch_loss_is_the_fake_term():
+    mismatched = torch.tensor([1.0, -2.0])
+    assert abs(mismatch_loss(mismatched).item() - (sp(1.0) + sp(-2.0)) / 2) < 1e-6
 
 
 def test_approximate_r1_is_lambda_times_mean_squared_difference():

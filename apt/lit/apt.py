@@ -26,7 +26,7 @@ from apt.distributed.sequence_parallel import apply_sequence_parallel_apt, data_
 from apt.distributed.zero3_ema import PartitionedEma
 from apt.ema import ema_update, local_shard
 from apt.lit.base import StageModule
-from apt.losses import approximate_r1, d_loss_nonsaturating, g_loss_nonsaturating
+from apt.losses import approximate_r1, d_loss_nonsaturating, g_loss_nonsaturating, mismatch_loss
 from apt.models.backbone import TextCond
 
 
@@ -225,9 +225,14 @@ class AptModule(StageModule):
                     x_fake = self.one_step(G, noise.randn(x_real.shape[1:], self.device), text)
                 t = noise.timesteps(D, self.device)
                 x_perturbed = x_real + a.r1_sigma * noise.randn(x_real.shape[1:], self.device)
-                logits = D(torch.cat([x_real, x_perturbed, x_fake]), t.repeat(3), text.repeat(3))
-                d_real, d_perturbed, d_fake = logits.split(B)
+                x_in, texts = [x_real, x_perturbed, x_fake], [text, text, text]
+                if a.mismatch_weight > 0:  # not in the paper: real clips under the nearest other text
+                    x_in, texts = x_in + [x_real], texts + [text.nearest_other()]
+                logits = D(torch.cat(x_in), t.repeat(len(x_in)), TextCond.cat(texts))
+                d_real, d_perturbed, d_fake, *d_mismatched = logits.split(B)
                 loss_adv = d_loss_nonsaturating(d_real, d_fake)
+                if d_mismatched:
+                    loss_adv = loss_adv + a.mismatch_weight * mismatch_loss(d_mismatched[0])
                 r1 = approximate_r1(d_real, d_perturbed, weight=a.r1_lambda) if a.use_r1 else torch.zeros((), device=self.device)
                 loss_d = loss_adv + r1
                 self.check_finite("D loss", loss_d)

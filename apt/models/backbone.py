@@ -58,6 +58,20 @@ class TextCond:
             return TextCond(torch.cat(embs), torch.cat(masks))
         return TextCond(torch.cat(embs), torch.cat(masks), torch.cat(pooled))
 
+    def nearest_other(self) -> "TextCond":
+        """Each sample gets the most similar DIFFERENT text of the batch (cosine of the masked-mean token
+        embeddings): a hard negative for a matching-aware discriminator. A sample whose text every other
+        sample shares keeps the text of its neighbour along the batch."""
+        B = self.emb_BLD.shape[0]
+        mask = self.mask_BL[..., None].to(self.emb_BLD.dtype)
+        mean_BD = nn.functional.normalize((self.emb_BLD * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1).float()
+        sim_BB = mean_BD @ mean_BD.T
+        same_BB = sim_BB > 1 - 1e-6  # itself and identical texts
+        idx_B = sim_BB.masked_fill(same_BB, -float("inf")).argmax(1)
+        neighbour_B = torch.arange(B, device=idx_B.device).roll(1)
+        idx_B = torch.where(same_BB.all(1), neighbour_B, idx_B)
+        return self[idx_B]
+
     def repeat(self, n: int) -> "TextCond":
         pooled = None if self.pooled_BP is None else self.pooled_BP.repeat(n, 1)
         return TextCond(self.emb_BLD.repeat(n, 1, 1), self.mask_BL.repeat(n, 1), pooled)
