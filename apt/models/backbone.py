@@ -72,6 +72,10 @@ class TextCond:
         idx_B = torch.where(same_BB.all(1), neighbour_B, idx_B)
         return self[idx_B]
 
+    def repeat(self, n: int) -> "TextCond":
+        pooled = None if self.pooled_BP is None else self.pooled_BP.repeat(n, 1)
+        return TextCond(self.emb_BLD.repeat(n, 1, 1), self.mask_BL.repeat(n, 1), pooled)
+
 
 @runtime_checkable
 class Backbone(Protocol):
