@@ -22,7 +22,9 @@ from apt.config import config_from_yaml
 from apt.data.toy import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, caption, eval_prompts, parse_caption, render_batch
 from apt.eval.toy_metrics import VAL_PROMPT_SEED
 from apt.inference import resolve_checkpoint
-from apt.lit.apt import AptModule
+from apt.lit.apt import build_discriminator
+from apt.models import factory
+from apt.text import TextEncoder
 
 CHOICES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "direction": tuple(DIRECTIONS), "background": tuple(BACKGROUNDS)}
 
@@ -39,13 +41,15 @@ def swapped_captions(prompts: list[str], attribute: str) -> list[str]:
 
 def probe(checkpoint: str, *, attribute: str = "shape", num_samples: int = 256, timesteps=(0.05, 0.2, 0.4, 0.6, 0.8), frames: int = 4) -> list[dict]:
     ckpt = resolve_checkpoint(checkpoint)
-    module = AptModule(config_from_yaml(ckpt / "config.yaml"))
-    module.discriminator.load_state_dict(load_file(str(ckpt / "discriminator.safetensors")))
-    D = module.discriminator.eval()
+    config = config_from_yaml(ckpt / "config.yaml")
+    text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
+    D = build_discriminator(factory.build_backbone(config, text_dim=text_encoder.dim), config.apt)  # architecture only
+    D.load_state_dict(load_file(str(ckpt / "discriminator.safetensors")))
+    D.eval()
     prompts = eval_prompts(num_samples, seed=VAL_PROMPT_SEED, frames=frames)
     x = torch.from_numpy(render_batch([parse_caption(p) for p in prompts], seed=VAL_PROMPT_SEED, frames=frames))
     x = x.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-    true_text, wrong_text = module.encode(prompts), module.encode(swapped_captions(prompts, attribute))
+    true_text, wrong_text = text_encoder.encode(prompts), text_encoder.encode(swapped_captions(prompts, attribute))
     rows = []
     with torch.no_grad():
         for t in timesteps:

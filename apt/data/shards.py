@@ -238,7 +238,7 @@ class _TrainStream(IterableDataset):
 
     def __init__(
         self, urls: list[str], batch_size: int, seed: int, rank: int, skip_batches: int, shuffle_buffer: int,
-        decode: Callable = None, collate: Callable = None,
+        decode: Callable | None = None, collate: Callable | None = None,
     ) -> None:
         super().__init__()
         self.urls, self.batch_size, self.seed, self.rank = urls, batch_size, seed, rank

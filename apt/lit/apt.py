@@ -20,7 +20,7 @@ from typing import ContextManager, Protocol
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from apt.config import Config
+from apt.config import AptConfig, Config
 from apt.discriminator import Discriminator
 from apt.distributed.sequence_parallel import apply_sequence_parallel_apt, data_parallel_rank, sequence_parallel_mesh
 from apt.distributed.zero3_ema import PartitionedEma
@@ -85,6 +85,11 @@ class SampleNoise:
         return torch.cat([D.sample_t(1, g) for g in self.generators]).to(device)
 
 
+def build_discriminator(backbone, a: AptConfig) -> Discriminator:
+    """APT's D around a diffusion backbone: readout heads at ``apt.readout_fractions``, t-shift ``apt.d_timestep_shift``."""
+    return Discriminator(backbone, fractions=list(a.readout_fractions), num_heads=backbone.config.num_heads, timestep_shift=a.d_timestep_shift)
+
+
 def _mean(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.detach() for v in values]).mean()
 
@@ -98,7 +103,7 @@ class AptModule(StageModule):
         self.generator_ema = self.frozen_copy(self.generator)
         d_backbone = self.load_backbone(a.teacher, "net_ema")  # the ORIGINAL diffusion weights
         d_backbone.requires_grad_(a.train_d_backbone)
-        self.discriminator = Discriminator(d_backbone, fractions=list(a.readout_fractions), num_heads=d_backbone.config.num_heads, timestep_shift=a.d_timestep_shift)
+        self.discriminator = build_discriminator(d_backbone, a)
         self.g_updates = 0
         self.d_updates = 0
         self.win_streak = 0
