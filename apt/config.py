@@ -176,7 +176,7 @@ class AptConfig:
     """Not in the paper (0 = APT as published). Weight of a matching-aware D term (GAN-INT-CLS, GigaGAN):
     real clips paired with the batch's most similar different text count as fake, so D must judge text
     alignment too. docs/demo.md: on the toy it taught D the shape word; with the 14000-step teacher it
-    kept improving over 400 video updates where the published objective stopped (validation 24.5 vs 25.4)."""
+    kept improving over 350 video updates where the published objective stopped (validation 24.5 vs 25.4)."""
     ema_decay: float = 0.995
     collapse_patience: int = 50
     """Warn when D wins outright (real>0>fake, D loss < 0.05) this many steps in a row."""
