@@ -72,13 +72,13 @@ def check_sequence_split(c: Config, patch_size) -> None:
     latent of data.shards and the model's patch, must divide train.sequence_parallel."""
     from apt.data.latent_shards import first_latent_shape
     from apt.data.shards import resolve_shards
-    from apt.distributed.context_parallel import visual_tokens
+    from apt.distributed.context_parallel import latent_token_count
 
     P, shape = c.train.sequence_parallel, first_latent_shape(resolve_shards(c.data.shards))
     if not patch_size or shape is None:
         return  # pixel shards are encoded on the fly: apt.distributed.context_parallel checks at the first forward
     (_, f, h, w), (pt, ph, pw) = shape, patch_size
-    tokens = visual_tokens((f, h, w), patch_size)
+    tokens = latent_token_count((f, h, w), patch_size)
     if tokens % P:
         raise ConfigError(f"train.sequence_parallel={P}: the latents of data.shards {c.data.shards} are {f}x{h}x{w} (frames x height x width), "
                           f"{tokens} visual tokens for patch {pt}x{ph}x{pw}, which do not split over {P} ranks; choose another "

@@ -45,12 +45,15 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 def first_latent_shape(urls: Sequence[str]) -> tuple[int, ...] | None:
     """Shape (C, T', H', W') of the first shard's first latent; None when the shards hold pixels
-    (peeks at the first few members of the first shard)."""
+    (peeks at the first few members of the first shard, reading only the latent's .npy header)."""
     try:
         with tarfile.open(urls[0]) as tar:
             for i, member in enumerate(tar):
-                if member.name.endswith(".latent.npy"):
-                    return tuple(np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False).shape)
+                if member.name.endswith(".latent.npy"):  # the .npy header alone, not the array
+                    f = tar.extractfile(member)
+                    fmt = np.lib.format
+                    read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+                    return tuple(read_header(f)[0])
                 if member.name.endswith(".pixels.npy") or i > 8:
                     return None
     except (tarfile.TarError, OSError, IndexError):

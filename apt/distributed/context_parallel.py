@@ -63,12 +63,14 @@ def apply_context_parallel(adapter: DiffusersAdapter, mesh: DeviceMesh) -> None:
         if not (isinstance(entry, ContextParallelOutput) and entry.gather_dim == 1):
             raise NotImplementedError(f"{type(model).__name__}._cp_plan['{name}'] = {entry}: apt gathers one tensor along dim 1")
         model.get_submodule(name).register_forward_hook(lambda _module, _inputs, out: gather_sequence(out, group))
-    visual_tokens = adapter.visual_tokens
-    adapter.visual_tokens = lambda block_output: gather_sequence(visual_tokens(block_output), group)
+    local_visual_tokens = adapter.visual_tokens
+    adapter.visual_tokens = lambda block_output: gather_sequence(local_visual_tokens(block_output), group)
 
 
-def visual_tokens(frames_height_width: tuple[int, int, int], patch_size: tuple[int, int, int]) -> int:
-    """Visual tokens of a (frames, height, width) latent for a (t, h, w) patch."""
+def latent_token_count(frames_height_width: tuple[int, int, int], patch_size: tuple[int, int, int]) -> int:
+    """Visual tokens of a (frames, height, width) latent for a (t, h, w) patch, as diffusers patchifies it
+    (plain floor division; the built-in DiT's own count, which repeats a 1-frame image to fill a temporal
+    patch, is ``apt.models.flops.visual_tokens``)."""
     (f, h, w), (pt, ph, pw) = frames_height_width, patch_size
     return (f // pt) * (h // ph) * (w // pw)
 
@@ -80,7 +82,7 @@ def _check_token_count(patch_size: tuple[int, int, int], P: int):
     def check(_model, args, kwargs):
         latent = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         (f, h, w), (pt, ph, pw) = latent.shape[2:], patch_size
-        tokens = visual_tokens((f, h, w), patch_size)
+        tokens = latent_token_count((f, h, w), patch_size)
         if tokens % P:
             raise ValueError(
                 f"train.sequence_parallel={P}: a latent of {f}x{h}x{w} (frames x height x width) is {tokens} visual tokens "
