@@ -5,6 +5,7 @@
       L_D = softplus(-D(x)) + softplus(D(G(z))),   L_G = softplus(-D(G(z)))
 - Matching-aware D term (not in APT; Reed et al. 2016, GigaGAN): real x with the wrong text is fake,
       L_match = mean softplus(D(x, c_wrong)).
+- Text contrast G term (not in APT): L = mean softplus(D(G(z), c_wrong) - D(G(z), c)).
 - Approximate R1 (APT §3.4): L_aR1 = lambda * mean || D(x) - D(x + sigma n) ||^2, real x only.
 - Consistency distillation target: MSE between student velocity and a bootstrapped target.
 """
@@ -39,6 +40,11 @@ def g_loss_nonsaturating(logits_fake_B: torch.Tensor) -> torch.Tensor:
 def mismatch_loss(logits_mismatched_B: torch.Tensor) -> torch.Tensor:
     """mean softplus(D(x, c')): a real clip under another sample's text, judged as a fake."""
     return F.softplus(logits_mismatched_B).mean()
+
+
+def text_contrast_loss(logits_own_B: torch.Tensor, logits_other_B: torch.Tensor) -> torch.Tensor:
+    """mean softplus(D(x, c') - D(x, c)): -log of D's odds that x goes with its own text c rather than c'."""
+    return F.softplus(logits_other_B - logits_own_B).mean()
 
 
 def approximate_r1(logits_real_B: torch.Tensor, logits_perturbed_B: torch.Tensor, *, weight: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ def test_defaults_and_override_precedence():
         ("model.flavour=huge", "model.flavour 'huge' unknown"),
         ("apt.optimizer=sgd", "apt.optimizer"),
         ("apt.mismatch_weight=-1", "apt.mismatch_weight must be >= 0, got -1"),
+        ("apt.text_contrast_weight=1", "apt.text_contrast_weight=1.0 needs apt.mismatch_weight > 0"),
         ("notakeyvalue", "key=value"),
     ],
 )

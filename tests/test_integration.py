@@ -139,6 +139,36 @@ def test_mismatch_term_scores_real_clips_under_the_nearest_other_text(tiny_teach
     torch.testing.assert_close(losses_d[2.0] - losses_d[0.0], 2.0 * F.softplus(mismatched).mean(), rtol=1e-5, atol=1e-6)
 
 
+def test_text_contrast_term_adds_the_logit_gap_to_the_g_loss(tiny_teacher, tiny_distilled, toy_shards):
+    """apt.text_contrast_weight adds w * mean softplus(D(G(z), t, nearest other text) - D(G(z), t, text)) to the
+    G loss, on the G step's own z and t; the G loss is unchanged at w = 0."""
+    import torch.nn.functional as F
+
+    from apt.config import load_config
+    from apt.lit.apt import AptModule, SampleNoise
+
+    c = load_config("recipes/demo/apt_video.yaml", ["tiny"], [f"data.shards={toy_shards['video']}", f"apt.generator={tiny_distilled}",
+                                                              f"apt.teacher={tiny_teacher}", "apt.d_warmup_steps=0", "apt.mismatch_weight=1.0"])
+    m = AptModule(c)
+    x = torch.rand(2, 3, c.data.frames, c.data.height, c.data.width) * 2 - 1
+    batch = {"x": x, "caption": ["a red circle moving left on a black background", "a red square moving left on a black background"]}
+    rng = m.rng.get_state()
+    losses_g = {}
+    for w in (0.0, 3.0):
+        m.config.apt.text_contrast_weight = w
+        m.rng.set_state(rng)
+        losses_g[w] = m.apt_step([batch], update_g=_NoUpdate(), update_d=_NoUpdate())["loss_g"]
+    m.rng.set_state(rng)
+    noise = SampleNoise(int(torch.randint(0, 2**62, (1,), generator=m.rng)), range(2))
+    noise.randn(x.shape[1:], "cpu"), noise.timesteps(m.discriminator, "cpu"), noise.randn(x.shape[1:], "cpu")  # the D step's draws
+    text = m.encode(batch["caption"])
+    with torch.no_grad():
+        x_fake = m.one_step(m.generator, noise.randn(x.shape[1:], "cpu"), text)
+        t = noise.timesteps(m.discriminator, "cpu")
+        gap = m.discriminator(x_fake, t, text.nearest_other()) - m.discriminator(x_fake, t, text)
+    torch.testing.assert_close(losses_g[3.0] - losses_g[0.0], 3.0 * F.softplus(gap).mean(), rtol=1e-5, atol=1e-6)
+
+
 def test_d_text_probe_scores_true_against_swapped_captions(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
     from eval_helpers import load_eval_script
 

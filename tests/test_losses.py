@@ -3,7 +3,7 @@ import math
 import torch
 
 from apt.ema import ema_update
-from apt.losses import approximate_r1, d_loss_nonsaturating, flow_matching_loss, g_loss_nonsaturating, mismatch_loss
+from apt.losses import approximate_r1, d_loss_nonsaturating, flow_matching_loss, g_loss_nonsaturating, mismatch_loss, text_contrast_loss
 
 
 def sp(x: float) -> float:
@@ -20,6 +20,11 @@ def test_gan_losses_match_hand_computation():
 def test_mismatch_loss_is_the_fake_term():
     mismatched = torch.tensor([1.0, -2.0])
     assert abs(mismatch_loss(mismatched).item() - (sp(1.0) + sp(-2.0)) / 2) < 1e-6
+
+
+def test_text_contrast_loss_is_softplus_of_the_logit_gap():
+    own, other = torch.tensor([1.0, -0.5]), torch.tensor([0.0, 1.5])
+    assert abs(text_contrast_loss(own, other).item() - (sp(-1.0) + sp(2.0)) / 2) < 1e-6
 
 
 def test_approximate_r1_is_lambda_times_mean_squared_difference():

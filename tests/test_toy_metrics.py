@@ -114,3 +114,26 @@ def test_toy_validate_script_ranks_the_teacher_above_its_one_step_mean() -> None
     assert full["steps"] == 25 and set(full["per_attribute"]) == {"shape", "colour", "direction", "background"}
     assert full["val_distance"] < one["val_distance"] / 2, (full, one)
     assert full["val_attribute_accuracy"] > one["val_attribute_accuracy"] + 0.2, (full, one)
+
+
+def test_correct_mask_is_per_sample_and_skips_unset_attributes() -> None:
+    prompts = ["a red circle on a black background", "a blue square on a gray background"]  # images: no direction
+    preds = {"shape": ["circle", "circle"], "colour": ["red", "blue"], "direction": ["left", "up"], "background": ["black", "gray"]}
+    ok, per_attribute = toy_metrics.correct_mask(preds, prompts)
+    assert ok.tolist() == [True, False]
+    assert per_attribute == {"shape": 0.5, "colour": 1.0, "background": 1.0}
+
+
+def test_toy_gap_script_splits_the_distance() -> None:
+    """eval/toy_gap.py: mean + covariance terms add up to the distance; re-drawing only fixes misaligned
+    samples (never adds any), and a model with nothing misaligned keeps its distance exactly."""
+    from eval_helpers import load_eval_script
+
+    gap = load_eval_script("toy_gap")
+    (one,) = gap.main(["assets/demo_teacher", "--num-samples", "32", "--redraws", "3"])
+    assert one["floor"] > 0 and one["mean_term"] + one["cov_term"] == pytest.approx(one["distance"], abs=0.02)
+    assert 0 < one["attribute_accuracy"] < 1
+    assert one["still_misaligned"] < 1 - one["attribute_accuracy"], one
+    (full,) = gap.main(["assets/demo_teacher", "--num-samples", "32", "--steps", "25", "--cfg", "3", "--redraws", "3"])
+    assert full["attribute_accuracy"] == 1.0 and full["still_misaligned"] == 0 and full["aligned_distance"] == full["distance"], full
+    assert full["distance"] < one["distance"]

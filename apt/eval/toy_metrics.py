@@ -63,9 +63,11 @@ def _rechunk(batches: Iterable[torch.Tensor], chunk: int) -> Iterator[torch.Tens
 
 
 @torch.no_grad()
-def _features_and_predictions(
+def features_and_predictions(
     classifier: ToyClassifier, batches: Iterable[torch.Tensor], chunk: int
 ) -> tuple[FeatureStats, dict[str, list[str]]]:
+    """Feature statistics of clip batches (B, C, T, H, W) and the classifier's predicted class names
+    per attribute, in input order."""
     classifier.eval()
     device = next(classifier.parameters()).device
     stats = FeatureStats(dim=classifier.num_features)
@@ -100,7 +102,7 @@ def real_stats(
                 f"asked for n={n}, dim={classifier.num_features} (delete the file to recompute)"
             )
         return cached
-    stats, _ = _features_and_predictions(
+    stats, _ = features_and_predictions(
         classifier, (x for x, _ in real_batches(frames, n, seed, chunk)), chunk
     )
     if cache_path is not None:
@@ -108,11 +110,11 @@ def real_stats(
     return stats
 
 
-def attribute_scores(predictions: dict[str, list[str]], prompts: list[str]) -> dict:
-    """Joint and per-attribute accuracy of predicted class names against parsed prompts."""
+def correct_mask(predictions: dict[str, list[str]], prompts: list[str]) -> tuple[np.ndarray, dict[str, float]]:
+    """Per-sample joint correctness (N,) of predicted class names against parsed prompts, and the
+    per-attribute accuracy (attributes the prompts leave unset, e.g. an image's direction, are skipped)."""
     targets = [toy.parse_caption(p) for p in prompts]
-    n = len(targets)
-    correct_N = np.ones(n, dtype=bool)
+    correct_N = np.ones(len(targets), dtype=bool)
     per_attribute: dict[str, float] = {}
     for name in ATTRIBUTES:
         wanted = [getattr(a, name) for a in targets]
@@ -121,6 +123,12 @@ def attribute_scores(predictions: dict[str, list[str]], prompts: list[str]) -> d
         hit_N = np.array([p == w for p, w in zip(predictions[name], wanted, strict=True)])
         per_attribute[name] = float(hit_N.mean())
         correct_N &= hit_N
+    return correct_N, per_attribute
+
+
+def attribute_scores(predictions: dict[str, list[str]], prompts: list[str]) -> dict:
+    """Joint and per-attribute accuracy of predicted class names against parsed prompts."""
+    correct_N, per_attribute = correct_mask(predictions, prompts)
     return {"attribute_accuracy": float(correct_N.mean()), "per_attribute": per_attribute}
 
 
@@ -138,7 +146,7 @@ def evaluate_samples(
     joint accuracy uses shape, colour, background and, for clips, direction.
     """
     batches = [samples] if isinstance(samples, torch.Tensor) else samples
-    stats, preds = _features_and_predictions(classifier, batches, chunk)
+    stats, preds = features_and_predictions(classifier, batches, chunk)
     if stats.n != len(prompts):
         raise ValueError(f"got {stats.n} samples for {len(prompts)} prompts")
     return {"distance": stats_distance(stats, real_stats), **attribute_scores(preds, prompts), "n": stats.n}
@@ -149,8 +157,8 @@ def real_vs_real_floor(
 ) -> float:
     """Distance between two disjoint real sets of n clips (indices [0, n) and [n, 2n) of `seed`):
     the smallest distance a perfect generator can expect at this n."""
-    a, _ = _features_and_predictions(classifier, (x for x, _ in real_batches(frames, n, seed, chunk)), chunk)
-    b, _ = _features_and_predictions(
+    a, _ = features_and_predictions(classifier, (x for x, _ in real_batches(frames, n, seed, chunk)), chunk)
+    b, _ = features_and_predictions(
         classifier, (x for x, _ in real_batches(frames, n, seed, chunk, start=n)), chunk
     )
     return stats_distance(a, b)

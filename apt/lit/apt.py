@@ -26,7 +26,7 @@ from apt.distributed.sequence_parallel import apply_sequence_parallel_apt, data_
 from apt.distributed.zero3_ema import PartitionedEma
 from apt.ema import ema_update, local_shard
 from apt.lit.base import StageModule
-from apt.losses import approximate_r1, d_loss_nonsaturating, g_loss_nonsaturating, mismatch_loss
+from apt.losses import approximate_r1, d_loss_nonsaturating, g_loss_nonsaturating, mismatch_loss, text_contrast_loss
 from apt.models.backbone import TextCond
 
 
@@ -256,7 +256,12 @@ class AptModule(StageModule):
             losses_g = []
             for x_real, text, noise in parts:
                 x_fake = self.one_step(G, noise.randn(x_real.shape[1:], self.device), text)
-                loss_g = g_loss_nonsaturating(D(x_fake, noise.timesteps(D, self.device), text))
+                t = noise.timesteps(D, self.device)
+                if a.text_contrast_weight > 0:  # not in the paper: look like c to D rather than like c'
+                    d_fake, d_other = D(torch.cat([x_fake, x_fake]), t.repeat(2), TextCond.cat([text, text.nearest_other()])).split(x_fake.shape[0])
+                    loss_g = g_loss_nonsaturating(d_fake) + a.text_contrast_weight * text_contrast_loss(d_fake, d_other)
+                else:
+                    loss_g = g_loss_nonsaturating(D(x_fake, t, text))
                 self.check_finite("G loss", loss_g)
                 update_g.backward(loss_g / k)
                 losses_g.append(loss_g)
