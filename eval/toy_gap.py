@@ -21,28 +21,22 @@ import argparse
 import json
 
 import numpy as np
-import torch
 
 from apt.data.toy import eval_prompts
 from apt.eval.frechet import stats_distance
 from apt.eval.toy_classifier import load_toy_classifier
 from apt.eval.toy_metrics import (VAL_NOISE_SEED, VAL_PROMPT_SEED, correct_mask, features_and_predictions, real_stats,
                                   real_vs_real_floor)
-from apt.eval.toy_report import BATCH
+from apt.eval.toy_report import add_validation_arguments, generate_seeded
 from apt.inference import load_generator
 
 REDRAW_SEED_STRIDE = 100_003
 """Re-draw k of sample i uses noise seed VAL_NOISE_SEED + k * REDRAW_SEED_STRIDE + i (disjoint from the split's seeds)."""
 
 
-def generate(gen, prompts: list[str], seeds: list[int], *, steps: int, cfg: float, frames: int) -> torch.Tensor:
-    return torch.cat([gen.generate_tensor(prompts[i : i + BATCH], seeds[i : i + BATCH], steps=steps, cfg_scale=cfg, frames=frames)
-                      for i in range(0, len(prompts), BATCH)])
-
-
 def gap(gen, classifier, real, *, n: int, steps: int, cfg: float, frames: int, redraws: int) -> dict:
     prompts = eval_prompts(n, seed=VAL_PROMPT_SEED, frames=frames)
-    x = generate(gen, prompts, [VAL_NOISE_SEED + i for i in range(n)], steps=steps, cfg=cfg, frames=frames)
+    x = generate_seeded(gen, prompts, [VAL_NOISE_SEED + i for i in range(n)], steps=steps, cfg_scale=cfg, frames=frames)
     stats, preds = features_and_predictions(classifier, [x], n)
     ok_N, _ = correct_mask(preds, prompts)
     distance, mean_term = stats_distance(stats, real), float(((stats.mu - real.mu) ** 2).sum())
@@ -51,8 +45,8 @@ def gap(gen, classifier, real, *, n: int, steps: int, cfg: float, frames: int, r
         bad = np.flatnonzero(~ok_N).tolist()
         if not bad:
             break
-        x_bad = generate(gen, [prompts[i] for i in bad], [VAL_NOISE_SEED + k * REDRAW_SEED_STRIDE + i for i in bad],
-                         steps=steps, cfg=cfg, frames=frames)
+        x_bad = generate_seeded(gen, [prompts[i] for i in bad], [VAL_NOISE_SEED + k * REDRAW_SEED_STRIDE + i for i in bad],
+                                steps=steps, cfg_scale=cfg, frames=frames)
         _, preds_bad = features_and_predictions(classifier, [x_bad], n)
         hit, _ = correct_mask(preds_bad, [prompts[i] for i in bad])
         for j in np.flatnonzero(hit):
@@ -66,17 +60,12 @@ def gap(gen, classifier, real, *, n: int, steps: int, cfg: float, frames: int, r
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
-    ap.add_argument("--steps", type=int, default=1, help="sampling steps (1 = the one-step generator)")
-    ap.add_argument("--cfg", type=float, default=1.0, help="CFG scale (the demo's teacher row: 3)")
-    ap.add_argument("--frames", type=int, default=4, help="frames per sample (the classifier's clips)")
-    ap.add_argument("--num-samples", type=int, default=256, help="the validation split's size in training")
+    add_validation_arguments(ap)
     ap.add_argument("--redraws", type=int, default=20, help="most re-draws of a misaligned sample")
-    ap.add_argument("--classifier", default="assets/toy_classifier")
     args = ap.parse_args(argv)
     classifier = load_toy_classifier(args.classifier)
     real = real_stats(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED)
-    floor = round(real_vs_real_floor(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED), 2)
+    floor = round(real_vs_real_floor(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED, first=real), 2)
     rows = []
     for ckpt in args.checkpoints:
         row = {"checkpoint": ckpt, "steps": args.steps, "cfg": args.cfg, "n": args.num_samples, "floor": floor,

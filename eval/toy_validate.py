@@ -17,18 +17,13 @@ import json
 
 from apt.eval.toy_classifier import load_toy_classifier
 from apt.eval.toy_metrics import VAL_PROMPT_SEED, real_stats
-from apt.eval.toy_report import validation_metrics
+from apt.eval.toy_report import add_validation_arguments, validation_metrics
 from apt.inference import load_generator
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
-    ap.add_argument("--steps", type=int, default=1, help="sampling steps (1 = the one-step generator)")
-    ap.add_argument("--cfg", type=float, default=1.0, help="CFG scale (the teacher: 2)")
-    ap.add_argument("--frames", type=int, default=4, help="frames per sample (the classifier's clips)")
-    ap.add_argument("--num-samples", type=int, default=256, help="the training evaluation's default")
-    ap.add_argument("--classifier", default="assets/toy_classifier")
+    add_validation_arguments(ap)
     args = ap.parse_args(argv)
     classifier = load_toy_classifier(args.classifier)
     real = real_stats(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED)

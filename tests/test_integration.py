@@ -108,13 +108,27 @@ class _NoUpdate:
         return torch.zeros(())
 
 
+def _step_metric_at_weights(m, batch, key: str, weights: tuple[float, ...], metric: str) -> tuple[dict, "SampleNoise"]:
+    """`metric` of one apt_step (nothing updated) for each value of `apt.<key>`, all from the same rng state;
+    also the step's noise streams, rewound to its start, to recompute its draws."""
+    from apt.lit.apt import SampleNoise
+
+    rng, out = m.rng.get_state(), {}
+    for w in weights:
+        setattr(m.config.apt, key, w)
+        m.rng.set_state(rng)
+        out[w] = m.apt_step([batch], update_g=_NoUpdate(), update_d=_NoUpdate())[metric]
+    m.rng.set_state(rng)
+    return out, SampleNoise(int(torch.randint(0, 2**62, (1,), generator=m.rng)), range(batch["x"].shape[0]))
+
+
 def test_mismatch_term_scores_real_clips_under_the_nearest_other_text(tiny_teacher, tiny_distilled, toy_shards):
     """apt.mismatch_weight adds w * mean softplus(D(x_real, t, nearest other text)) to the D loss, with the
     step's own timesteps; the paper's loss is unchanged at w = 0."""
     import torch.nn.functional as F
 
     from apt.config import load_config
-    from apt.lit.apt import AptModule, SampleNoise
+    from apt.lit.apt import AptModule
 
     c = load_config("recipes/demo/apt_video.yaml", ["tiny"], [f"data.shards={toy_shards['video']}", f"apt.generator={tiny_distilled}",
                                                               f"apt.teacher={tiny_teacher}", "apt.d_warmup_steps=100"])
@@ -122,14 +136,7 @@ def test_mismatch_term_scores_real_clips_under_the_nearest_other_text(tiny_teach
     x = torch.rand(3, 3, c.data.frames, c.data.height, c.data.width) * 2 - 1
     batch = {"x": x, "caption": ["a red circle moving left on a black background", "a red square moving left on a black background",
                                  "a green triangle moving down on a white background"]}
-    rng = m.rng.get_state()
-    losses_d = {}
-    for w in (0.0, 2.0):
-        m.config.apt.mismatch_weight = w
-        m.rng.set_state(rng)
-        losses_d[w] = m.apt_step([batch], update_g=_NoUpdate(), update_d=_NoUpdate())["loss_d"]
-    m.rng.set_state(rng)
-    noise = SampleNoise(int(torch.randint(0, 2**62, (1,), generator=m.rng)), range(3))
+    losses_d, noise = _step_metric_at_weights(m, batch, "mismatch_weight", (0.0, 2.0), "loss_d")
     noise.randn(x.shape[1:], "cpu")  # the fakes' z, drawn before the timesteps
     t = noise.timesteps(m.discriminator, "cpu")
     text = m.encode(batch["caption"])
@@ -145,21 +152,14 @@ def test_text_contrast_term_adds_the_logit_gap_to_the_g_loss(tiny_teacher, tiny_
     import torch.nn.functional as F
 
     from apt.config import load_config
-    from apt.lit.apt import AptModule, SampleNoise
+    from apt.lit.apt import AptModule
 
     c = load_config("recipes/demo/apt_video.yaml", ["tiny"], [f"data.shards={toy_shards['video']}", f"apt.generator={tiny_distilled}",
                                                               f"apt.teacher={tiny_teacher}", "apt.d_warmup_steps=0", "apt.mismatch_weight=1.0"])
     m = AptModule(c)
     x = torch.rand(2, 3, c.data.frames, c.data.height, c.data.width) * 2 - 1
     batch = {"x": x, "caption": ["a red circle moving left on a black background", "a red square moving left on a black background"]}
-    rng = m.rng.get_state()
-    losses_g = {}
-    for w in (0.0, 3.0):
-        m.config.apt.text_contrast_weight = w
-        m.rng.set_state(rng)
-        losses_g[w] = m.apt_step([batch], update_g=_NoUpdate(), update_d=_NoUpdate())["loss_g"]
-    m.rng.set_state(rng)
-    noise = SampleNoise(int(torch.randint(0, 2**62, (1,), generator=m.rng)), range(2))
+    losses_g, noise = _step_metric_at_weights(m, batch, "text_contrast_weight", (0.0, 3.0), "loss_g")
     noise.randn(x.shape[1:], "cpu"), noise.timesteps(m.discriminator, "cpu"), noise.randn(x.shape[1:], "cpu")  # the D step's draws
     text = m.encode(batch["caption"])
     with torch.no_grad():

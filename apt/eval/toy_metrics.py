@@ -153,11 +153,14 @@ def evaluate_samples(
 
 
 def real_vs_real_floor(
-    classifier: ToyClassifier, frames: int, n: int, seed: int, chunk: int = DEFAULT_CHUNK
+    classifier: ToyClassifier, frames: int, n: int, seed: int, chunk: int = DEFAULT_CHUNK, first: FeatureStats | None = None
 ) -> float:
     """Distance between two disjoint real sets of n clips (indices [0, n) and [n, 2n) of `seed`):
-    the smallest distance a perfect generator can expect at this n."""
-    a, _ = features_and_predictions(classifier, (x for x, _ in real_batches(frames, n, seed, chunk)), chunk)
+    the smallest distance a perfect generator can expect at this n. `first`: the caller's
+    `real_stats(classifier, frames, n, seed)` of the first set, if it has them."""
+    a = first if first is not None else features_and_predictions(classifier, (x for x, _ in real_batches(frames, n, seed, chunk)), chunk)[0]
+    if a.n != n:
+        raise ValueError(f"first real set has n={a.n}, expected {n}")
     b, _ = features_and_predictions(
         classifier, (x for x, _ in real_batches(frames, n, seed, chunk, start=n)), chunk
     )

@@ -17,6 +17,7 @@ Protocol (every number in the report comes from this one run):
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -33,13 +34,27 @@ EVAL_SEED = 1234
 BATCH = 250
 
 
+def generate_seeded(gen: Generator, prompts: list[str], seeds: list[int], *, steps: int, cfg_scale: float | None = None, frames: int | None = None) -> torch.Tensor:
+    """One sample (B, C, T, H, W) per (prompt, noise seed), in batches of BATCH."""
+    return torch.cat([gen.generate_tensor(prompts[i : i + BATCH], seeds[i : i + BATCH], steps=steps, cfg_scale=cfg_scale, frames=frames)
+                      for i in range(0, len(prompts), BATCH)])
+
+
 def generate_all(gen: Generator, prompts: list[str], seed0: int, *, steps: int, cfg_scale: float | None = None, frames: int | None = None) -> tuple[torch.Tensor, float]:
-    """All samples (B, C, T, H, W) in batches, and the batched seconds per sample."""
-    outs, t0 = [], time.perf_counter()
-    for i in range(0, len(prompts), BATCH):
-        p = prompts[i : i + BATCH]
-        outs.append(gen.generate_tensor(p, [seed0 + i + j for j in range(len(p))], steps=steps, cfg_scale=cfg_scale, frames=frames))
-    return torch.cat(outs), (time.perf_counter() - t0) / len(prompts)
+    """All samples (B, C, T, H, W), noise seeds seed0, seed0 + 1, ..., and the batched seconds per sample."""
+    t0 = time.perf_counter()
+    x = generate_seeded(gen, prompts, [seed0 + i for i in range(len(prompts))], steps=steps, cfg_scale=cfg_scale, frames=frames)
+    return x, (time.perf_counter() - t0) / len(prompts)
+
+
+def add_validation_arguments(ap: argparse.ArgumentParser) -> None:
+    """The command-line arguments of the scripts that score checkpoints on the validation split (eval/toy_validate.py, eval/toy_gap.py)."""
+    ap.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
+    ap.add_argument("--steps", type=int, default=1, help="sampling steps (1 = the one-step generator)")
+    ap.add_argument("--cfg", type=float, default=1.0, help="CFG scale (the demo's teacher row: 3)")
+    ap.add_argument("--frames", type=int, default=4, help="frames per sample (the classifier's clips)")
+    ap.add_argument("--num-samples", type=int, default=256, help="the training evaluation's default")
+    ap.add_argument("--classifier", default="assets/toy_classifier")
 
 
 def validation_metrics(gen: Generator, classifier, val_real, *, n: int = 256, steps: int = 1, cfg_scale: float | None = None, frames: int | None = None) -> dict:
@@ -75,7 +90,7 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
     frames = t_gen.num_frames
     prompts = eval_prompts(num_samples, seed=EVAL_SEED, frames=frames)
     real = real_stats(classifier, frames=frames, n=num_samples, seed=EVAL_SEED, cache_path=str(out_dir / f"real_stats_{frames}f_{num_samples}.npz"))
-    floor = real_vs_real_floor(classifier, frames=frames, n=num_samples, seed=EVAL_SEED)
+    floor = real_vs_real_floor(classifier, frames=frames, n=num_samples, seed=EVAL_SEED, first=real)
     val_real = real_stats(classifier, frames=frames, n=256, seed=VAL_PROMPT_SEED, cache_path=str(out_dir / f"real_stats_{frames}f_val256.npz"))
 
     # Pick the APT checkpoint on the validation set.
