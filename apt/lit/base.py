@@ -9,6 +9,7 @@ skips ``batches_consumed`` batches. Frozen networks (the text encoder, a teacher
 from __future__ import annotations
 
 import contextlib
+import math
 from copy import deepcopy
 from typing import ContextManager
 
@@ -144,6 +145,16 @@ class StageModule(L.LightningModule):
         return self.config.train.max_steps
 
 
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Multiplier of optim.lr before optimiser step ``step`` (0-based): linear warm-up to 1 over
+    ``warmup_steps``, then 1 (constant) or a half cosine reaching 0 at ``max_steps`` (cosine)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))))
+
+
 class EmaNetModule(StageModule):
     """A stage that trains one network ``net`` on a per-batch loss and samples from its EMA ``net_ema``
     (teacher pretraining, distillation). Subclasses set ``net``/``net_ema`` and define ``part_loss``."""
@@ -161,6 +172,13 @@ class EmaNetModule(StageModule):
         self.check_finite(self.loss_label, loss)
         self.log("loss", loss, prog_bar=True)
         return loss
+
+    def configure_optimizers(self):
+        """AdamW on ``net``: linear warm-up over optim.warmup_steps, then optim.schedule (constant | cosine to 0)."""
+        o, max_steps = self.config.optim, self.config.train.max_steps
+        opt = torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o.warmup_steps, max_steps, o.schedule))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

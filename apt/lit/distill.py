@@ -58,7 +58,3 @@ class DistillModule(EmaNetModule):
         v_target = (x_n - target) / tb(t_n)
         weights = torch.where(n == N, c.final_step_weight, 1.0).to(v.dtype)
         return (F.mse_loss(v, v_target, reduction="none").flatten(1).mean(1) * weights).mean()
-
-    def configure_optimizers(self):
-        o = self.config.optim
-        return torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)

@@ -37,10 +37,3 @@ class TeacherModule(EmaNetModule):
         # 3. Flow-matching loss (x0 space for x0-parameterised flavours: same optimum, bounded weights).
         v = self.net(x_t, t, text)
         return flow_matching_loss(v, x0, eps, t, space=self.net.config.prediction)
-
-    def configure_optimizers(self):
-        o = self.config.optim
-        opt = torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        warmup = max(1, o.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,22 @@
+"""The lr multiplier of the teacher and distillation stages (optim.warmup_steps, optim.schedule)."""
+
+import math
+
+import pytest
+
+from apt.lit.base import lr_factor
+
+
+def test_constant_after_a_linear_warmup():
+    assert [lr_factor(s, 4, 100, "constant") for s in (0, 1, 3, 4, 99)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(0, 0, 100, "constant") == 1.0
+
+
+def test_cosine_reaches_zero_at_max_steps():
+    assert lr_factor(0, 0, 100, "cosine") == 1.0
+    assert lr_factor(50, 0, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 0, 100, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(200, 0, 100, "cosine") == pytest.approx(0.0, abs=1e-12)  # past the end: stays at 0
+    # after a warm-up of 10 the half cosine spans the remaining 90 steps
+    assert lr_factor(9, 10, 100, "cosine") == 1.0
+    assert lr_factor(40, 10, 100, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 3)))
