@@ -39,16 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--frames", type=int, default=None, help="frames to generate (1 = an image; default: the checkpoint's)")
     sample.add_argument("--out", default="samples", help="output directory")
 
-    pairs = verbs.add_parser("pairs", help="write teacher ODE pairs (noise -> guided sample) for apt.regression_pairs")
-    pairs.add_argument("teacher", help="teacher checkpoint or run directory")
-    pairs.add_argument("--out", required=True, help="pairs file to write (.safetensors)")
-    pairs.add_argument("--prompts", required=True, help="text file, one prompt per line, cycled to --num; or 'toy': the toy world's captions, balanced")
-    pairs.add_argument("--num", type=int, default=2048, help="number of pairs")
-    pairs.add_argument("--frames", type=int, default=None, help="frames per sample (default: the teacher's)")
-    pairs.add_argument("--steps", type=int, default=25, help="teacher Euler steps")
-    pairs.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: the teacher's flow.cfg_scale)")
-    pairs.add_argument("--seed", type=int, default=0, help="prompt order and noise: pair i uses noise seed seed + i")
-
     demo = verbs.add_parser("demo", help="the embedded demo: teacher -> distillation -> APT (image, video) -> evaluation table")
     demo.add_argument("--out", default="runs/demo", help="demo output directory")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
@@ -87,11 +77,6 @@ def main(argv: list[str] | None = None) -> int:
             from apt.distributed.consolidate import main as consolidate_main
 
             return consolidate_main(args.rest)
-        if args.verb == "pairs":
-            from apt.ode_pairs import write_pairs
-
-            print(write_pairs(args.teacher, args.out, prompts=args.prompts, num=args.num, frames=args.frames, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed))
-            return 0
         if args.verb == "demo":
             from apt.demo import run_demo
 

@@ -185,11 +185,6 @@ class AptConfig:
     its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/demo.md
     (sixth round): on the toy, weights 3 and 10 lowered the best validation distance from 17.80 to 17.05;
     the attribute accuracy stayed where the stage-1 init put it."""
-    regression_weight: float = 0.0
-    """Not in the paper (0 = off; needs regression_pairs). DMD-style anchor (arXiv 2311.18828): G-step term
-    weight * mean (G(z_i, c_i) - x_i)^2 over pairs of the guided teacher's ODE samples x_i from noise z_i."""
-    regression_pairs: str = ""
-    """The teacher ODE pairs file of ``regression_weight`` (``python -m apt pairs``; ``apt.ode_pairs``)."""
     ema_decay: float = 0.995
     collapse_patience: int = 50
     """Warn when D wins outright (real>0>fake, D loss < 0.05) this many steps in a row."""
@@ -380,9 +375,6 @@ def check_config(c: Config) -> None:
     need(c.apt.text_contrast_weight >= 0.0, f"apt.text_contrast_weight must be >= 0, got {c.apt.text_contrast_weight}")
     need(c.apt.text_contrast_weight == 0.0 or c.apt.mismatch_weight > 0.0,
          f"apt.text_contrast_weight={c.apt.text_contrast_weight} needs apt.mismatch_weight > 0 (a D that reads the text)")
-    need(c.apt.regression_weight >= 0.0, f"apt.regression_weight must be >= 0, got {c.apt.regression_weight}")
-    need(c.apt.regression_weight == 0.0 or bool(c.apt.regression_pairs),
-         f"apt.regression_weight={c.apt.regression_weight} needs apt.regression_pairs (a teacher ODE pairs file)")
     if c.model.source == "builtin":  # diffusers shapes are checked against model.path when the model is built
         flav = FLAVOURS[c.model.flavour]
         pt, ph, pw = flav.patch_size

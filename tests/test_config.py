@@ -29,7 +29,6 @@ def test_defaults_and_override_precedence():
         ("apt.mismatch_weight=-1", "apt.mismatch_weight must be >= 0, got -1"),
         ("apt.text_contrast_weight=1", "apt.text_contrast_weight=1.0 needs apt.mismatch_weight > 0"),
         ("optim.schedule=linear", "optim.schedule must be constant or cosine, got 'linear'"),
-        ("apt.regression_weight=1", "apt.regression_weight=1.0 needs apt.regression_pairs"),
         ("notakeyvalue", "key=value"),
     ],
 )

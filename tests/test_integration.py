@@ -169,53 +169,6 @@ def test_text_contrast_term_adds_the_logit_gap_to_the_g_loss(tiny_teacher, tiny_
     torch.testing.assert_close(losses_g[3.0] - losses_g[0.0], 3.0 * F.softplus(gap).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_pairs_cli_writes_the_teachers_samples_of_seeded_noise(tiny_teacher, tmp_path, capsys):
-    from apt.inference import load_generator
-    from apt.ode_pairs import load_pairs
-
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle moving left on a black background\n\na blue square moving up on a white background\n")
-    out = tmp_path / "pairs.safetensors"
-    assert main(["pairs", str(tiny_teacher), "--out", str(out), "--prompts", str(prompts), "--num", "3", "--frames", "1", "--steps", "2", "--cfg-scale", "2.0", "--seed", "7"]) == 0
-    z, x, texts = load_pairs(out)
-    gen = load_generator(tiny_teacher)
-    assert z.shape == (3, gen.config.data.channels, 1, gen.height, gen.width)
-    assert texts == ["a red circle moving left on a black background", "a blue square moving up on a white background", "a red circle moving left on a black background"]
-    torch.testing.assert_close(x, gen.generate_tensor(texts, [7, 8, 9], steps=2, cfg_scale=2.0, frames=1))
-    assert main(["pairs", str(tiny_teacher), "--out", str(out), "--prompts", str(tmp_path / "none.txt")]) == 2
-    assert "--prompts: no file" in capsys.readouterr().err
-
-
-def test_regression_term_adds_the_mse_to_teacher_pairs_to_the_g_loss(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
-    """apt.regression_weight adds w * mean (G(z_i, c_i) - x_i)^2 over one pair per sample, drawn from the sample's
-    own noise stream after its G-step draws; the G loss is unchanged at w = 0. Pairs of the wrong shape are refused."""
-    import torch.nn.functional as F
-
-    from apt.config import load_config
-    from apt.lit.apt import AptModule
-    from apt.ode_pairs import save_pairs
-
-    base = ["tiny"], [f"data.shards={toy_shards['video']}", f"apt.generator={tiny_distilled}", f"apt.teacher={tiny_teacher}", "apt.d_warmup_steps=0"]
-    c = load_config("recipes/demo/apt_video.yaml", *base)
-    shape = (c.data.channels, c.data.frames, c.data.height, c.data.width)
-    prompts = ["a red circle moving left on a black background", "a blue square moving up on a white background", "a green triangle moving down on a white background"]
-    save_pairs(tmp_path / "pairs.safetensors", torch.randn(3, *shape), torch.rand(3, *shape) * 2 - 1, prompts, {})
-    m = AptModule(load_config("recipes/demo/apt_video.yaml", base[0], base[1] + ["apt.regression_weight=1.0", f"apt.regression_pairs={tmp_path / 'pairs.safetensors'}"]))
-    x = torch.rand(2, *shape) * 2 - 1
-    batch = {"x": x, "caption": prompts[:2]}
-    losses_g, noise = _step_metric_at_weights(m, batch, "regression_weight", (0.0, 2.0), "loss_g")
-    noise.randn(x.shape[1:], "cpu"), noise.timesteps(m.discriminator, "cpu"), noise.randn(x.shape[1:], "cpu")  # the D step's draws
-    noise.randn(x.shape[1:], "cpu"), noise.timesteps(m.discriminator, "cpu")  # the G step's z and t
-    i = noise.indices(3, "cpu")
-    with torch.no_grad():
-        mse = F.mse_loss(m.one_step(m.generator, m.pair_z[i], m.encode([prompts[j] for j in i.tolist()])), m.pair_x[i])
-    torch.testing.assert_close(losses_g[2.0] - losses_g[0.0], 2.0 * mse, rtol=1e-5, atol=1e-6)
-
-    save_pairs(tmp_path / "images.safetensors", torch.randn(3, 3, 1, 16, 16), torch.randn(3, 3, 1, 16, 16), prompts, {})
-    with pytest.raises(ValueError, match=r"images.safetensors holds samples of shape \(3, 1, 16, 16\)"):
-        AptModule(load_config("recipes/demo/apt_video.yaml", base[0], base[1] + ["apt.regression_weight=1.0", f"apt.regression_pairs={tmp_path / 'images.safetensors'}"]))
-
-
 def test_d_text_probe_scores_true_against_swapped_captions(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
     from eval_helpers import load_eval_script
 

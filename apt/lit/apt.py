@@ -18,7 +18,6 @@ import math
 from typing import ContextManager, Protocol
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from apt.config import AptConfig, Config
@@ -29,7 +28,6 @@ from apt.ema import ema_update, local_shard
 from apt.lit.base import StageModule
 from apt.losses import approximate_r1, d_loss_nonsaturating, g_loss_nonsaturating, mismatch_loss, text_contrast_loss
 from apt.models.backbone import TextCond
-from apt.ode_pairs import load_pairs
 
 
 def _grad_norm(params) -> torch.Tensor:
@@ -86,10 +84,6 @@ class SampleNoise:
     def timesteps(self, D: Discriminator, device) -> torch.Tensor:
         return torch.cat([D.sample_t(1, g) for g in self.generators]).to(device)
 
-    def indices(self, n: int, device) -> torch.Tensor:
-        """One index in [0, n) per sample."""
-        return torch.cat([torch.randint(n, (1,), generator=g) for g in self.generators]).to(device)
-
 
 def build_discriminator(backbone, a: AptConfig) -> Discriminator:
     """APT's D around a diffusion backbone: readout heads at ``apt.readout_fractions``, t-shift ``apt.d_timestep_shift``."""
@@ -110,14 +104,6 @@ class AptModule(StageModule):
         d_backbone = self.load_backbone(a.teacher, "net_ema")  # the ORIGINAL diffusion weights
         d_backbone.requires_grad_(a.train_d_backbone)
         self.discriminator = build_discriminator(d_backbone, a)
-        if a.regression_weight > 0:  # not in the paper: the teacher ODE pairs of a DMD-style anchor
-            z, x, self.pair_prompts = load_pairs(a.regression_pairs)
-            d = config.data
-            if tuple(z.shape[1:]) != (d.channels, d.frames, d.height, d.width):
-                raise ValueError(f"apt.regression_pairs: {a.regression_pairs} holds samples of shape {tuple(z.shape[1:])}, "
-                                 f"this run trains on (C, T, H, W) = {(d.channels, d.frames, d.height, d.width)}")
-            self.register_buffer("pair_z", z, persistent=False)
-            self.register_buffer("pair_x", x, persistent=False)
         self.g_updates = 0
         self.d_updates = 0
         self.win_streak = 0
@@ -276,10 +262,6 @@ class AptModule(StageModule):
                     loss_g = g_loss_nonsaturating(d_fake) + a.text_contrast_weight * text_contrast_loss(d_fake, d_other)
                 else:
                     loss_g = g_loss_nonsaturating(D(x_fake, t, text))
-                if a.regression_weight > 0:  # not in the paper: stay near the guided teacher's ODE samples
-                    i = noise.indices(len(self.pair_prompts), self.device)
-                    pair_text = self.encode([self.pair_prompts[j] for j in i.tolist()])
-                    loss_g = loss_g + a.regression_weight * F.mse_loss(self.one_step(G, self.pair_z[i], pair_text), self.pair_x[i])
                 self.check_finite("G loss", loss_g)
                 update_g.backward(loss_g / k)
                 losses_g.append(loss_g)
