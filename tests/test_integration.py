@@ -59,6 +59,21 @@ def tiny_distilled(tiny_teacher, toy_shards, tmp_path_factory):
     return run
 
 
+def test_distillation_lr_follows_the_cosine_schedule(tiny_distilled):
+    """recipes/demo/distill.yaml decays optim.lr on a cosine to 0 at train.max_steps (the tiny overlay: 2 steps)."""
+    from apt.checkpoint import STATE_FILE
+    from apt.config import config_from_yaml
+    from apt.lit.base import lr_factor
+
+    c = config_from_yaml(Path(tiny_distilled) / "config.yaml")
+    assert c.optim.schedule == "cosine" and c.train.max_steps == 2
+    for ckpt in list_checkpoints(tiny_distilled):
+        step = int(ckpt.name.split("-")[1])
+        lr = torch.load(ckpt / STATE_FILE, weights_only=False)["optimizer_states"][0]["param_groups"][0]["lr"]
+        assert lr == pytest.approx(c.optim.lr * lr_factor(step, c.optim.warmup_steps, c.train.max_steps, "cosine"))
+    assert lr == pytest.approx(0.0, abs=1e-12)  # the last checkpoint: the schedule's end
+
+
 def apt_args(run, shards, generator, teacher, *extra):
     return fit_args("recipes/demo/apt_video.yaml", run, shards, f"apt.generator={generator}", f"apt.teacher={teacher}", "apt.d_warmup_steps=1", *extra)
 
@@ -231,3 +246,22 @@ def test_interrupted_save_leaves_previous_checkpoint(tiny_teacher, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert latest_checkpoint(tmp_path) == target
     assert io.load_checkpoint(target)["apt"]["batches_consumed"] == ckpt["apt"]["batches_consumed"]
+
+
+def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
+    """`python -m apt demo --quick`: every stage at tiny size, then the four-row report of issue 3's format."""
+    import json
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["teacher-25step-cfg", "distilled-1step", "apt-1step", "apt-2step"]
+    assert [rows[n]["nfe"] for n in rows] == [4, 1, 1, 2]  # the tiny overlay's teacher: 2 steps with CFG
+    for r in rows.values():
+        assert {"distance", "attribute_accuracy", "seconds_per_sample", "seconds_per_sample_batched"} <= set(r)
+        assert math.isfinite(r["distance"]) and 0 <= r["attribute_accuracy"] <= 1 and r["seconds_per_sample"] > 0
+    assert rows["teacher-25step-cfg"]["speedup_batch1"] == 1.0
+    assert report["real_vs_real_floor"] > 0 and report["num_samples"] == 64
+    assert report["apt_checkpoint"] in [str(p) for p in list_checkpoints(out / "apt_video")]
+    assert (out / "side_by_side.png").stat().st_size > 0 and (out / "side_by_side.gif").stat().st_size > 0

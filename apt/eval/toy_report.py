@@ -9,9 +9,10 @@ Protocol (every number in the report comes from this one run):
   ``attribute_accuracy``: share of samples whose shape, colour, direction and background all match
   the prompt (``apt.eval.toy_metrics``). The real-vs-real floor (two disjoint real sets of size N)
   is reported alongside.
-- ``seconds_per_sample``: batch-1 wall time per sample, one torch thread, mean over >= 16 calls and
-  >= 2 s after a warm-up; ``seconds_per_sample_batched``: wall time of the whole evaluation set in
-  batches of 250 with all torch threads, per sample.
+- ``seconds_per_sample``: batch-1 wall time per sample, one torch thread, the rows timed in turn five
+  times after a warm-up (each turn >= 3 calls and >= 0.4 s), the median of each row's turns;
+  ``seconds_per_sample_batched``: wall time of the whole evaluation set in batches of 250 with all
+  torch threads, per sample.
   ``nfe``: network evaluations per sample (CFG counts two).
 """
 
@@ -66,19 +67,34 @@ def validation_metrics(gen: Generator, classifier, val_real, *, n: int = 256, st
     return evaluate_samples(classifier, x, prompts, val_real)
 
 
-def batch1_seconds(gen: Generator, prompts: list[str], *, steps: int, cfg_scale: float | None = None, min_calls: int = 16, min_seconds: float = 2.0) -> float:
-    """Mean latency of one-sample calls, with one torch thread (intra-op threads only add overhead on
-    tensors this small, for every row alike); at least ``min_calls`` calls and ``min_seconds``."""
+def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: list[str], *, rounds: int = 5, min_calls: int = 3, min_seconds: float = 0.4) -> list[float]:
+    """Batch-1 latency of each (generator, steps, cfg_scale) row, with one torch thread (intra-op threads only
+    add overhead on tensors this small, for every row alike). The rows are timed in turn, ``rounds`` times
+    (each turn at least ``min_calls`` calls and ``min_seconds``), and each row's figure is the median of its
+    turns' means, so a change of machine load during the measurement reaches every row alike."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    calls = 0
+
+    def one_call(gen: Generator, steps: int, cfg_scale: float | None) -> None:
+        nonlocal calls
+        i = calls % len(prompts)
+        gen.generate_tensor(prompts[i : i + 1], [calls], steps=steps, cfg_scale=cfg_scale)
+        calls += 1
+
     try:
-        for i in range(3):  # warm-up
-            gen.generate_tensor(prompts[i : i + 1], [i], steps=steps, cfg_scale=cfg_scale)
-        calls, t0 = 0, time.perf_counter()
-        while calls < min_calls or time.perf_counter() - t0 < min_seconds:
-            gen.generate_tensor(prompts[calls % len(prompts) : calls % len(prompts) + 1], [calls], steps=steps, cfg_scale=cfg_scale)
-            calls += 1
-        return (time.perf_counter() - t0) / calls
+        for row in rows:  # warm-up
+            for _ in range(3):
+                one_call(*row)
+        means: list[list[float]] = [[] for _ in rows]
+        for _ in range(rounds):
+            for r, row in enumerate(rows):
+                n, t0 = 0, time.perf_counter()
+                while n < min_calls or time.perf_counter() - t0 < min_seconds:
+                    one_call(*row)
+                    n += 1
+                means[r].append((time.perf_counter() - t0) / n)
+        return [float(np.median(m)) for m in means]
     finally:
         torch.set_num_threads(threads)
 
@@ -109,10 +125,10 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
         ("apt-2step", a_gen, 2, 1.0),
     ]
     rows, side = [], []
-    for name, gen, steps, cfg in rows_spec:
+    seconds_b1 = batch1_seconds([(gen, steps, cfg) for _, gen, steps, cfg in rows_spec], prompts)
+    for (name, gen, steps, cfg), sec1 in zip(rows_spec, seconds_b1):
         x, sec_batched = generate_all(gen, prompts, 10_000, steps=steps, cfg_scale=cfg)
         m = evaluate_samples(classifier, x, prompts, real)
-        sec1 = batch1_seconds(gen, prompts, steps=steps, cfg_scale=cfg)
         nfe = steps * (2 if cfg != 1.0 else 1)
         rows.append({"name": name, "nfe": nfe, "distance": round(m["distance"], 2), "attribute_accuracy": round(m["attribute_accuracy"], 4),
                      "per_attribute": {k: round(v, 4) for k, v in m.get("per_attribute", {}).items()},
