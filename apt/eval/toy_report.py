@@ -19,6 +19,7 @@ Protocol (every number in the report comes from this one run):
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 
@@ -74,13 +75,11 @@ def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: lis
     turns' means, so a change of machine load during the measurement reaches every row alike."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    calls = 0
+    seeds = itertools.count()  # call k: noise seed k, prompt k mod len(prompts)
 
     def one_call(gen: Generator, steps: int, cfg_scale: float | None) -> None:
-        nonlocal calls
-        i = calls % len(prompts)
-        gen.generate_tensor(prompts[i : i + 1], [calls], steps=steps, cfg_scale=cfg_scale)
-        calls += 1
+        k = next(seeds)
+        gen.generate_tensor([prompts[k % len(prompts)]], [k], steps=steps, cfg_scale=cfg_scale)
 
     try:
         for row in rows:  # warm-up
