@@ -88,15 +88,19 @@ class TextEncoder(nn.Module):
         out = self.model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
         return out[0].float()  # (L, D)
 
-    def encode(self, captions: list[str], *, allow_empty: bool = False) -> TextCond:
+    def encode(self, captions: list[str], *, allow_empty: bool = False, cache: bool = True) -> TextCond:
         """Encode captions to (B, L, D) embeddings + (B, L) mask. Empty text is an error unless allowed
-        (the CFG null/negative prompt may be empty)."""
+        (the CFG null/negative prompt may be empty). ``cache=False`` runs the encoder even for captions
+        seen before (and does not store them): what a new prompt costs."""
         embs = []
         for i, cap in enumerate(captions):
             if not isinstance(cap, str):
                 raise TypeError(f"caption {i} is {type(cap).__name__}, expected str")
             if not cap.strip() and not allow_empty:
                 raise ValueError(f"caption {i} is empty")
+            if not cache:
+                embs.append(self._encode_one(cap) if cap.strip() else torch.zeros(0, self.dim))
+                continue
             if cap not in self._cache:
                 self._cache[cap] = self._encode_one(cap) if cap.strip() else torch.zeros(0, self.dim)
             embs.append(self._cache[cap])

@@ -1,16 +1,28 @@
-"""The demo report's batch-1 timing (apt.eval.toy_report.batch1_seconds)."""
+"""The demo report's batch-1 timing (apt.eval.toy_report.batch1_seconds, text_encode_seconds)."""
 
 import time
 
-from apt.eval.toy_report import batch1_seconds
+from apt.eval.toy_report import batch1_seconds, text_encode_seconds
+
+
+class _FakeEncoder:
+    def __init__(self, log: list):
+        self.cached, self.log = set(), log
+
+    def encode(self, captions, *, cache=True):
+        self.log.append(("encode", tuple(captions), cache))
+        if cache:
+            self.cached.update(captions)
 
 
 class _FakeGenerator:
     def __init__(self, name: str, seconds: float, log: list):
         self.name, self.seconds, self.log = name, seconds, log
+        self.text_encoder = _FakeEncoder(log)
 
     def generate_tensor(self, prompts, seeds, *, steps, cfg_scale):
         assert len(prompts) == len(seeds) == 1
+        assert prompts[0] in self.text_encoder.cached, "a timed call met a caption its encoder had not cached"
         self.log.append(self.name)
         time.sleep(self.seconds)
 
@@ -20,5 +32,21 @@ def test_rows_are_timed_in_turn_and_each_gets_its_own_figure():
     slow, fast = _FakeGenerator("slow", 0.02, log), _FakeGenerator("fast", 0.0, log)
     seconds = batch1_seconds([(slow, 25, 3.0), (fast, 1, 1.0)], ["a", "b", "c"], rounds=3, min_calls=2, min_seconds=0.05)
     assert len(seconds) == 2 and seconds[0] >= 0.02 > seconds[1]
-    blocks = [name for i, name in enumerate(log) if i == 0 or log[i - 1] != name]
+    calls = [e for e in log if isinstance(e, str)]
+    blocks = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]
     assert blocks == ["slow", "fast"] * 4  # a warm-up turn, then three timed turns, alternating
+
+
+def test_every_row_has_the_prompts_encoded_before_its_first_call():
+    log = []
+    rows = [(_FakeGenerator("teacher", 0.0, log), 25, 3.0), (_FakeGenerator("one-step", 0.0, log), 1, 1.0)]
+    batch1_seconds(rows, ["a", "b", "c", "d"], rounds=2, min_calls=3, min_seconds=0.0)
+    first_call = next(i for i, e in enumerate(log) if isinstance(e, str))
+    assert log[:first_call] == [("encode", ("a", "b", "c", "d"), True)] * 2
+
+
+def test_text_encode_seconds_bypasses_the_cache():
+    log = []
+    enc = _FakeEncoder(log)
+    assert text_encode_seconds(enc, ["a", "b"], calls=4) >= 0
+    assert len(log) == 5 and all(cache is False for _, _, cache in log) and not enc.cached

@@ -12,7 +12,10 @@ Protocol (every number in the report comes from this one run):
 - ``seconds_per_sample``: batch-1 wall time per sample, one torch thread, the rows timed in turn five
   times after a warm-up (each turn >= 3 calls and >= 0.4 s), the median of each row's turns;
   ``seconds_per_sample_batched``: wall time of the whole evaluation set in batches of 250 with all
-  torch threads, per sample.
+  torch threads, per sample. Both time generation from the prompt's text embedding: every row's
+  encoder has the prompts cached before its timing starts. Encoding a new prompt costs the same for
+  every row and is reported on its own (``text_encode_seconds``, batch 1, one thread), with the batch-1
+  speed-ups it leaves when added to every row (``speedup_batch1_with_text``).
   ``nfe``: network evaluations per sample (CFG counts two).
 """
 
@@ -72,7 +75,11 @@ def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: lis
     """Batch-1 latency of each (generator, steps, cfg_scale) row, with one torch thread (intra-op threads only
     add overhead on tensors this small, for every row alike). The rows are timed in turn, ``rounds`` times
     (each turn at least ``min_calls`` calls and ``min_seconds``), and each row's figure is the median of its
-    turns' means, so a change of machine load during the measurement reaches every row alike."""
+    turns' means, so a change of machine load during the measurement reaches every row alike.
+
+    Every row's text encoder has all ``prompts`` cached first: otherwise a row would pay the encoder on the
+    calls that meet a caption for the first time, and the rows meet different numbers of new captions
+    (a one-step row makes ~30 calls for each of the teacher's). ``text_encode_seconds`` times the encoder."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     seeds = itertools.count()  # call k: noise seed k, prompt k mod len(prompts)
@@ -82,6 +89,8 @@ def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: lis
         gen.generate_tensor([prompts[k % len(prompts)]], [k], steps=steps, cfg_scale=cfg_scale)
 
     try:
+        for gen, _, _ in rows:
+            gen.text_encoder.encode(prompts)
         for row in rows:  # warm-up
             for _ in range(3):
                 one_call(*row)
@@ -94,6 +103,22 @@ def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: lis
                     n += 1
                 means[r].append((time.perf_counter() - t0) / n)
         return [float(np.median(m)) for m in means]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def text_encode_seconds(text_encoder, prompts: list[str], *, calls: int = 64) -> float:
+    """Median batch-1 latency of encoding a prompt the encoder has not cached, one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        text_encoder.encode(prompts[:1], cache=False)  # warm-up
+        times = []
+        for k in range(calls):
+            t0 = time.perf_counter()
+            text_encoder.encode([prompts[k % len(prompts)]], cache=False)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
     finally:
         torch.set_num_threads(threads)
 
@@ -125,6 +150,7 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
     ]
     rows, side = [], []
     seconds_b1 = batch1_seconds([(gen, steps, cfg) for _, gen, steps, cfg in rows_spec], prompts)
+    seconds_text = text_encode_seconds(t_gen.text_encoder, prompts)
     for (name, gen, steps, cfg), sec1 in zip(rows_spec, seconds_b1):
         x, sec_batched = generate_all(gen, prompts, 10_000, steps=steps, cfg_scale=cfg)
         m = evaluate_samples(classifier, x, prompts, real)
@@ -138,6 +164,7 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
     for r in rows:
         r["speedup_batch1"] = teacher_row["seconds_per_sample"] / r["seconds_per_sample"]
         r["speedup_batched"] = teacher_row["seconds_per_sample_batched"] / r["seconds_per_sample_batched"]
+        r["speedup_batch1_with_text"] = (teacher_row["seconds_per_sample"] + seconds_text) / (r["seconds_per_sample"] + seconds_text)
     # Side by side: for each prompt, the four rows one under the other.
     stacked = np.stack(side, axis=1).reshape(-1, *side[0].shape[1:])  # (8 prompts * 4 rows, T, H, W, C)
     save_png(grid_image(stacked), out_dir / "side_by_side.png")
@@ -145,6 +172,7 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
     (out_dir / "side_by_side_prompts.txt").write_text("rows per prompt: " + ", ".join(r["name"] for r in rows) + "\n" + "\n".join(prompts[:8]) + "\n")
     return {
         "rows": rows,
+        "text_encode_seconds": seconds_text,
         "real_vs_real_floor": round(floor, 2),
         "num_samples": num_samples,
         "eval_prompt_seed": EVAL_SEED,
@@ -160,4 +188,8 @@ def print_table(report: dict) -> None:
     for r in report["rows"]:
         print(f"{r['name']:<22}{r['nfe']:>5}{r['distance']:>11.1f}{r['attribute_accuracy']:>10.3f}{r['seconds_per_sample'] * 1e3:>14.2f}"
               f"{r['seconds_per_sample_batched'] * 1e3:>15.3f}{r['speedup_batch1']:>12.1f}")
+    if "text_encode_seconds" in report:
+        with_text = ", ".join(f"{r['name']} {r['speedup_batch1_with_text']:.1f}x" for r in report["rows"][1:])
+        print(f"text encoding (not in the figures above, the same for every row): {report['text_encode_seconds'] * 1e3:.2f} ms per new prompt; "
+              f"batch-1 speed-ups with it: {with_text}")
     print(f"real-vs-real floor: {report['real_vs_real_floor']:.1f} (N={report['num_samples']})\n")
