@@ -98,12 +98,12 @@ class TextEncoder(nn.Module):
                 raise TypeError(f"caption {i} is {type(cap).__name__}, expected str")
             if not cap.strip() and not allow_empty:
                 raise ValueError(f"caption {i} is empty")
-            if not cache:
-                embs.append(self._encode_one(cap) if cap.strip() else torch.zeros(0, self.dim))
-                continue
-            if cap not in self._cache:
-                self._cache[cap] = self._encode_one(cap) if cap.strip() else torch.zeros(0, self.dim)
-            embs.append(self._cache[cap])
+            emb = self._cache.get(cap) if cache else None
+            if emb is None:
+                emb = self._encode_one(cap) if cap.strip() else torch.zeros(0, self.dim)
+                if cache:
+                    self._cache[cap] = emb
+            embs.append(emb)
         L = max(1, max(e.shape[0] for e in embs))
         emb = torch.zeros(len(embs), L, self.dim)
         mask = torch.zeros(len(embs), L, dtype=torch.bool)
