@@ -22,6 +22,7 @@ Protocol (every number in the report comes from this one run):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import time
 from pathlib import Path
@@ -71,24 +72,33 @@ def validation_metrics(gen: Generator, classifier, val_real, *, n: int = 256, st
     return evaluate_samples(classifier, x, prompts, val_real)
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Batch-1 timings run on one torch thread (intra-op threads only add overhead on tensors this small,
+    for every row alike); the caller's thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: list[str], *, rounds: int = 5, min_calls: int = 3, min_seconds: float = 0.4) -> list[float]:
-    """Batch-1 latency of each (generator, steps, cfg_scale) row, with one torch thread (intra-op threads only
-    add overhead on tensors this small, for every row alike). The rows are timed in turn, ``rounds`` times
+    """Batch-1 latency of each (generator, steps, cfg_scale) row, on one torch thread. The rows are timed in turn, ``rounds`` times
     (each turn at least ``min_calls`` calls and ``min_seconds``), and each row's figure is the median of its
     turns' means, so a change of machine load during the measurement reaches every row alike.
 
     Every row's text encoder has all ``prompts`` cached first: otherwise a row would pay the encoder on the
     calls that meet a caption for the first time, and the rows meet different numbers of new captions
     (a one-step row makes ~30 calls for each of the teacher's). ``text_encode_seconds`` times the encoder."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     seeds = itertools.count()  # call k: noise seed k, prompt k mod len(prompts)
 
     def one_call(gen: Generator, steps: int, cfg_scale: float | None) -> None:
         k = next(seeds)
         gen.generate_tensor([prompts[k % len(prompts)]], [k], steps=steps, cfg_scale=cfg_scale)
 
-    try:
+    with one_torch_thread():
         for gen, _, _ in rows:
             gen.text_encoder.encode(prompts)
         for row in rows:  # warm-up
@@ -103,15 +113,11 @@ def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: lis
                     n += 1
                 means[r].append((time.perf_counter() - t0) / n)
         return [float(np.median(m)) for m in means]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def text_encode_seconds(text_encoder, prompts: list[str], *, calls: int = 64) -> float:
     """Median batch-1 latency of encoding a prompt the encoder has not cached, one torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         text_encoder.encode(prompts[:1], cache=False)  # warm-up
         times = []
         for k in range(calls):
@@ -119,8 +125,6 @@ def text_encode_seconds(text_encoder, prompts: list[str], *, calls: int = 64) ->
             text_encoder.encode([prompts[k % len(prompts)]], cache=False)
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samples: int, classifier_path: str = "assets/toy_classifier", torch_threads: int = 1) -> dict:
@@ -188,8 +192,7 @@ def print_table(report: dict) -> None:
     for r in report["rows"]:
         print(f"{r['name']:<22}{r['nfe']:>5}{r['distance']:>11.1f}{r['attribute_accuracy']:>10.3f}{r['seconds_per_sample'] * 1e3:>14.2f}"
               f"{r['seconds_per_sample_batched'] * 1e3:>15.3f}{r['speedup_batch1']:>12.1f}")
-    if "text_encode_seconds" in report:
-        with_text = ", ".join(f"{r['name']} {r['speedup_batch1_with_text']:.1f}x" for r in report["rows"][1:])
-        print(f"text encoding (not in the figures above, the same for every row): {report['text_encode_seconds'] * 1e3:.2f} ms per new prompt; "
-              f"batch-1 speed-ups with it: {with_text}")
+    with_text = ", ".join(f"{r['name']} {r['speedup_batch1_with_text']:.1f}x" for r in report["rows"][1:])
+    print(f"text encoding (not in the figures above, the same for every row): {report['text_encode_seconds'] * 1e3:.2f} ms per new prompt; "
+          f"batch-1 speed-ups with it: {with_text}")
     print(f"real-vs-real floor: {report['real_vs_real_floor']:.1f} (N={report['num_samples']})\n")
