@@ -20,3 +20,21 @@ def test_cosine_reaches_zero_at_max_steps():
     # after a warm-up of 10 the half cosine spans the remaining 90 steps
     assert lr_factor(9, 10, 100, "cosine") == 1.0
     assert lr_factor(40, 10, 100, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 3)))
+
+
+def test_cosine_over_the_last_decay_steps_only():
+    """optim.decay_steps (warmup-stable-decay): constant until max_steps - decay_steps, then the half cosine."""
+    assert [lr_factor(s, 10, 100, "cosine", decay_steps=40) for s in (9, 10, 59, 60)] == [1.0, 1.0, 1.0, 1.0]
+    assert lr_factor(80, 10, 100, "cosine", decay_steps=40) == pytest.approx(0.5)
+    assert lr_factor(70, 10, 100, "cosine", decay_steps=40) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(100, 10, 100, "cosine", decay_steps=40) == pytest.approx(0.0, abs=1e-12)
+    # decay_steps spanning everything after the warm-up is the plain cosine
+    assert lr_factor(40, 10, 100, "cosine", decay_steps=90) == pytest.approx(lr_factor(40, 10, 100, "cosine"))
+    assert lr_factor(99, 10, 100, "constant", decay_steps=40) == 1.0  # constant ignores it
+
+
+def test_decay_steps_longer_than_the_run_is_refused():
+    from apt.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="optim.decay_steps"):
+        load_config("recipes/demo/teacher.yaml", overrides=["optim.schedule=cosine", "optim.decay_steps=20000", "train.max_steps=1000"])

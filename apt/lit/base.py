@@ -145,14 +145,16 @@ class StageModule(L.LightningModule):
         return self.config.train.max_steps
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, decay_steps: int = 0) -> float:
     """Multiplier of optim.lr before optimiser step ``step`` (0-based): linear warm-up to 1 over
-    ``warmup_steps``, then 1 (constant) or a half cosine reaching 0 at ``max_steps`` (cosine)."""
+    ``warmup_steps``, then 1 (constant) or a half cosine reaching 0 at ``max_steps`` (cosine); with
+    ``decay_steps`` > 0 the cosine spans only the last ``decay_steps`` steps and the factor is 1 before."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))))
+    start = max_steps - decay_steps if decay_steps else warmup_steps
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0, step - start) / max(1, max_steps - start))))
 
 
 class EmaNetModule(StageModule):
@@ -174,10 +176,11 @@ class EmaNetModule(StageModule):
         return loss
 
     def configure_optimizers(self):
-        """AdamW on ``net``: linear warm-up over optim.warmup_steps, then optim.schedule (constant | cosine to 0)."""
+        """AdamW on ``net``: linear warm-up over optim.warmup_steps, then optim.schedule (constant | cosine to 0,
+        over the last optim.decay_steps if set)."""
         o, max_steps = self.config.optim, self.config.train.max_steps
         opt = torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o.warmup_steps, max_steps, o.schedule))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o.warmup_steps, max_steps, o.schedule, o.decay_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def optimizer_step(self, *args, **kwargs) -> None:
