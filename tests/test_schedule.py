@@ -33,8 +33,14 @@ def test_cosine_over_the_last_decay_steps_only():
     assert lr_factor(99, 10, 100, "constant", decay_steps=40) == 1.0  # constant ignores it
 
 
-def test_decay_steps_longer_than_the_run_is_refused():
+def test_decay_steps_longer_than_the_run_is_the_plain_cosine():
+    """A shortened run (e.g. the teacher recipe with the tiny overlay) decays over every step after the warm-up."""
+    for step in (9, 10, 40, 99, 100):
+        assert lr_factor(step, 10, 100, "cosine", decay_steps=6000) == pytest.approx(lr_factor(step, 10, 100, "cosine"))
+
+
+def test_negative_decay_steps_is_refused():
     from apt.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="optim.decay_steps"):
-        load_config("recipes/demo/teacher.yaml", overrides=["optim.schedule=cosine", "optim.decay_steps=20000", "train.max_steps=1000"])
+        load_config("recipes/demo/teacher.yaml", overrides=["optim.decay_steps=-1"])

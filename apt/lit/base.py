@@ -148,12 +148,13 @@ class StageModule(L.LightningModule):
 def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str, decay_steps: int = 0) -> float:
     """Multiplier of optim.lr before optimiser step ``step`` (0-based): linear warm-up to 1 over
     ``warmup_steps``, then 1 (constant) or a half cosine reaching 0 at ``max_steps`` (cosine); with
-    ``decay_steps`` > 0 the cosine spans only the last ``decay_steps`` steps and the factor is 1 before."""
+    ``decay_steps`` > 0 the cosine spans only the last ``decay_steps`` steps (at most every step after the
+    warm-up) and the factor is 1 before."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    start = max_steps - decay_steps if decay_steps else warmup_steps
+    start = max(warmup_steps, max_steps - decay_steps) if decay_steps else warmup_steps
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0, step - start) / max(1, max_steps - start))))
 
 
