@@ -5,9 +5,9 @@ frozen discriminator backbone — each against the full method, from the same di
         --out runs/ablations [--steps 150] [--num-samples 500]
 
 Each variant trains the video APT stage (recipes/demo/apt_video.yaml) with one change, then the
-EMA generator of its last checkpoint is evaluated on the same prompts and seeds. Prints a markdown
-table (final D loss, mean D(real) - D(fake) over the last 20 steps, distance, attribute accuracy)
-and writes it to OUT/ablations.md and OUT/ablations.json.
+EMA generator of its last checkpoint is evaluated on the same prompts and seeds. Every iteration is
+logged. Prints a markdown table (final D loss, mean D(real) - D(fake) over the last 20 iterations,
+distance, attribute accuracy) and writes it to OUT/ablations.md and OUT/ablations.json.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         run = out / name.split(" (")[0].replace(" ", "_")
         c = load_config("recipes/demo/apt_video.yaml", args.overlay, [
             f"run_dir={run}", "resume=auto", f"apt.generator={args.distilled}", f"apt.teacher={args.teacher}",
-            f"data.shards={args.shards}", f"train.max_steps={args.steps}", "train.sample_every_steps=0", *overrides])
+            f"data.shards={args.shards}", f"train.max_steps={args.steps}", "train.sample_every_steps=0", "train.log_every_steps=1", *overrides])
         t0 = time.perf_counter()
         if latest_checkpoint(run) is None or int(latest_checkpoint(run).name.split("-")[1]) < args.steps:
             fit(c)
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append({"variant": name, "overrides": overrides, "final_loss_d": float(rows[-1]["loss_d"]), "d_gap_last20": gap,
                         "distance": m["distance"], "attribute_accuracy": m["attribute_accuracy"], "seconds": time.perf_counter() - t0})
         print(json.dumps(results[-1]))
-    lines = ["| variant | final D loss | D(real)-D(fake), last 20 | distance | attribute acc |", "|---|---|---|---|---|"]
+    lines = ["| variant | final D loss | D(real)-D(fake), last 20 iterations | distance | attribute acc |", "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['final_loss_d']:.3f} | {r['d_gap_last20']:.2f} | {r['distance']:.1f} | {r['attribute_accuracy']:.3f} |" for r in results]
     table = "\n".join(lines)
     print(table)

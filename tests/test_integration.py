@@ -203,6 +203,29 @@ def test_d_text_probe_scores_true_against_swapped_captions(tiny_teacher, tiny_di
         assert 0.0 <= r["share_true_higher"] <= 1.0 and math.isfinite(r["d_true_caption"]) and math.isfinite(r["d_swapped_caption"]), r
 
 
+def test_ablations_script_trains_each_variant_with_its_one_change(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
+    from eval_helpers import load_eval_script
+
+    from apt.config import load_config
+
+    ablations = load_eval_script("ablations")
+    out = tmp_path / "ablations"
+    results = ablations.main(["--distilled", str(tiny_distilled), "--teacher", str(tiny_teacher), "--shards", toy_shards["video"],
+                              "--out", str(out), "--steps", "2", "--num-samples", "16", "--overlay", "tiny"])
+    assert [r["variant"] for r in results] == list(ablations.VARIANTS)
+    changed = {"full": {}, "aR1_off": {"use_r1": False}, "heads_at_last_layer_only": {"readout_fractions": [1.0]},
+               "D_backbone_frozen": {"train_d_backbone": False}}
+    for name, change in changed.items():
+        a = load_config(str(out / name / "config.yaml")).apt
+        assert (a.use_r1, list(a.readout_fractions), a.train_d_backbone) == (
+            change.get("use_r1", True), change.get("readout_fractions", [16 / 36, 26 / 36, 1.0]), change.get("train_d_backbone", True)), name
+        d_losses = losses(out / name, "loss_d")
+        assert len(d_losses) == a.d_warmup_steps + 2, name  # every iteration logged: D-only warm-up + 2 generator updates
+    for r in results:
+        assert math.isfinite(r["distance"]) and 0.0 <= r["attribute_accuracy"] <= 1.0 and math.isfinite(r["d_gap_last20"]), r
+    assert (out / "ablations.md").read_text().count("\n|") == len(results) + 1
+
+
 def test_nan_input_fails_clearly_without_checkpoint(tiny_teacher, toy_shards, tmp_path, capsys):
     bad = tmp_path / "bad_teacher"
     bad.mkdir()
