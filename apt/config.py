@@ -188,10 +188,6 @@ class AptConfig:
     its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/demo.md
     (sixth round): on the toy, weights 3 and 10 lowered the best validation distance from 17.80 to 17.05;
     the attribute accuracy stayed where the stage-1 init put it."""
-    minibatch_std_group: int = 0
-    """Not in the paper (0 = off). StyleGAN's minibatch standard deviation: D's head also sees the std of
-    its readout features over groups of this many consecutive samples, so it can tell fakes that lack
-    diversity; the group must divide the per-device batch."""
     ema_decay: float = 0.995
     collapse_patience: int = 50
     """Warn when D wins outright (real>0>fake, D loss < 0.05) this many steps in a row."""
@@ -381,7 +377,6 @@ def check_config(c: Config) -> None:
     need(len(c.apt.readout_fractions) > 0, "apt.readout_fractions must list at least one depth")
     need(c.apt.mismatch_weight >= 0.0, f"apt.mismatch_weight must be >= 0, got {c.apt.mismatch_weight}")
     need(c.apt.text_contrast_weight >= 0.0, f"apt.text_contrast_weight must be >= 0, got {c.apt.text_contrast_weight}")
-    need(c.apt.minibatch_std_group >= 0, f"apt.minibatch_std_group must be >= 0, got {c.apt.minibatch_std_group}")
     need(c.apt.text_contrast_weight == 0.0 or c.apt.mismatch_weight > 0.0,
          f"apt.text_contrast_weight={c.apt.text_contrast_weight} needs apt.mismatch_weight > 0 (a D that reads the text)")
     if c.model.source == "builtin":  # diffusers shapes are checked against model.path when the model is built

@@ -6,12 +6,6 @@ learnable query token attending to that layer's tokens, followed by an MLP. The 
 concatenated, normalised (LayerNorm) and projected to one scalar logit. D sees clean inputs; its
 timestep input is drawn per sample from shift(U(0, 1), s) (the "timestep ensemble").
 
-Not in the paper, off by default: ``minibatch_std_group`` > 0 appends StyleGAN's minibatch standard
-deviation to the normalised head outputs: the std of the features over each group of that many
-CONSECUTIVE samples (so groups never straddle the real / perturbed / fake parts of one batched call,
-whose sizes the group must divide), averaged to one number per group. D can then tell a batch of
-fakes that lacks diversity from a real one.
-
 Legend: B batch, N visual tokens, D width, K number of readout heads.
 """
 
@@ -49,16 +43,14 @@ class _ReadoutDone(Exception):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, backbone: Backbone, *, fractions: list[float], num_heads: int = 4, timestep_shift: float = 1.0,
-                 minibatch_std_group: int = 0):
+    def __init__(self, backbone: Backbone, *, fractions: list[float], num_heads: int = 4, timestep_shift: float = 1.0):
         super().__init__()
         self.backbone = backbone
         self.layers = readout_layers(len(backbone.blocks), fractions)
         dim = backbone.hidden_dim
         self.heads = nn.ModuleList([ReadoutHead(dim, num_heads) for _ in self.layers])
         self.norm = nn.LayerNorm(dim * len(self.layers))
-        self.minibatch_std_group = minibatch_std_group
-        self.proj = nn.Linear(dim * len(self.layers) + (1 if minibatch_std_group else 0), 1)
+        self.proj = nn.Linear(dim * len(self.layers), 1)
         self.timestep_shift = timestep_shift
 
     def sample_t(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
@@ -85,16 +77,4 @@ class Discriminator(nn.Module):
         # The logit in fp32 even under bf16 autocast: approximate R1 differences D(x) - D(x + sigma n)
         # are far below bf16's resolution at sigma = 0.01.
         with torch.autocast(device_type=feats_BKD.device.type, enabled=False):
-            feats = self.norm(feats_BKD.float())
-            if self.minibatch_std_group:
-                feats = torch.cat([feats, self.minibatch_std(feats)], dim=-1)
-            return self.proj(feats).squeeze(-1)
-
-    def minibatch_std(self, feats_BF: torch.Tensor) -> torch.Tensor:
-        """(B, 1): the mean over features of their std within each group of consecutive samples."""
-        B, F = feats_BF.shape
-        g = self.minibatch_std_group
-        if B % g:
-            raise ValueError(f"apt.minibatch_std_group={g} must divide the discriminator's batch part ({B} samples per call)")
-        std_G = feats_BF.view(B // g, g, F).std(dim=1, unbiased=False).mean(dim=-1)
-        return std_G.repeat_interleave(g).unsqueeze(-1)
+            return self.proj(self.norm(feats_BKD.float())).squeeze(-1)

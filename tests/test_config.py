@@ -28,7 +28,6 @@ def test_defaults_and_override_precedence():
         ("apt.optimizer=sgd", "apt.optimizer"),
         ("apt.mismatch_weight=-1", "apt.mismatch_weight must be >= 0, got -1"),
         ("apt.text_contrast_weight=1", "apt.text_contrast_weight=1.0 needs apt.mismatch_weight > 0"),
-        ("apt.minibatch_std_group=-2", "apt.minibatch_std_group must be >= 0, got -2"),
         ("optim.schedule=linear", "optim.schedule must be constant or cosine, got 'linear'"),
         ("notakeyvalue", "key=value"),
     ],

@@ -91,18 +91,3 @@ def test_nearest_other_text_is_the_most_similar_different_one():
         assert torch.equal(picked.emb_BLD[i], text.emb_BLD[j]), (i, j)
     same = TextCond.cat([base, base])  # no different text in the batch: the neighbour's
     assert torch.equal(same.nearest_other().emb_BLD, same.emb_BLD)
-
-
-def test_minibatch_std_is_off_by_default_and_groups_consecutive_samples():
-    torch.manual_seed(0)
-    plain = make_d()
-    assert plain.proj.in_features == 3 * plain.backbone.hidden_dim  # the paper's head; checkpoints unchanged
-    d = Discriminator(build_dit("tiny", depth=3), fractions=[1.0], num_heads=2, minibatch_std_group=2)
-    feats = torch.tensor([[0.0, 2.0], [2.0, 4.0], [1.0, 1.0], [1.0, 1.0]])
-    assert torch.equal(d.minibatch_std(feats), torch.tensor([[1.0], [1.0], [0.0], [0.0]]))  # population std, mean over features
-    x, t, text = torch.randn(4, 3, 8, 16, 16), torch.rand(4), random_text(4, 4, 32)
-    torch.testing.assert_close(d(x, t, text), torch.cat([d(x[:2], t[:2], text[:2]), d(x[2:], t[2:], text[2:])]))  # groups are independent
-    same = d(x[[0, 0]], t[[0, 0]], text[[0, 0]])  # std 0 in the group
-    assert not torch.allclose(same[0], d(x[[0, 1]], t[[0, 0]], text[[0, 0]])[0])  # sample 0's logit sees its group-mate
-    with pytest.raises(ValueError, match="apt.minibatch_std_group=2"):
-        d(x[:3], t[:3], text[:3])

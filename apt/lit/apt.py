@@ -87,8 +87,7 @@ class SampleNoise:
 
 def build_discriminator(backbone, a: AptConfig) -> Discriminator:
     """APT's D around a diffusion backbone: readout heads at ``apt.readout_fractions``, t-shift ``apt.d_timestep_shift``."""
-    return Discriminator(backbone, fractions=list(a.readout_fractions), num_heads=backbone.config.num_heads, timestep_shift=a.d_timestep_shift,
-                         minibatch_std_group=a.minibatch_std_group)
+    return Discriminator(backbone, fractions=list(a.readout_fractions), num_heads=backbone.config.num_heads, timestep_shift=a.d_timestep_shift)
 
 
 def _mean(values: list[torch.Tensor]) -> torch.Tensor:
