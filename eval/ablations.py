@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from apt.data.toy import eval_prompts
     from apt.eval.toy_classifier import load_toy_classifier
     from apt.eval.toy_metrics import evaluate_samples, real_stats
-    from apt.eval.toy_report import EVAL_SEED, generate_all
+    from apt.eval.toy_report import EVAL_NOISE_SEED, EVAL_SEED, generate_all
     from apt.inference import load_generator
     from apt.train import fit
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         gen = load_generator(run)
         prompts = eval_prompts(args.num_samples, seed=EVAL_SEED, frames=gen.num_frames)
         real = real_stats(classifier, frames=gen.num_frames, n=args.num_samples, seed=EVAL_SEED, cache_path=str(out / f"real_{args.num_samples}.npz"))
-        x, _ = generate_all(gen, prompts, 10_000, steps=1)
+        x, _ = generate_all(gen, prompts, EVAL_NOISE_SEED, steps=1)
         m = evaluate_samples(classifier, x, prompts, real)
         rows = last_rows(run)
         gap = sum(float(r["d_real"]) - float(r["d_fake"]) for r in rows) / max(1, len(rows))

@@ -2,6 +2,7 @@
 
     python eval/toy_gap.py runs/tune5/v1500_mm/checkpoints/step-000175 [--steps 1] [--cfg 1]
     python eval/toy_gap.py assets/demo_teacher --steps 25 --cfg 3
+    python eval/toy_gap.py runs/demo/apt_video/checkpoints/step-000175 --noise-scale 0.7
 
 On the validation split of ``apt.eval.toy_metrics`` (the set ``eval/toy_validate.py`` and training's
 ``eval.every_steps`` score), prints one JSON line per checkpoint with
@@ -27,7 +28,7 @@ from apt.eval.frechet import stats_distance
 from apt.eval.toy_classifier import load_toy_classifier
 from apt.eval.toy_metrics import (VAL_NOISE_SEED, VAL_PROMPT_SEED, correct_mask, features_and_predictions, real_stats,
                                   real_vs_real_floor)
-from apt.eval.toy_report import add_validation_arguments, generate_seeded
+from apt.eval.toy_report import add_validation_arguments, generate_seeded, noise_scaled
 from apt.inference import load_generator
 
 REDRAW_SEED_STRIDE = 100_003
@@ -62,15 +63,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_validation_arguments(ap)
     ap.add_argument("--redraws", type=int, default=20, help="most re-draws of a misaligned sample")
+    ap.add_argument("--noise-scale", type=float, default=1.0, help="one step from scaled noise s z (eval/toy_noise_scale.py)")
     args = ap.parse_args(argv)
+    if args.noise_scale != 1.0 and args.steps != 1:
+        ap.error(f"--noise-scale {args.noise_scale} needs --steps 1 (it scales the one-step generator's noise), got --steps {args.steps}")
     classifier = load_toy_classifier(args.classifier)
     real = real_stats(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED)
     floor = round(real_vs_real_floor(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED, first=real), 2)
     rows = []
     for ckpt in args.checkpoints:
-        row = {"checkpoint": ckpt, "steps": args.steps, "cfg": args.cfg, "n": args.num_samples, "floor": floor,
-               **gap(load_generator(ckpt), classifier, real, n=args.num_samples, steps=args.steps, cfg=args.cfg,
-                     frames=args.frames, redraws=args.redraws)}
+        with noise_scaled(load_generator(ckpt), args.noise_scale) as gen:
+            split = gap(gen, classifier, real, n=args.num_samples, steps=args.steps, cfg=args.cfg, frames=args.frames, redraws=args.redraws)
+        row = {"checkpoint": ckpt, "steps": args.steps, "cfg": args.cfg, "noise_scale": args.noise_scale, "n": args.num_samples,
+               "floor": floor, **split}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -137,3 +137,26 @@ def test_toy_gap_script_splits_the_distance() -> None:
     (full,) = gap.main(["assets/demo_teacher", "--num-samples", "32", "--steps", "25", "--cfg", "3", "--redraws", "3"])
     assert full["attribute_accuracy"] == 1.0 and full["still_misaligned"] == 0 and full["aligned_distance"] == full["distance"], full
     assert full["distance"] < one["distance"]
+
+
+def test_toy_noise_scale_script_samples_from_scaled_noise() -> None:
+    """eval/toy_noise_scale.py: the wrapped network's one-step sample is s z - net(s z); scale 1 scores
+    exactly what eval/toy_validate.py scores; another scale changes the samples."""
+    from eval_helpers import load_eval_script
+
+    from apt.eval.toy_report import NoiseScaled
+
+    noise = load_eval_script("toy_noise_scale")
+    net = lambda x, t, text: 0.5 * x + t.view(-1, 1)  # noqa: E731 (any map of x)
+    z, t = torch.randn(3, 4), torch.ones(3)
+    torch.testing.assert_close(z - NoiseScaled(net, 0.7)(z, t, None), 0.7 * z - net(0.7 * z, t, None))
+    validate = load_eval_script("toy_validate")
+    (plain,) = validate.main(["assets/demo_teacher", "--num-samples", "32"])
+    rows = noise.main(["assets/demo_teacher", "--scales", "1.0", "0.5", "--val-samples", "32", "--report-samples", "32"])
+    assert rows[0]["val_distance"] == plain["val_distance"] and rows[0]["val_attribute_accuracy"] == plain["val_attribute_accuracy"]
+    assert rows[1]["val_distance"] != rows[0]["val_distance"] and rows[1]["report_distance"] != rows[0]["report_distance"]
+    gap = load_eval_script("toy_gap")
+    (split,) = gap.main(["assets/demo_teacher", "--num-samples", "32", "--redraws", "0", "--noise-scale", "0.5"])
+    assert split["noise_scale"] == 0.5 and split["distance"] == rows[1]["val_distance"]  # the same samples
+    with pytest.raises(SystemExit):
+        gap.main(["assets/demo_teacher", "--steps", "2", "--noise-scale", "0.5"])

@@ -37,6 +37,8 @@ from apt.inference import Generator, load_generator
 from apt.media import grid_image, save_gif, save_png, to_uint8
 
 EVAL_SEED = 1234
+EVAL_NOISE_SEED = 10_000
+"""The report's sample i uses noise seed EVAL_NOISE_SEED + i."""
 BATCH = 250
 
 
@@ -44,6 +46,28 @@ def generate_seeded(gen: Generator, prompts: list[str], seeds: list[int], *, ste
     """One sample (B, C, T, H, W) per (prompt, noise seed), in batches of BATCH."""
     return torch.cat([gen.generate_tensor(prompts[i : i + BATCH], seeds[i : i + BATCH], steps=steps, cfg_scale=cfg_scale, frames=frames)
                       for i in range(0, len(prompts), BATCH)])
+
+
+class NoiseScaled(torch.nn.Module):
+    """net'(x) = net(s x) - (s - 1) x, so that the one-step sample z - net'(z, T) is s z - net(s z, T)."""
+
+    def __init__(self, net: torch.nn.Module, scale: float):
+        super().__init__()
+        self.net, self.scale = net, scale
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        return self.net(self.scale * x, t, text) - (self.scale - 1.0) * x
+
+
+@contextlib.contextmanager
+def noise_scaled(gen: Generator, scale: float):
+    """``gen`` samples one step from noise scaled by ``scale`` inside the block."""
+    net = gen.net
+    gen.net = NoiseScaled(net, scale)
+    try:
+        yield gen
+    finally:
+        gen.net = net
 
 
 def generate_all(gen: Generator, prompts: list[str], seed0: int, *, steps: int, cfg_scale: float | None = None, frames: int | None = None) -> tuple[torch.Tensor, float]:
@@ -156,7 +180,7 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
     seconds_b1 = batch1_seconds([(gen, steps, cfg) for _, gen, steps, cfg in rows_spec], prompts)
     seconds_text = text_encode_seconds(t_gen.text_encoder, prompts)
     for (name, gen, steps, cfg), sec1 in zip(rows_spec, seconds_b1):
-        x, sec_batched = generate_all(gen, prompts, 10_000, steps=steps, cfg_scale=cfg)
+        x, sec_batched = generate_all(gen, prompts, EVAL_NOISE_SEED, steps=steps, cfg_scale=cfg)
         m = evaluate_samples(classifier, x, prompts, real)
         nfe = steps * (2 if cfg != 1.0 else 1)
         rows.append({"name": name, "nfe": nfe, "distance": round(m["distance"], 2), "attribute_accuracy": round(m["attribute_accuracy"], 4),
@@ -180,7 +204,7 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
         "real_vs_real_floor": round(floor, 2),
         "num_samples": num_samples,
         "eval_prompt_seed": EVAL_SEED,
-        "noise_seeds": f"10000..{10000 + num_samples - 1}",
+        "noise_seeds": f"{EVAL_NOISE_SEED}..{EVAL_NOISE_SEED + num_samples - 1}",
         "apt_checkpoint": best,
         "apt_selection": selection,
         "torch_threads": torch_threads,
