@@ -61,9 +61,10 @@ class NoiseScaled(torch.nn.Module):
 
 @contextlib.contextmanager
 def noise_scaled(gen: Generator, scale: float):
-    """``gen`` samples one step from noise scaled by ``scale`` inside the block."""
+    """``gen`` samples one step from noise scaled by ``scale`` inside the block (the wrapper means that
+    for one-step sampling only; scale 1 leaves ``gen`` as it is)."""
     net = gen.net
-    gen.net = NoiseScaled(net, scale)
+    gen.net = NoiseScaled(net, scale) if scale != 1.0 else net
     try:
         yield gen
     finally:
