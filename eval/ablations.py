@@ -46,10 +46,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from apt.checkpoint import latest_checkpoint
     from apt.config import load_config
-    from apt.data.toy import eval_prompts
     from apt.eval.toy_classifier import load_toy_classifier
-    from apt.eval.toy_metrics import evaluate_samples, real_stats
-    from apt.eval.toy_report import EVAL_NOISE_SEED, EVAL_SEED, generate_all
+    from apt.eval.toy_metrics import real_stats
+    from apt.eval.toy_report import EVAL_SEED, report_set_metrics
     from apt.inference import load_generator
     from apt.train import fit
 
@@ -65,10 +64,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if latest_checkpoint(run) is None or int(latest_checkpoint(run).name.split("-")[1]) < args.steps:
             fit(c)
         gen = load_generator(run)
-        prompts = eval_prompts(args.num_samples, seed=EVAL_SEED, frames=gen.num_frames)
         real = real_stats(classifier, frames=gen.num_frames, n=args.num_samples, seed=EVAL_SEED, cache_path=str(out / f"real_{args.num_samples}.npz"))
-        x, _ = generate_all(gen, prompts, EVAL_NOISE_SEED, steps=1)
-        m = evaluate_samples(classifier, x, prompts, real)
+        m = report_set_metrics(gen, classifier, real, n=args.num_samples, steps=1)
         rows = last_rows(run)
         gap = sum(float(r["d_real"]) - float(r["d_fake"]) for r in rows) / max(1, len(rows))
         results.append({"variant": name, "overrides": overrides, "final_loss_d": float(rows[-1]["loss_d"]), "d_gap_last20": gap,

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from apt.data.toy import eval_prompts
 from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import VAL_PROMPT_SEED, evaluate_samples, real_stats
-from apt.eval.toy_report import EVAL_NOISE_SEED, EVAL_SEED, generate_all, noise_scaled, validation_metrics
+from apt.eval.toy_metrics import VAL_PROMPT_SEED, real_stats
+from apt.eval.toy_report import EVAL_SEED, noise_scaled, report_set_metrics, validation_metrics
 from apt.inference import load_generator
 
 
@@ -33,14 +32,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     classifier = load_toy_classifier(args.classifier)
     val_real = real_stats(classifier, frames=args.frames, n=args.val_samples, seed=VAL_PROMPT_SEED)
     report_real = real_stats(classifier, frames=args.frames, n=args.report_samples, seed=EVAL_SEED)
-    report_prompts = eval_prompts(args.report_samples, seed=EVAL_SEED, frames=args.frames)
     gen = load_generator(args.checkpoint)
     rows = []
     for scale in args.scales:
         with noise_scaled(gen, scale):
             val = validation_metrics(gen, classifier, val_real, n=args.val_samples, steps=1, cfg_scale=1.0, frames=args.frames)
-            x, _ = generate_all(gen, report_prompts, EVAL_NOISE_SEED, steps=1, cfg_scale=1.0, frames=args.frames)
-            report = evaluate_samples(classifier, x, report_prompts, report_real)
+            report = report_set_metrics(gen, classifier, report_real, n=args.report_samples, steps=1, cfg_scale=1.0, frames=args.frames)
         rows.append({"checkpoint": args.checkpoint, "noise_scale": scale,
                      "val_distance": round(float(val["distance"]), 2), "val_attribute_accuracy": float(val["attribute_accuracy"]),
                      "report_distance": round(float(report["distance"]), 2), "report_attribute_accuracy": float(report["attribute_accuracy"])})

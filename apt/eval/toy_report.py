@@ -97,6 +97,15 @@ def validation_metrics(gen: Generator, classifier, val_real, *, n: int = 256, st
     return evaluate_samples(classifier, x, prompts, val_real)
 
 
+def report_set_metrics(gen: Generator, classifier, report_real, *, n: int = 1000, steps: int = 1, cfg_scale: float | None = None, frames: int | None = None) -> dict:
+    """Toy metrics of ``gen`` on the report's prompts (``EVAL_SEED``) and noise seeds (``EVAL_NOISE_SEED``),
+    against ``report_real`` (``real_stats`` of the same n and seed); ``frames`` defaults to the generator's own."""
+    frames = frames or gen.num_frames
+    prompts = eval_prompts(n, seed=EVAL_SEED, frames=frames)
+    x, _ = generate_all(gen, prompts, EVAL_NOISE_SEED, steps=steps, cfg_scale=cfg_scale, frames=frames)
+    return evaluate_samples(classifier, x, prompts, report_real)
+
+
 @contextlib.contextmanager
 def one_torch_thread():
     """Batch-1 timings run on one torch thread (intra-op threads only add overhead on tensors this small,
