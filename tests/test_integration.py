@@ -290,4 +290,8 @@ def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
         assert min(1.0, r["speedup_batch1"]) <= r["speedup_batch1_with_text"] <= max(1.0, r["speedup_batch1"])
     assert report["real_vs_real_floor"] > 0 and report["num_samples"] == 64
     assert report["apt_checkpoint"] in [str(p) for p in list_checkpoints(out / "apt_video")]
+    bar = {x["line"]: x for x in report["bar"]}  # issue 3's lines, checked on this run's figures
+    assert len(bar) == 9 and all(isinstance(x["met"], bool) for x in bar.values())
+    assert bar["apt-1step distance / teacher's"]["value"] == round(rows["apt-1step"]["distance"] / rows["teacher-25step-cfg"]["distance"], 4)
+    assert bar["demo wall time, seconds"]["value"] == report["total_seconds"]
     assert (out / "side_by_side.png").stat().st_size > 0 and (out / "side_by_side.gif").stat().st_size > 0

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from apt.data.toy import eval_prompts
+from apt.eval.toy_bar import check_bar, format_bar
 from apt.eval.toy_classifier import load_toy_classifier
 from apt.eval.toy_metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED, evaluate_samples, real_stats, real_vs_real_floor
 from apt.inference import Generator, load_generator
@@ -208,7 +209,7 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
     save_png(grid_image(stacked), out_dir / "side_by_side.png")
     save_gif(stacked, out_dir / "side_by_side.gif", columns=4)
     (out_dir / "side_by_side_prompts.txt").write_text("rows per prompt: " + ", ".join(r["name"] for r in rows) + "\n" + "\n".join(prompts[:8]) + "\n")
-    return {
+    report = {
         "rows": rows,
         "text_encode_seconds": seconds_text,
         "real_vs_real_floor": round(floor, 2),
@@ -219,6 +220,8 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
         "apt_selection": selection,
         "torch_threads": torch_threads,
     }
+    report["bar"] = check_bar(report)
+    return report
 
 
 def print_table(report: dict) -> None:
@@ -229,4 +232,5 @@ def print_table(report: dict) -> None:
     with_text = ", ".join(f"{r['name']} {r['speedup_batch1_with_text']:.1f}x" for r in report["rows"][1:])
     print(f"text encoding (not in the figures above, the same for every row): {report['text_encode_seconds'] * 1e3:.2f} ms per new prompt; "
           f"batch-1 speed-ups with it: {with_text}")
-    print(f"real-vs-real floor: {report['real_vs_real_floor']:.1f} (N={report['num_samples']})\n")
+    print(f"real-vs-real floor: {report['real_vs_real_floor']:.1f} (N={report['num_samples']})")
+    print(format_bar(report["bar"]) + "\n")

@@ -1,0 +1,71 @@
+"""The demo report's bar: each line of issue 3 against hand-made reports."""
+
+import pytest
+
+from apt.eval.toy_bar import check_bar, format_bar
+
+
+def make_report(*, teacher=(6.0, 0.99), distilled=(14.0, 0.90), apt=(7.0, 0.95), floor=5.0, speedups=(33.0, 46.0)):
+    def row(name, distance, accuracy, b1=1.0, batched=1.0):
+        return {"name": name, "distance": distance, "attribute_accuracy": accuracy, "speedup_batch1": b1, "speedup_batched": batched}
+
+    return {
+        "rows": [row("teacher-25step-cfg", *teacher), row("distilled-1step", *distilled, 32.0, 45.0), row("apt-1step", *apt, *speedups),
+                 row("apt-2step", 5.0, 0.97, 16.0, 25.0)],
+        "real_vs_real_floor": floor,
+    }
+
+
+def by_line(lines):
+    return {x["line"]: x for x in lines}
+
+
+def test_a_report_that_meets_every_line():
+    lines = check_bar(make_report())
+    assert len(lines) == 8 and all(x["met"] for x in lines)
+    assert format_bar(lines).startswith("bar (issue 3): 8 of 8 lines met")
+
+
+def test_each_apt_line_fails_on_its_own():
+    # 7.5 is 1.25x the teacher but more than half the distilled row's 14.0.
+    lines = by_line(check_bar(make_report(apt=(7.5, 0.95))))
+    assert not lines["apt-1step distance / distilled-1step's"]["met"]
+    assert lines["apt-1step distance / teacher's"]["met"]
+    # 7.9 against a distilled row of 20: under half, but 1.32x the teacher.
+    lines = by_line(check_bar(make_report(distilled=(20.0, 0.9), apt=(7.9, 0.95))))
+    assert lines["apt-1step distance / distilled-1step's"]["met"]
+    assert not lines["apt-1step distance / teacher's"]["met"]
+    assert lines["apt-1step distance / teacher's"]["value"] == pytest.approx(7.9 / 6.0, abs=1e-4)
+    lines = by_line(check_bar(make_report(apt=(7.0, 0.88))))
+    accuracy = lines["apt-1step attribute accuracy"]
+    assert not accuracy["met"] and accuracy["threshold"] == pytest.approx(0.89)
+    lines = by_line(check_bar(make_report(speedups=(29.9, 46.0))))
+    assert not lines["apt-1step speed-up, batch 1"]["met"] and lines["apt-1step speed-up, batched"]["met"]
+
+
+def test_the_benchmark_lines():
+    lines = by_line(check_bar(make_report(teacher=(6.0, 0.79), distilled=(11.9, 0.9), floor=6.5)))
+    assert not lines["teacher-25step-cfg attribute accuracy"]["met"]
+    assert not lines["distilled-1step distance / teacher's"]["met"]
+    assert not lines["real-vs-real floor / teacher's distance"]["met"]
+    assert "NOT met  real-vs-real floor" in format_bar(list(lines.values()))
+
+
+def test_thresholds_are_inclusive():
+    # distilled exactly 2x, apt exactly half of it, 1.3x the teacher, 10 points below, 30x.
+    lines = check_bar(make_report(teacher=(10.0, 0.95), distilled=(26.0, 0.9), apt=(13.0, 0.85), speedups=(30.0, 30.0)))
+    assert all(x["met"] for x in lines)
+
+
+def test_the_demo_time_line_appears_with_the_demo_total():
+    report = make_report()
+    report["total_seconds"] = 1250.0
+    line = by_line(check_bar(report))["demo wall time, seconds"]
+    assert not line["met"] and line["threshold"] == 1200
+
+
+def test_a_report_without_the_rows_names_them():
+    report = make_report()
+    report["rows"] = report["rows"][:1]
+    with pytest.raises(KeyError, match="distilled-1step"):
+        check_bar(report)
