@@ -13,7 +13,12 @@ On the validation split of ``apt.eval.toy_metrics`` (the set ``eval/toy_validate
     aligned_distance     the distance after every sample whose classified shape/colour/direction/background
                          does not match its prompt is re-drawn from other noise seeds (up to --redraws times)
                          until it does: ``distance - aligned_distance`` is what text misalignment costs, the
-                         rest is fidelity and diversity.
+                         rest is fidelity and diversity;
+    ambiguous_shape      the share of samples whose shape the classifier calls with top probability below
+                         AMBIGUOUS_SHAPE (a blob between two shapes), next to the real set's;
+    confident_distance   the distance after every misaligned or ambiguous-shape sample is re-drawn likewise;
+    high_frequency_share sharpness (``apt.eval.toy_content``), next to the real set's;
+    distractor_visible   the share of samples showing the uncaptioned distractor, next to the real set's.
 """
 
 from __future__ import annotations
@@ -22,41 +27,71 @@ import argparse
 import json
 
 import numpy as np
+import torch
 
 from apt.data.toy import eval_prompts
 from apt.eval.frechet import stats_distance
 from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import (VAL_NOISE_SEED, VAL_PROMPT_SEED, correct_mask, features_and_predictions, real_stats,
+from apt.eval.toy_content import distractor_visible, high_frequency_share
+from apt.eval.toy_metrics import (VAL_NOISE_SEED, VAL_PROMPT_SEED, correct_mask, features_and_predictions, real_batches, real_stats,
                                   real_vs_real_floor)
 from apt.eval.toy_report import add_validation_arguments, generate_seeded, noise_scaled
 from apt.inference import load_generator
 
 REDRAW_SEED_STRIDE = 100_003
 """Re-draw k of sample i uses noise seed VAL_NOISE_SEED + k * REDRAW_SEED_STRIDE + i (disjoint from the split's seeds)."""
+AMBIGUOUS_SHAPE = 0.9
+"""A sample's shape is ambiguous when the classifier's shape head gives no shape this probability."""
 
 
-def gap(gen, classifier, real, *, n: int, steps: int, cfg: float, frames: int, redraws: int) -> dict:
-    prompts = eval_prompts(n, seed=VAL_PROMPT_SEED, frames=frames)
-    x = generate_seeded(gen, prompts, [VAL_NOISE_SEED + i for i in range(n)], steps=steps, cfg_scale=cfg, frames=frames)
-    stats, preds = features_and_predictions(classifier, [x], n)
+@torch.no_grad()
+def judge(classifier, x: torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: does every classified attribute match the prompt; is the shape ambiguous."""
+    _, preds = features_and_predictions(classifier, [x], len(prompts))
     ok_N, _ = correct_mask(preds, prompts)
-    distance, mean_term = stats_distance(stats, real), float(((stats.mu - real.mu) ** 2).sum())
-    accuracy = float(ok_N.mean())
+    shape_p = classifier.heads["shape"](classifier.features(x)).softmax(-1).max(-1).values
+    return ok_N, (shape_p < AMBIGUOUS_SHAPE).cpu().numpy()
+
+
+def redrawn(gen, classifier, x, prompts, good_N, *, steps: int, cfg: float, frames: int, redraws: int, confident: bool) -> tuple[torch.Tensor, float]:
+    """x with every sample not ``good_N`` re-drawn from other seeds until it is (aligned, and also
+    unambiguous if ``confident``), at most ``redraws`` times; and the share still not good."""
+    x, good_N = x.clone(), good_N.copy()
     for k in range(1, redraws + 1):
-        bad = np.flatnonzero(~ok_N).tolist()
+        bad = np.flatnonzero(~good_N).tolist()
         if not bad:
             break
         x_bad = generate_seeded(gen, [prompts[i] for i in bad], [VAL_NOISE_SEED + k * REDRAW_SEED_STRIDE + i for i in bad],
                                 steps=steps, cfg_scale=cfg, frames=frames)
-        _, preds_bad = features_and_predictions(classifier, [x_bad], n)
-        hit, _ = correct_mask(preds_bad, [prompts[i] for i in bad])
-        for j in np.flatnonzero(hit):
-            x[bad[j]], ok_N[bad[j]] = x_bad[j], True
-    aligned, _ = features_and_predictions(classifier, [x], n)
+        ok, ambiguous = judge(classifier, x_bad, [prompts[i] for i in bad])
+        for j in np.flatnonzero(ok & ~ambiguous if confident else ok):
+            x[bad[j]], good_N[bad[j]] = x_bad[j], True
+    return x, float(1 - good_N.mean())
+
+
+def gap(gen, classifier, real, real_clips, *, n: int, steps: int, cfg: float, frames: int, redraws: int) -> dict:
+    """The split of one generator's validation distance; ``real_clips``: (x, captions) of the real set."""
+    prompts = eval_prompts(n, seed=VAL_PROMPT_SEED, frames=frames)
+    x = generate_seeded(gen, prompts, [VAL_NOISE_SEED + i for i in range(n)], steps=steps, cfg_scale=cfg, frames=frames)
+    stats, _ = features_and_predictions(classifier, [x], n)
+    ok_N, ambiguous_N = judge(classifier, x, prompts)
+    distance, mean_term = stats_distance(stats, real), float(((stats.mu - real.mu) ** 2).sum())
+    kw = dict(steps=steps, cfg=cfg, frames=frames, redraws=redraws)
+    aligned, still_misaligned = redrawn(gen, classifier, x, prompts, ok_N, confident=False, **kw)
+    confident, still_unconfident = redrawn(gen, classifier, x, prompts, ok_N & ~ambiguous_N, confident=True, **kw)
+    x_real, captions_real = real_clips
+    _, ambiguous_real = judge(classifier, x_real, captions_real)
+
+    def distance_of(y):
+        return round(stats_distance(features_and_predictions(classifier, [y], n)[0], real), 2)
+
     return {"distance": round(distance, 2), "mean_term": round(mean_term, 2), "cov_term": round(distance - mean_term, 2),
             "feature_trace": round(float(np.trace(stats.sigma)), 1), "real_feature_trace": round(float(np.trace(real.sigma)), 1),
-            "attribute_accuracy": accuracy, "aligned_distance": round(stats_distance(aligned, real), 2),
-            "still_misaligned": float(1 - ok_N.mean())}
+            "attribute_accuracy": float(ok_N.mean()), "aligned_distance": distance_of(aligned), "still_misaligned": still_misaligned,
+            "ambiguous_shape": float(ambiguous_N.mean()), "real_ambiguous_shape": float(ambiguous_real.mean()),
+            "confident_distance": distance_of(confident), "still_unconfident": still_unconfident,
+            "high_frequency_share": round(high_frequency_share(x), 4), "real_high_frequency_share": round(high_frequency_share(x_real), 4),
+            "distractor_visible": distractor_visible(x, prompts), "real_distractor_visible": distractor_visible(x_real, captions_real)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -70,10 +105,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     classifier = load_toy_classifier(args.classifier)
     real = real_stats(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED)
     floor = round(real_vs_real_floor(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED, first=real), 2)
+    real_clips = next(real_batches(args.frames, args.num_samples, VAL_PROMPT_SEED, batch_size=args.num_samples))
     rows = []
     for ckpt in args.checkpoints:
         with noise_scaled(load_generator(ckpt), args.noise_scale) as gen:
-            split = gap(gen, classifier, real, n=args.num_samples, steps=args.steps, cfg=args.cfg, frames=args.frames, redraws=args.redraws)
+            split = gap(gen, classifier, real, real_clips, n=args.num_samples, steps=args.steps, cfg=args.cfg, frames=args.frames, redraws=args.redraws)
         row = {"checkpoint": ckpt, "steps": args.steps, "cfg": args.cfg, "noise_scale": args.noise_scale, "n": args.num_samples,
                "floor": floor, **split}
         rows.append(row)

@@ -137,6 +137,11 @@ def test_toy_gap_script_splits_the_distance() -> None:
     (full,) = gap.main(["assets/demo_teacher", "--num-samples", "32", "--steps", "25", "--cfg", "3", "--redraws", "3"])
     assert full["attribute_accuracy"] == 1.0 and full["still_misaligned"] == 0 and full["aligned_distance"] == full["distance"], full
     assert full["distance"] < one["distance"]
+    # The one-step conditional mean is a blur: no high frequencies, no distractor, shapes between classes.
+    assert one["high_frequency_share"] < full["high_frequency_share"] / 2 < one["real_high_frequency_share"]
+    assert one["distractor_visible"] < full["distractor_visible"] < one["real_distractor_visible"]
+    assert one["ambiguous_shape"] > 0.5 > one["real_ambiguous_shape"] == full["real_ambiguous_shape"]
+    assert one["still_unconfident"] < one["ambiguous_shape"] and one["confident_distance"] < one["distance"]
 
 
 def test_toy_noise_scale_script_samples_from_scaled_noise() -> None:
