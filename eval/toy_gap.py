@@ -5,7 +5,9 @@
     python eval/toy_gap.py runs/demo/apt_video/checkpoints/step-000175 --noise-scale 0.7
 
 On the validation split of ``apt.eval.toy_metrics`` (the set ``eval/toy_validate.py`` and training's
-``eval.every_steps`` score), prints one JSON line per checkpoint with
+``eval.every_steps`` score), or with ``--split report`` on the demo report's prompts and noise seeds
+(``apt.eval.toy_report``; pass ``--num-samples 1000`` for the report's N), prints one JSON line per
+checkpoint with
     floor                the real-vs-real distance at the same n (two disjoint real sets): what a perfect
                          generator can expect, so ``distance - floor`` is the part a model can still remove;
     distance             the validation distance, split into mean_term ||mu_g - mu_r||^2 and the rest;
@@ -35,11 +37,13 @@ from apt.eval.toy_classifier import load_toy_classifier
 from apt.eval.toy_content import distractor_visible, high_frequency_share
 from apt.eval.toy_metrics import (VAL_NOISE_SEED, VAL_PROMPT_SEED, correct_mask, features_and_predictions, real_batches, real_stats,
                                   real_vs_real_floor)
-from apt.eval.toy_report import add_validation_arguments, generate_seeded, noise_scaled
+from apt.eval.toy_report import EVAL_NOISE_SEED, EVAL_SEED, add_validation_arguments, generate_seeded, noise_scaled
 from apt.inference import load_generator
 
 REDRAW_SEED_STRIDE = 100_003
-"""Re-draw k of sample i uses noise seed VAL_NOISE_SEED + k * REDRAW_SEED_STRIDE + i (disjoint from the split's seeds)."""
+"""Re-draw k of sample i uses noise seed NOISE_SEED + k * REDRAW_SEED_STRIDE + i (disjoint from the split's seeds)."""
+SPLITS = {"validation": (VAL_PROMPT_SEED, VAL_NOISE_SEED), "report": (EVAL_SEED, EVAL_NOISE_SEED)}
+"""Prompt seed (the real set's too) and first noise seed of each split."""
 AMBIGUOUS_SHAPE = 0.9
 """A sample's shape is ambiguous when the classifier's shape head gives no shape this probability."""
 
@@ -53,7 +57,8 @@ def judge(classifier, x: torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, 
     return ok_N, (shape_p < AMBIGUOUS_SHAPE).cpu().numpy()
 
 
-def redrawn(gen, classifier, x, prompts, good_N, *, steps: int, cfg: float, frames: int, redraws: int, confident: bool) -> tuple[torch.Tensor, float]:
+def redrawn(gen, classifier, x, prompts, good_N, *, noise_seed: int, steps: int, cfg: float, frames: int, redraws: int,
+            confident: bool) -> tuple[torch.Tensor, float]:
     """x with every sample not ``good_N`` re-drawn from other seeds until it is (aligned, and also
     unambiguous if ``confident``), at most ``redraws`` times; and the share still not good."""
     x, good_N = x.clone(), good_N.copy()
@@ -61,7 +66,7 @@ def redrawn(gen, classifier, x, prompts, good_N, *, steps: int, cfg: float, fram
         bad = np.flatnonzero(~good_N).tolist()
         if not bad:
             break
-        x_bad = generate_seeded(gen, [prompts[i] for i in bad], [VAL_NOISE_SEED + k * REDRAW_SEED_STRIDE + i for i in bad],
+        x_bad = generate_seeded(gen, [prompts[i] for i in bad], [noise_seed + k * REDRAW_SEED_STRIDE + i for i in bad],
                                 steps=steps, cfg_scale=cfg, frames=frames)
         ok, ambiguous = judge(classifier, x_bad, [prompts[i] for i in bad])
         for j in np.flatnonzero(ok & ~ambiguous if confident else ok):
@@ -69,14 +74,15 @@ def redrawn(gen, classifier, x, prompts, good_N, *, steps: int, cfg: float, fram
     return x, float(1 - good_N.mean())
 
 
-def gap(gen, classifier, real, real_clips, *, n: int, steps: int, cfg: float, frames: int, redraws: int) -> dict:
-    """The split of one generator's validation distance; ``real_clips``: (x, captions) of the real set."""
-    prompts = eval_prompts(n, seed=VAL_PROMPT_SEED, frames=frames)
-    x = generate_seeded(gen, prompts, [VAL_NOISE_SEED + i for i in range(n)], steps=steps, cfg_scale=cfg, frames=frames)
+def gap(gen, classifier, real, real_clips, *, split: str, n: int, steps: int, cfg: float, frames: int, redraws: int) -> dict:
+    """The split of one generator's distance on ``split``; ``real_clips``: (x, captions) of its real set."""
+    prompt_seed, noise_seed = SPLITS[split]
+    prompts = eval_prompts(n, seed=prompt_seed, frames=frames)
+    x = generate_seeded(gen, prompts, [noise_seed + i for i in range(n)], steps=steps, cfg_scale=cfg, frames=frames)
     stats, _ = features_and_predictions(classifier, [x], n)
     ok_N, ambiguous_N = judge(classifier, x, prompts)
     distance, mean_term = stats_distance(stats, real), float(((stats.mu - real.mu) ** 2).sum())
-    kw = dict(steps=steps, cfg=cfg, frames=frames, redraws=redraws)
+    kw = dict(noise_seed=noise_seed, steps=steps, cfg=cfg, frames=frames, redraws=redraws)
     aligned, still_misaligned = redrawn(gen, classifier, x, prompts, ok_N, confident=False, **kw)
     confident, still_unconfident = redrawn(gen, classifier, x, prompts, ok_N & ~ambiguous_N, confident=True, **kw)
     x_real, captions_real = real_clips
@@ -99,19 +105,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_validation_arguments(ap)
     ap.add_argument("--redraws", type=int, default=20, help="most re-draws of a misaligned sample")
     ap.add_argument("--noise-scale", type=float, default=1.0, help="one step from scaled noise s z (eval/toy_noise_scale.py)")
+    ap.add_argument("--split", choices=sorted(SPLITS), default="validation", help="the validation set, or the demo report's prompts and seeds")
     args = ap.parse_args(argv)
     if args.noise_scale != 1.0 and args.steps != 1:
         ap.error(f"--noise-scale {args.noise_scale} needs --steps 1 (it scales the one-step generator's noise), got --steps {args.steps}")
     classifier = load_toy_classifier(args.classifier)
-    real = real_stats(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED)
-    floor = round(real_vs_real_floor(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED, first=real), 2)
-    real_clips = next(real_batches(args.frames, args.num_samples, VAL_PROMPT_SEED, batch_size=args.num_samples))
+    prompt_seed, _ = SPLITS[args.split]
+    real = real_stats(classifier, frames=args.frames, n=args.num_samples, seed=prompt_seed)
+    floor = round(real_vs_real_floor(classifier, frames=args.frames, n=args.num_samples, seed=prompt_seed, first=real), 2)
+    real_clips = next(real_batches(args.frames, args.num_samples, prompt_seed, batch_size=args.num_samples))
     rows = []
     for ckpt in args.checkpoints:
         with noise_scaled(load_generator(ckpt), args.noise_scale) as gen:
-            split = gap(gen, classifier, real, real_clips, n=args.num_samples, steps=args.steps, cfg=args.cfg, frames=args.frames, redraws=args.redraws)
-        row = {"checkpoint": ckpt, "steps": args.steps, "cfg": args.cfg, "noise_scale": args.noise_scale, "n": args.num_samples,
-               "floor": floor, **split}
+            parts = gap(gen, classifier, real, real_clips, split=args.split, n=args.num_samples, steps=args.steps, cfg=args.cfg,
+                        frames=args.frames, redraws=args.redraws)
+        row = {"checkpoint": ckpt, "split": args.split, "steps": args.steps, "cfg": args.cfg, "noise_scale": args.noise_scale, "n": args.num_samples,
+               "floor": floor, **parts}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

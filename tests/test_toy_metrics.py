@@ -165,3 +165,5 @@ def test_toy_noise_scale_script_samples_from_scaled_noise() -> None:
     assert split["noise_scale"] == 0.5 and split["distance"] == rows[1]["val_distance"]  # the same samples
     with pytest.raises(SystemExit):
         gap.main(["assets/demo_teacher", "--steps", "2", "--noise-scale", "0.5"])
+    (report,) = gap.main(["assets/demo_teacher", "--num-samples", "32", "--redraws", "0", "--noise-scale", "0.5", "--split", "report"])
+    assert report["split"] == "report" and report["distance"] == rows[1]["report_distance"]  # the report's prompts and seeds
