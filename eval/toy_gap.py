@@ -10,7 +10,7 @@ On the validation split of ``apt.eval.toy_metrics`` (the set ``eval/toy_validate
 checkpoint with
     floor                the real-vs-real distance at the same n (two disjoint real sets): what a perfect
                          generator can expect, so ``distance - floor`` is the part a model can still remove;
-    distance             the validation distance, split into mean_term ||mu_g - mu_r||^2 and the rest;
+    distance             the split's distance, split into mean_term ||mu_g - mu_r||^2 and the rest;
     feature_trace        Tr(Sigma) of the samples' features next to the real set's (lower: less diverse);
     aligned_distance     the distance after every sample whose classified shape/colour/direction/background
                          does not match its prompt is re-drawn from other noise seeds (up to --redraws times)
@@ -83,8 +83,8 @@ def gap(gen, classifier, real, real_clips, *, split: str, n: int, steps: int, cf
     ok_N, ambiguous_N = judge(classifier, x, prompts)
     distance, mean_term = stats_distance(stats, real), float(((stats.mu - real.mu) ** 2).sum())
     kw = dict(noise_seed=noise_seed, steps=steps, cfg=cfg, frames=frames, redraws=redraws)
-    aligned, still_misaligned = redrawn(gen, classifier, x, prompts, ok_N, confident=False, **kw)
-    confident, still_unconfident = redrawn(gen, classifier, x, prompts, ok_N & ~ambiguous_N, confident=True, **kw)
+    x_aligned, still_misaligned = redrawn(gen, classifier, x, prompts, ok_N, confident=False, **kw)
+    x_confident, still_unconfident = redrawn(gen, classifier, x, prompts, ok_N & ~ambiguous_N, confident=True, **kw)
     x_real, captions_real = real_clips
     _, ambiguous_real = judge(classifier, x_real, captions_real)
 
@@ -93,9 +93,9 @@ def gap(gen, classifier, real, real_clips, *, split: str, n: int, steps: int, cf
 
     return {"distance": round(distance, 2), "mean_term": round(mean_term, 2), "cov_term": round(distance - mean_term, 2),
             "feature_trace": round(float(np.trace(stats.sigma)), 1), "real_feature_trace": round(float(np.trace(real.sigma)), 1),
-            "attribute_accuracy": float(ok_N.mean()), "aligned_distance": distance_of(aligned), "still_misaligned": still_misaligned,
+            "attribute_accuracy": float(ok_N.mean()), "aligned_distance": distance_of(x_aligned), "still_misaligned": still_misaligned,
             "ambiguous_shape": float(ambiguous_N.mean()), "real_ambiguous_shape": float(ambiguous_real.mean()),
-            "confident_distance": distance_of(confident), "still_unconfident": still_unconfident,
+            "confident_distance": distance_of(x_confident), "still_unconfident": still_unconfident,
             "high_frequency_share": round(high_frequency_share(x), 4), "real_high_frequency_share": round(high_frequency_share(x_real), 4),
             "distractor_visible": distractor_visible(x, prompts), "real_distractor_visible": distractor_visible(x_real, captions_real)}
 
@@ -103,7 +103,7 @@ def gap(gen, classifier, real, real_clips, *, split: str, n: int, steps: int, cf
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_validation_arguments(ap)
-    ap.add_argument("--redraws", type=int, default=20, help="most re-draws of a misaligned sample")
+    ap.add_argument("--redraws", type=int, default=20, help="most re-draws of a misaligned or ambiguous-shape sample")
     ap.add_argument("--noise-scale", type=float, default=1.0, help="one step from scaled noise s z (eval/toy_noise_scale.py)")
     ap.add_argument("--split", choices=sorted(SPLITS), default="validation", help="the validation set, or the demo report's prompts and seeds")
     args = ap.parse_args(argv)
