@@ -79,7 +79,7 @@ def run_demo(out: str = "runs/demo", *, quick: bool = False) -> dict:
     )
     report["train_seconds"] = round(train_seconds, 1)
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    report["bar"] = check_bar(report)
+    report["bar"] = check_bar(report)  # derived from the figures above; stored for readers of the json
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     print_table(report)
     if quick:

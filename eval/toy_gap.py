@@ -49,12 +49,22 @@ AMBIGUOUS_SHAPE = 0.9
 
 
 @torch.no_grad()
-def judge(classifier, x: torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample: does every classified attribute match the prompt; is the shape ambiguous."""
-    _, preds = features_and_predictions(classifier, [x], len(prompts))
+def judge(classifier, x: torch.Tensor, prompts: list[str]):
+    """The samples' feature statistics and, per sample, whether every classified attribute matches the
+    prompt and whether the shape is ambiguous."""
+    stats, preds = features_and_predictions(classifier, [x], len(prompts))
     ok_N, _ = correct_mask(preds, prompts)
     shape_p = classifier.heads["shape"](classifier.features(x)).softmax(-1).max(-1).values
-    return ok_N, (shape_p < AMBIGUOUS_SHAPE).cpu().numpy()
+    return stats, ok_N, (shape_p < AMBIGUOUS_SHAPE).cpu().numpy()
+
+
+def real_summary(classifier, real, real_clips) -> dict:
+    """The real set's side of every row (computed once): feature spread, ambiguous shapes, sharpness, distractor."""
+    x_real, captions_real = real_clips
+    _, _, ambiguous_real = judge(classifier, x_real, captions_real)
+    return {"real_feature_trace": round(float(np.trace(real.sigma)), 1), "real_ambiguous_shape": float(ambiguous_real.mean()),
+            "real_high_frequency_share": round(high_frequency_share(x_real), 4),
+            "real_distractor_visible": distractor_visible(x_real, captions_real)}
 
 
 def redrawn(gen, classifier, x, prompts, good_N, *, noise_seed: int, steps: int, cfg: float, frames: int, redraws: int,
@@ -68,36 +78,32 @@ def redrawn(gen, classifier, x, prompts, good_N, *, noise_seed: int, steps: int,
             break
         x_bad = generate_seeded(gen, [prompts[i] for i in bad], [noise_seed + k * REDRAW_SEED_STRIDE + i for i in bad],
                                 steps=steps, cfg_scale=cfg, frames=frames)
-        ok, ambiguous = judge(classifier, x_bad, [prompts[i] for i in bad])
+        _, ok, ambiguous = judge(classifier, x_bad, [prompts[i] for i in bad])
         for j in np.flatnonzero(ok & ~ambiguous if confident else ok):
             x[bad[j]], good_N[bad[j]] = x_bad[j], True
     return x, float(1 - good_N.mean())
 
 
-def gap(gen, classifier, real, real_clips, *, split: str, n: int, steps: int, cfg: float, frames: int, redraws: int) -> dict:
-    """The split of one generator's distance on ``split``; ``real_clips``: (x, captions) of its real set."""
+def gap(gen, classifier, real, *, split: str, n: int, steps: int, cfg: float, frames: int, redraws: int) -> dict:
+    """The split of one generator's distance on ``split`` against ``real`` (its real set's feature statistics)."""
     prompt_seed, noise_seed = SPLITS[split]
     prompts = eval_prompts(n, seed=prompt_seed, frames=frames)
     x = generate_seeded(gen, prompts, [noise_seed + i for i in range(n)], steps=steps, cfg_scale=cfg, frames=frames)
-    stats, _ = features_and_predictions(classifier, [x], n)
-    ok_N, ambiguous_N = judge(classifier, x, prompts)
+    stats, ok_N, ambiguous_N = judge(classifier, x, prompts)
     distance, mean_term = stats_distance(stats, real), float(((stats.mu - real.mu) ** 2).sum())
     kw = dict(noise_seed=noise_seed, steps=steps, cfg=cfg, frames=frames, redraws=redraws)
     x_aligned, still_misaligned = redrawn(gen, classifier, x, prompts, ok_N, confident=False, **kw)
     x_confident, still_unconfident = redrawn(gen, classifier, x, prompts, ok_N & ~ambiguous_N, confident=True, **kw)
-    x_real, captions_real = real_clips
-    _, ambiguous_real = judge(classifier, x_real, captions_real)
 
     def distance_of(y):
         return round(stats_distance(features_and_predictions(classifier, [y], n)[0], real), 2)
 
     return {"distance": round(distance, 2), "mean_term": round(mean_term, 2), "cov_term": round(distance - mean_term, 2),
-            "feature_trace": round(float(np.trace(stats.sigma)), 1), "real_feature_trace": round(float(np.trace(real.sigma)), 1),
-            "attribute_accuracy": float(ok_N.mean()), "aligned_distance": distance_of(x_aligned), "still_misaligned": still_misaligned,
-            "ambiguous_shape": float(ambiguous_N.mean()), "real_ambiguous_shape": float(ambiguous_real.mean()),
-            "confident_distance": distance_of(x_confident), "still_unconfident": still_unconfident,
-            "high_frequency_share": round(high_frequency_share(x), 4), "real_high_frequency_share": round(high_frequency_share(x_real), 4),
-            "distractor_visible": distractor_visible(x, prompts), "real_distractor_visible": distractor_visible(x_real, captions_real)}
+            "feature_trace": round(float(np.trace(stats.sigma)), 1), "attribute_accuracy": float(ok_N.mean()),
+            "aligned_distance": distance_of(x_aligned), "still_misaligned": still_misaligned,
+            "ambiguous_shape": float(ambiguous_N.mean()), "confident_distance": distance_of(x_confident),
+            "still_unconfident": still_unconfident, "high_frequency_share": round(high_frequency_share(x), 4),
+            "distractor_visible": distractor_visible(x, prompts)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -113,14 +119,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prompt_seed, _ = SPLITS[args.split]
     real = real_stats(classifier, frames=args.frames, n=args.num_samples, seed=prompt_seed)
     floor = round(real_vs_real_floor(classifier, frames=args.frames, n=args.num_samples, seed=prompt_seed, first=real), 2)
-    real_clips = next(real_batches(args.frames, args.num_samples, prompt_seed, batch_size=args.num_samples))
+    real_side = real_summary(classifier, real, next(real_batches(args.frames, args.num_samples, prompt_seed, batch_size=args.num_samples)))
     rows = []
     for ckpt in args.checkpoints:
         with noise_scaled(load_generator(ckpt), args.noise_scale) as gen:
-            parts = gap(gen, classifier, real, real_clips, split=args.split, n=args.num_samples, steps=args.steps, cfg=args.cfg,
+            parts = gap(gen, classifier, real, split=args.split, n=args.num_samples, steps=args.steps, cfg=args.cfg,
                         frames=args.frames, redraws=args.redraws)
         row = {"checkpoint": ckpt, "split": args.split, "steps": args.steps, "cfg": args.cfg, "noise_scale": args.noise_scale, "n": args.num_samples,
-               "floor": floor, **parts}
+               "floor": floor, **parts, **real_side}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -209,7 +209,7 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
     save_png(grid_image(stacked), out_dir / "side_by_side.png")
     save_gif(stacked, out_dir / "side_by_side.gif", columns=4)
     (out_dir / "side_by_side_prompts.txt").write_text("rows per prompt: " + ", ".join(r["name"] for r in rows) + "\n" + "\n".join(prompts[:8]) + "\n")
-    report = {
+    return {
         "rows": rows,
         "text_encode_seconds": seconds_text,
         "real_vs_real_floor": round(floor, 2),
@@ -220,8 +220,6 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
         "apt_selection": selection,
         "torch_threads": torch_threads,
     }
-    report["bar"] = check_bar(report)
-    return report
 
 
 def print_table(report: dict) -> None:
@@ -233,4 +231,4 @@ def print_table(report: dict) -> None:
     print(f"text encoding (not in the figures above, the same for every row): {report['text_encode_seconds'] * 1e3:.2f} ms per new prompt; "
           f"batch-1 speed-ups with it: {with_text}")
     print(f"real-vs-real floor: {report['real_vs_real_floor']:.1f} (N={report['num_samples']})")
-    print(format_bar(report["bar"]) + "\n")
+    print(format_bar(check_bar(report)) + "\n")
