@@ -85,8 +85,9 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def _encode_one(self, caption: str) -> torch.Tensor:
         ids = self.tokenizer(caption, truncation=True, max_length=self.max_length, return_tensors="pt")
-        out = self.model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
-        return out[0].float()  # (L, D)
+        device = next(self.model.parameters()).device  # a LightningModule moves its encoder to the GPU
+        out = self.model(input_ids=ids["input_ids"].to(device), attention_mask=ids["attention_mask"].to(device)).last_hidden_state
+        return out[0].float().cpu()  # (L, D); the cache and encode()'s batch live on the CPU
 
     def encode(self, captions: list[str], *, allow_empty: bool = False, cache: bool = True) -> TextCond:
         """Encode captions to (B, L, D) embeddings + (B, L) mask. Empty text is an error unless allowed

@@ -2,6 +2,7 @@
 
     python eval/benchmark_strategies.py [--flavours tiny demo] [--strategies single ddp zero2 zero3 fsdp2]
                                         [--nproc 2] [--global-batch 8] [--steps 4] [--out runs/bench_strategies]
+                                        [--accelerator cpu|gpu] [--precision 32-true|bf16-mixed|bf16-true]
 
 Each (flavour, strategy) is a real ``python -m apt fit`` of the APT stage (G = a random DiT of that
 flavour, D from the same weights, toy shards), launched in a fresh process group: ``single`` is one
@@ -70,7 +71,8 @@ def make_init(flavour: str, out: Path) -> Path:
     return out
 
 
-def run_one(flavour: str, name: str, *, nproc: int, global_batch: int, steps: int, shards: str, init: Path, out: Path, accelerator: str, timeout: float) -> dict:
+def run_one(flavour: str, name: str, *, nproc: int, global_batch: int, steps: int, shards: str, init: Path, out: Path, accelerator: str,
+            precision: str, timeout: float) -> dict:
     ranks = 1 if name == "single" else nproc
     run_dir = out / f"{flavour}-{name}"
     if run_dir.exists():
@@ -79,7 +81,7 @@ def run_one(flavour: str, name: str, *, nproc: int, global_batch: int, steps: in
         shutil.rmtree(run_dir)
     fit = ["fit", "recipes/demo/apt_video.yaml", f"model.flavour={flavour}", f"run_dir={run_dir}", f"data.shards={shards}",
            f"apt.generator={init}", f"apt.teacher={init}", "apt.d_warmup_steps=0", f"train.max_steps={steps}",
-           f"train.strategy={STRATEGIES[name]}", f"train.devices={ranks}", f"train.accelerator={accelerator}",
+           f"train.strategy={STRATEGIES[name]}", f"train.devices={ranks}", f"train.accelerator={accelerator}", f"train.precision={precision}",
            f"data.batch_size={global_batch // ranks}", "train.log_every_steps=1", "train.sample_every_steps=0",
            f"train.ckpt_every_steps={steps}", "train.progress_bar=false", "train.num_sample_prompts=2"]
     prefix = out / f"{flavour}-{name}"
@@ -87,7 +89,7 @@ def run_one(flavour: str, name: str, *, nproc: int, global_batch: int, steps: in
     cmd = [sys.executable, *me] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                                                     "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *me]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / "runs" / "torch_extensions"))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--precision", default="32-true", help="train.precision: 32-true | bf16-mixed | bf16-true")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--out", default="runs/bench_strategies")
     args = p.parse_args(argv)
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         init = make_init(flavour, out / f"init-{flavour}")
         for name in args.strategies:
             r = run_one(flavour, name, nproc=args.nproc, global_batch=args.global_batch, steps=args.steps, shards=str(shards),
-                        init=init, out=out, accelerator=args.accelerator, timeout=args.timeout)
+                        init=init, out=out, accelerator=args.accelerator, precision=args.precision, timeout=args.timeout)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "error"} | ({"error": r["error"][-300:]} if "error" in r else {})), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -3,6 +3,8 @@ with the tolerance stated in the test; plus the analytic FLOP counts against Flo
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -310,19 +312,36 @@ def tiny_wan_vae():
 @pytest.mark.parametrize("chunk_frames", [1, 2, 3])
 def test_chunked_vae_decode_matches_decode(tiny_wan_vae, chunk_frames):
     """Same causal decoder, same cache, chunks of k latent frames: equal to vae.decode to float32
-    rounding (1e-5); 4 latent frames -> 13 pixel frames."""
+    rounding (5e-5: the convolutions see inputs of other lengths, so oneDNN may sum in another
+    order; 1.2e-5 was seen on some latents); 4 latent frames -> 13 pixel frames."""
     from apt.perf.vae import decode_latents, iter_decode
 
     vae = tiny_wan_vae
-    z = torch.randn(1, 4, 4, 4, 4)
+    z = torch.randn(1, 4, 4, 4, 4, generator=torch.Generator().manual_seed(chunk_frames))
     with torch.no_grad():
         ref = vae.decode(z).sample
         out = decode_latents(vae, z, chunk_frames=chunk_frames)
         sizes = [c.shape[2] for c in iter_decode(vae, z, chunk_frames=chunk_frames)]
     assert out.shape == ref.shape == (1, 3, 13, 32, 32)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-5)
     assert sizes[0] == 1 and sum(sizes) == 13
 
+
+def test_chunked_vae_decode_on_a_vae_that_has_not_decoded_yet():
+    """The Wan-layout check must not depend on state diffusers creates at the first decode (an H100
+    run of eval/benchmark_inference.py fell back to the plain decode on its first call)."""
+    from diffusers import AutoencoderKLWan
+
+    from apt.perf.vae import decode_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
+    z = torch.randn(1, 4, 3, 4, 4)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        out = decode_latents(vae, z, chunk_frames=1)
+        ref = vae.decode(z).sample
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-5)
 
 def test_chunked_vae_decode_rejects_other_vaes():
     from diffusers import AutoencoderKL

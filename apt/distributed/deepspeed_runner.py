@@ -219,7 +219,7 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None):
                 logger.save()  # the metrics up to a checkpoint survive a crash after it
 
     while not module.done:
-        micro_batches = [next(batches) for _ in range(accumulate)]
+        micro_batches = [fabric.to_device(next(batches)) for _ in range(accumulate)]  # the Trainer path does this itself
         t0 = time.perf_counter()  # the step, as the Trainer's Throughput callback times it
         module.batches_consumed += accumulate  # before the step, as the Trainer path counts it
         g_before = module.progress_step

@@ -27,7 +27,8 @@ from torch import nn
 
 
 def _is_wan_vae(vae: nn.Module) -> bool:
-    wan_layout = all(hasattr(vae, a) for a in ("clear_cache", "post_quant_conv", "decoder", "_feat_map"))
+    # No "_feat_map": diffusers creates it in clear_cache(), so a VAE that has not decoded yet lacks it.
+    wan_layout = all(hasattr(vae, a) for a in ("clear_cache", "post_quant_conv", "decoder"))
     return wan_layout and getattr(vae.config, "patch_size", None) is None  # Wan 2.2's patched VAE differs
 
 
