@@ -53,3 +53,14 @@ def test_stats_roundtrip(tmp_path):
     t = FeatureStats.load(str(tmp_path / "s.npz"))
     assert t.n == 20 and t.sum_DD.dtype == np.float64
     np.testing.assert_array_equal(t.sigma, s.sigma)
+
+
+def test_works_with_a_scipy_whose_sqrtm_has_no_disp(monkeypatch):
+    """scipy 1.18 removed sqrtm's `disp` argument (the H100 machine's scipy); the distance must not pass it."""
+    import scipy.linalg
+
+    real_sqrtm = scipy.linalg.sqrtm
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda A: real_sqrtm(A))
+    sa, sb = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
+    d = frechet_distance(np.zeros(2), sa, np.ones(2), sb)
+    assert d == pytest.approx(2.0 + 5.0 + 10.0 - 2.0 * (3.0 + 2.0))

@@ -76,7 +76,7 @@ def frechet_distance(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, si
     if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape:
         raise ValueError(f"shape mismatch: mu {mu_a.shape} vs {mu_b.shape}, sigma {sigma_a.shape} vs {sigma_b.shape}")
     diff = mu_a - mu_b
-    covmean, _ = scipy.linalg.sqrtm(sigma_a @ sigma_b, disp=False)
+    covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b)  # no `disp`: newer scipy removed it (seen on the H100 machine)
     if not np.isfinite(covmean).all():
         # Singular product: regularise as clean-fid / pytorch-fid do.
         eps = 1e-6 * np.eye(sigma_a.shape[0])
