@@ -81,7 +81,6 @@ def test_logit_and_r1_stay_fp32_under_bf16_autocast():
     assert logits.dtype == torch.float32
 
 
-
 def test_logit_is_fp32_with_bf16_parameters():
     """DeepSpeed bf16 (and the GPU train-step benchmark) hold D's parameters in bf16; the head must
     still compute the logit in fp32 (an H100 run of eval/benchmark_train_step.py failed here)."""
@@ -93,6 +92,7 @@ def test_logit_is_fp32_with_bf16_parameters():
     logits = d16(x.bfloat16(), t, TextCond(text.emb_BLD.bfloat16(), text.mask_BL))
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, reference, atol=0.1, rtol=0.1)
+
 
 def test_nearest_other_text_is_the_most_similar_different_one():
     base = random_text(1, 4, 8, pad_from=3)

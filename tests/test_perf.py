@@ -343,6 +343,7 @@ def test_chunked_vae_decode_on_a_vae_that_has_not_decoded_yet():
         ref = vae.decode(z).sample
     torch.testing.assert_close(out, ref, atol=5e-5, rtol=1e-5)
 
+
 def test_chunked_vae_decode_rejects_other_vaes():
     from diffusers import AutoencoderKL
 

@@ -1,4 +1,4 @@
-"""apt.text.TextEncoder: the per-caption cache."""
+"""apt.text.TextEncoder: the per-caption cache, and the encoder on the GPU."""
 
 import pytest
 import torch
