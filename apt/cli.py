@@ -2,7 +2,7 @@
 
     fit RECIPE [OVERLAY ...] [key=value ...] [--dry-run]   train any stage from a recipe
     sample CHECKPOINT --prompt TEXT [--steps N] [--out DIR] generate images/clips
-    demo [--quick]                                          teacher -> distill -> APT -> report
+    demo [--quick] [--text-terms]                           teacher -> distill -> APT -> report
     export CHECKPOINT --out DIR                             EMA generator -> diffusers save_pretrained dir
     consolidate CHECKPOINT --out DIR                        sharded (DeepSpeed) checkpoint -> safetensors
 """
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = verbs.add_parser("demo", help="the embedded demo: teacher -> distillation -> APT (image, video) -> evaluation table")
     demo.add_argument("--out", default="runs/demo", help="demo output directory")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
+    demo.add_argument("--text-terms", action="store_true",
+                      help="NOT the paper's objective: stage 1 at CFG 5 and two text-alignment terms in both APT stages (docs/demo.md)")
 
     export = verbs.add_parser("export", help="save the EMA generator of a diffusers-based run in the diffusers format (save_pretrained)")
     export.add_argument("checkpoint", help="checkpoint directory or run directory (latest checkpoint)")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "demo":
             from apt.demo import run_demo
 
-            run_demo(args.out, quick=args.quick)
+            run_demo(args.out, quick=args.quick, text_terms=args.text_terms)
             return 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

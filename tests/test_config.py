@@ -117,3 +117,18 @@ def test_shards_of_the_wrong_frame_count_are_rejected(toy_shards, capsys, tmp_pa
     rc = main(["fit", "recipes/demo/teacher.yaml", "tiny", f"run_dir={tmp_path}", f"data.shards={toy_shards['video']}", "data.frames=8"])
     err = capsys.readouterr().err
     assert rc == 2 and "frames=4" in err and "data.frames=8" in err
+
+
+def test_demo_text_terms_overrides_are_valid_config_for_their_stages():
+    """``python -m apt demo --text-terms`` passes these per-stage overrides; each must load and land."""
+    from apt.demo import TEXT_TERMS_OVERRIDES
+
+    distill = load_config("recipes/demo/distill.yaml", [], TEXT_TERMS_OVERRIDES["distill"])
+    assert distill.distill.cfg_scale == 5.0
+    image = load_config("recipes/demo/apt_image.yaml", [], TEXT_TERMS_OVERRIDES["apt_image"])
+    video = load_config("recipes/demo/apt_video.yaml", [], TEXT_TERMS_OVERRIDES["apt_video"])
+    assert image.train.max_steps == 300 and video.train.max_steps == load_config("recipes/demo/apt_video.yaml").train.max_steps
+    for c in (image, video):
+        assert (c.apt.mismatch_weight, c.apt.text_contrast_weight, c.apt.d_warmup_steps) == (2.0, 10.0, 150)
+    plain = load_config("recipes/demo/apt_video.yaml")
+    assert plain.apt.mismatch_weight == plain.apt.text_contrast_weight == 0.0  # the default demo is the paper's objective
