@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--out", default="samples", help="output directory")
 
     demo = verbs.add_parser("demo", help="the embedded demo: teacher -> distillation -> APT (image, video) -> evaluation table")
-    demo.add_argument("--out", default="runs/demo", help="demo output directory")
+    demo.add_argument("--out", default=None, help="demo output directory (default runs/demo; with --text-terms runs/demo-text-terms)")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
     demo.add_argument("--text-terms", action="store_true",
                       help="NOT the paper's objective: stage 1 at CFG 5 and two text-alignment terms in both APT stages (docs/demo.md)")

@@ -60,9 +60,13 @@ def run_stage(recipe: str, run_dir: Path, overrides: list[str], overlays: list[s
     return run_dir
 
 
-def run_demo(out: str = "runs/demo", *, quick: bool = False, text_terms: bool = False) -> dict:
+def run_demo(out: str | None = None, *, quick: bool = False, text_terms: bool = False) -> dict:
+    """The chain and its report; ``text_terms`` runs it with ``TEXT_TERMS_OVERRIDES`` (not the paper's objective),
+    by default into its own folder so that neither variant resumes the other's finished stages."""
     from apt.eval.toy_bar import check_bar
     from apt.eval.toy_report import evaluate_rows, print_table
+
+    out = out or ("runs/demo-text-terms" if text_terms else "runs/demo")
 
     t_start = time.perf_counter()
     out_dir = Path(out)
