@@ -3,7 +3,8 @@
 toy shards -> teacher (shipped, made by recipes/demo/teacher.yaml) -> consistency distillation ->
 APT image stage -> APT video stage -> evaluation table (``runs/demo/report.json``) and a side-by-side
 grid of the four rows for the same prompts and seeds. Each stage is skipped when its run already
-finished, so an interrupted demo continues where it stopped.
+finished, so an interrupted demo continues where it stopped. ``--text-terms`` runs the same chain with
+``TEXT_TERMS_OVERRIDES`` (terms that are not in the paper) into ``runs/demo-text-terms``.
 """
 
 from __future__ import annotations
