@@ -299,14 +299,18 @@ def test_fp8_scaled_mm_on_gpu_matches_emulation():
 
 
 # -- chunked VAE decode ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_wan_vae():
-    """A Wan-layout VAE (8x spatial, 4x temporal, causal decoder) at width 4; importing diffusers
-    (~5 s on a cold start) happens here, in setup."""
+def build_tiny_wan_vae():
+    """A Wan-layout VAE (8x spatial, 4x temporal, causal decoder) at width 4."""
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
     return AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_vae():
+    """Shared by the tests that decode first (importing diffusers, ~5 s on a cold start, happens in setup)."""
+    return build_tiny_wan_vae()
 
 
 @pytest.mark.parametrize("chunk_frames", [1, 2, 3])
@@ -330,12 +334,9 @@ def test_chunked_vae_decode_matches_decode(tiny_wan_vae, chunk_frames):
 def test_chunked_vae_decode_on_a_vae_that_has_not_decoded_yet():
     """The Wan-layout check must not depend on state diffusers creates at the first decode (an H100
     run of eval/benchmark_inference.py fell back to the plain decode on its first call)."""
-    from diffusers import AutoencoderKLWan
-
     from apt.perf.vae import decode_latents
 
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
+    vae = build_tiny_wan_vae()  # not the shared fixture: that one has decoded already
     z = torch.randn(1, 4, 3, 4, 4)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("error")
