@@ -37,6 +37,20 @@ def test_rows_are_timed_in_turn_and_each_gets_its_own_figure():
     assert blocks == ["slow", "fast"] * 4  # a warm-up turn, then three timed turns, alternating
 
 
+def test_a_row_figure_is_the_median_call_so_occasional_stalls_do_not_move_it():
+    class _Stalling(_FakeGenerator):  # every fourth call stalls 40 ms, like a shared machine's hiccup
+        calls = 0
+
+        def generate_tensor(self, prompts, seeds, *, steps, cfg_scale):
+            super().generate_tensor(prompts, seeds, steps=steps, cfg_scale=cfg_scale)
+            self.calls += 1
+            if self.calls % 4 == 0:
+                time.sleep(0.04)
+
+    (seconds,) = batch1_seconds([(_Stalling("row", 0.002, []), 1, 1.0)], ["a"], rounds=3, min_calls=8, min_seconds=0.0)
+    assert 0.002 <= seconds < 0.01  # the mean call is >= 0.012 s
+
+
 def test_every_row_has_the_prompts_encoded_before_its_first_call():
     log = []
     rows = [(_FakeGenerator("teacher", 0.0, log), 25, 3.0), (_FakeGenerator("one-step", 0.0, log), 1, 1.0)]

@@ -9,8 +9,8 @@ Protocol (every number in the report comes from this one run):
   ``attribute_accuracy``: share of samples whose shape, colour, direction and background all match
   the prompt (``apt.eval.toy_metrics``). The real-vs-real floor (two disjoint real sets of size N)
   is reported alongside.
-- ``seconds_per_sample``: batch-1 wall time per sample, one torch thread, the rows timed in turn five
-  times after a warm-up (each turn >= 3 calls and >= 0.4 s), the median of each row's turns;
+- ``seconds_per_sample``: batch-1 wall time per sample, one torch thread: the median latency of a call, over
+  five turns per row taken in turn after a warm-up (each turn >= 3 calls and >= 0.4 s);
   ``seconds_per_sample_batched``: wall time of the whole evaluation set in batches of 250 with all
   torch threads, per sample. Both time generation from the prompt's text embedding: every row's
   encoder has the prompts cached before its timing starts. Encoding a new prompt costs the same for
@@ -120,18 +120,23 @@ def one_torch_thread():
 
 
 def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: list[str], *, rounds: int = 5, min_calls: int = 3, min_seconds: float = 0.4) -> list[float]:
-    """Batch-1 latency of each (generator, steps, cfg_scale) row, on one torch thread. The rows are timed in turn, ``rounds`` times
-    (each turn at least ``min_calls`` calls and ``min_seconds``), and each row's figure is the median of its
-    turns' means, so a change of machine load during the measurement reaches every row alike.
+    """Batch-1 latency of each (generator, steps, cfg_scale) row, on one torch thread: the median of its calls'
+    times. The rows are timed in turn, ``rounds`` times (each turn at least ``min_calls`` calls and
+    ``min_seconds``), so a change of machine load during the measurement reaches every row alike, and the
+    median of single calls ignores the short stalls of a shared machine (with means of turns, two rows of the
+    same network differed by up to 6% within one measurement; with medians of calls, by under 1%:
+    docs/demo_tuning.md, thirteenth round).
 
     Every row's text encoder has all ``prompts`` cached first: otherwise a row would pay the encoder on the
     calls that meet a caption for the first time, and the rows meet different numbers of new captions
     (a one-step row makes ~30 calls for each of the teacher's). ``text_encode_seconds`` times the encoder."""
     seeds = itertools.count()  # call k: noise seed k, prompt k mod len(prompts)
 
-    def one_call(gen: Generator, steps: int, cfg_scale: float | None) -> None:
+    def one_call(gen: Generator, steps: int, cfg_scale: float | None) -> float:
         k = next(seeds)
+        t0 = time.perf_counter()
         gen.generate_tensor([prompts[k % len(prompts)]], [k], steps=steps, cfg_scale=cfg_scale)
+        return time.perf_counter() - t0
 
     with one_torch_thread():
         for gen, _, _ in rows:
@@ -139,15 +144,14 @@ def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: lis
         for row in rows:  # warm-up
             for _ in range(3):
                 one_call(*row)
-        means: list[list[float]] = [[] for _ in rows]
+        calls: list[list[float]] = [[] for _ in rows]
         for _ in range(rounds):
             for r, row in enumerate(rows):
                 n, t0 = 0, time.perf_counter()
                 while n < min_calls or time.perf_counter() - t0 < min_seconds:
-                    one_call(*row)
+                    calls[r].append(one_call(*row))
                     n += 1
-                means[r].append((time.perf_counter() - t0) / n)
-        return [float(np.median(m)) for m in means]
+        return [float(np.median(c)) for c in calls]
 
 
 def text_encode_seconds(text_encoder, prompts: list[str], *, calls: int = 64) -> float:
