@@ -121,11 +121,16 @@ def one_torch_thread():
 
 def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: list[str], *, rounds: int = 5, min_calls: int = 3, min_seconds: float = 0.4) -> list[float]:
     """Batch-1 latency of each (generator, steps, cfg_scale) row, on one torch thread: the median of its calls'
-    times. The rows are timed in turn, ``rounds`` times (each turn at least ``min_calls`` calls and
-    ``min_seconds``), so a change of machine load during the measurement reaches every row alike, and the
-    median of single calls ignores the short stalls of a shared machine (with means of turns, two rows of the
-    same network differed by up to 6% within one measurement; with medians of calls, by under 1%:
-    docs/demo_tuning.md, thirteenth round).
+    times (``batch1_call_times``). The median of single calls ignores the short stalls of a shared machine: in four
+    measurements, two rows of the same network differed by up to 9% with the median of each turn's mean call and
+    by up to 3% with the median call (``eval/batch1_timing.py``, docs/demo_tuning.md, thirteenth round)."""
+    return [float(np.median([t for turn in turns for t in turn])) for turns in batch1_call_times(rows, prompts, rounds=rounds, min_calls=min_calls, min_seconds=min_seconds)]
+
+
+def batch1_call_times(rows: list[tuple[Generator, int, float | None]], prompts: list[str], *, rounds: int = 5, min_calls: int = 3, min_seconds: float = 0.4) -> list[list[list[float]]]:
+    """Seconds of every timed batch-1 call, per row and turn (``[row][turn][call]``), on one torch thread. The rows
+    are timed in turn, ``rounds`` times (each turn at least ``min_calls`` calls and ``min_seconds``), after a
+    warm-up, so a change of machine load during the measurement reaches every row alike.
 
     Every row's text encoder has all ``prompts`` cached first: otherwise a row would pay the encoder on the
     calls that meet a caption for the first time, and the rows meet different numbers of new captions
@@ -144,14 +149,14 @@ def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: lis
         for row in rows:  # warm-up
             for _ in range(3):
                 one_call(*row)
-        calls: list[list[float]] = [[] for _ in rows]
+        times: list[list[list[float]]] = [[] for _ in rows]
         for _ in range(rounds):
             for r, row in enumerate(rows):
-                n, t0 = 0, time.perf_counter()
-                while n < min_calls or time.perf_counter() - t0 < min_seconds:
-                    calls[r].append(one_call(*row))
-                    n += 1
-        return [float(np.median(c)) for c in calls]
+                turn, t0 = [], time.perf_counter()
+                while len(turn) < min_calls or time.perf_counter() - t0 < min_seconds:
+                    turn.append(one_call(*row))
+                times[r].append(turn)
+        return times
 
 
 def text_encode_seconds(text_encoder, prompts: list[str], *, calls: int = 64) -> float:
