@@ -2,9 +2,10 @@
 
     python eval/batch1_timing.py assets/demo_teacher runs/demo/distill runs/demo/apt_video/checkpoints/step-000200
 
-1. The first one-step checkpoint's network, one forward at batch 1 and at batch 2 (the teacher's CFG batch),
-   under ``torch.no_grad`` and under ``torch.inference_mode`` (what ``apt.inference.Generator`` uses),
-   interleaved: ``--rounds`` rounds of 30 calls each, the median call of each round, the median over rounds.
+1. The first one-step checkpoint's network, one forward at batch 1 and at batch 2 (two prompts: the size of
+   the teacher's CFG batch), under ``torch.no_grad`` and under ``torch.inference_mode`` (what
+   ``apt.inference.Generator`` uses), interleaved: ``--rounds`` rounds of 30 calls each, the median call of
+   each round, the median over rounds.
 2. ``--repeats`` measurements of the report's batch-1 timing (``apt.eval.toy_report.batch1_call_times``,
    the report's settings) of the teacher (25 steps + CFG) and each one-step checkpoint, with two estimators
    of a row's latency: the median call (the report's) and the median of each turn's mean call (the

@@ -123,8 +123,9 @@ def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: lis
     """Batch-1 latency of each (generator, steps, cfg_scale) row, on one torch thread: the median of its calls'
     times (``batch1_call_times``). The median of single calls ignores the short stalls of a shared machine: in four
     measurements, two rows of the same network differed by up to 9% with the median of each turn's mean call and
-    by up to 3% with the median call (``eval/batch1_timing.py``, docs/demo_tuning.md, thirteenth round)."""
-    return [float(np.median([t for turn in turns for t in turn])) for turns in batch1_call_times(rows, prompts, rounds=rounds, min_calls=min_calls, min_seconds=min_seconds)]
+    by up to 3.4% with the median call (``eval/batch1_timing.py``, docs/demo_tuning.md, thirteenth round)."""
+    times = batch1_call_times(rows, prompts, rounds=rounds, min_calls=min_calls, min_seconds=min_seconds)
+    return [float(np.median([t for turn in row for t in turn])) for row in times]
 
 
 def batch1_call_times(rows: list[tuple[Generator, int, float | None]], prompts: list[str], *, rounds: int = 5, min_calls: int = 3, min_seconds: float = 0.4) -> list[list[list[float]]]:
