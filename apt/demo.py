@@ -46,19 +46,22 @@ def ensure_shards(quick: bool) -> dict[str, str]:
     return out
 
 
-def run_stage(recipe: str, run_dir: Path, overrides: list[str], overlays: list[str]) -> Path:
-    """Fit a stage unless its run already reached max_steps; returns the run dir."""
+def run_stage(recipe: str, run_dir: Path, overrides: list[str], overlays: list[str], seconds: dict[str, float | None]) -> Path:
+    """Fit a stage unless its run already reached max_steps; returns the run dir. Records the stage's wall time in
+    ``seconds[run_dir.name]`` (None when it was already done; a resumed stage counts only this run's part)."""
     from apt.train import fit
 
     c = load_config(recipe, overlays, [f"run_dir={run_dir}", "resume=auto", *overrides])
     latest = latest_checkpoint(run_dir)
     if latest is not None and int(latest.name.split("-")[1]) >= c.train.max_steps:
         print(f"[demo] {c.stage} stage already done: {latest}")
+        seconds[run_dir.name] = None
         return run_dir
     print(f"[demo] {c.stage} stage: {recipe} -> {run_dir}")
     t0 = time.perf_counter()
     fit(c)
-    print(f"[demo] {c.stage} stage took {time.perf_counter() - t0:.0f} s")
+    seconds[run_dir.name] = round(time.perf_counter() - t0, 1)
+    print(f"[demo] {c.stage} stage took {seconds[run_dir.name]:.0f} s")
     return run_dir
 
 
@@ -76,13 +79,14 @@ def run_demo(out: str | None = None, *, quick: bool = False, text_terms: bool = 
     overlays = ["tiny"] if quick else []
     extra = TEXT_TERMS_OVERRIDES if text_terms else {}
     teacher = TEACHER_ASSET
+    stage_seconds: dict[str, float | None] = {}
     if quick:  # a tiny teacher of our own (the shipped one is the demo flavour)
-        teacher = str(run_stage("recipes/demo/teacher.yaml", out_dir / "teacher", [f"data.shards={shards['video']}", f"data.image_shards={shards['image']}"], overlays))
+        teacher = str(run_stage("recipes/demo/teacher.yaml", out_dir / "teacher", [f"data.shards={shards['video']}", f"data.image_shards={shards['image']}"], overlays, stage_seconds))
     elif not (Path(teacher) / "net_ema.safetensors").exists():
         raise FileNotFoundError(f"shipped demo teacher missing: {teacher}/net_ema.safetensors (train it: python -m apt fit recipes/demo/teacher.yaml)")
-    distill = run_stage("recipes/demo/distill.yaml", out_dir / "distill", [f"distill.teacher={teacher}", f"data.shards={shards['video']}", f"data.image_shards={shards['image']}", *extra.get("distill", [])], overlays)
-    apt_image = run_stage("recipes/demo/apt_image.yaml", out_dir / "apt_image", [f"apt.generator={distill}", f"apt.teacher={teacher}", f"data.shards={shards['image']}", *extra.get("apt_image", [])], overlays)
-    apt_video = run_stage("recipes/demo/apt_video.yaml", out_dir / "apt_video", [f"apt.generator={apt_image}", f"apt.teacher={teacher}", f"data.shards={shards['video']}", *extra.get("apt_video", [])], overlays)
+    distill = run_stage("recipes/demo/distill.yaml", out_dir / "distill", [f"distill.teacher={teacher}", f"data.shards={shards['video']}", f"data.image_shards={shards['image']}", *extra.get("distill", [])], overlays, stage_seconds)
+    apt_image = run_stage("recipes/demo/apt_image.yaml", out_dir / "apt_image", [f"apt.generator={distill}", f"apt.teacher={teacher}", f"data.shards={shards['image']}", *extra.get("apt_image", [])], overlays, stage_seconds)
+    apt_video = run_stage("recipes/demo/apt_video.yaml", out_dir / "apt_video", [f"apt.generator={apt_image}", f"apt.teacher={teacher}", f"data.shards={shards['video']}", *extra.get("apt_video", [])], overlays, stage_seconds)
     train_seconds = time.perf_counter() - t_start
 
     report = evaluate_rows(
@@ -95,6 +99,7 @@ def run_demo(out: str | None = None, *, quick: bool = False, text_terms: bool = 
     )
     report["train_seconds"] = round(train_seconds, 1)
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["stage_seconds"] = {**stage_seconds, "evaluation": round(report["total_seconds"] - train_seconds, 1)}
     report["bar"] = check_bar(report)  # derived from the figures above; stored for readers of the json
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     print_table(report)

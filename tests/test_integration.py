@@ -294,4 +294,11 @@ def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
     assert len(bar) == 9 and all(isinstance(x["met"], bool) for x in bar.values())
     assert bar["apt-1step distance / teacher's"]["value"] == round(rows["apt-1step"]["distance"] / rows["teacher-25step-cfg"]["distance"], 4)
     assert bar["demo wall time, seconds"]["value"] == report["total_seconds"]
+    stages = report["stage_seconds"]  # every stage ran in this run, then the evaluation
+    assert list(stages) == ["teacher", "distill", "apt_image", "apt_video", "evaluation"] and all(v > 0 for v in stages.values())
+    assert sum(stages.values()) <= report["total_seconds"] + 0.5  # rounding: each figure to 0.1 s
+    assert main(["demo", "--quick", "--out", str(out)]) == 0  # again: every stage already done, only the evaluation runs
+    again = json.loads((out / "report.json").read_text())
+    assert again["stage_seconds"]["evaluation"] > 0 and all(again["stage_seconds"][k] is None for k in list(stages)[:-1])
+    assert again["rows"][2]["distance"] == report["rows"][2]["distance"]  # the same checkpoints, the same samples
     assert (out / "side_by_side.png").stat().st_size > 0 and (out / "side_by_side.gif").stat().st_size > 0
