@@ -17,7 +17,7 @@ checkpoint with
                          until it does: ``distance - aligned_distance`` is what text misalignment costs, the
                          rest is fidelity and diversity;
     ambiguous_shape      the share of samples whose shape the classifier calls with top probability below
-                         AMBIGUOUS_SHAPE (a blob between two shapes), next to the real set's;
+                         ``apt.eval.toy_metrics.AMBIGUOUS_SHAPE`` (a blob between two shapes), next to the real set's;
     confident_distance   the distance after every misaligned or ambiguous-shape sample is re-drawn likewise;
     high_frequency_share sharpness (``apt.eval.toy_content``), next to the real set's;
     distractor_visible   the share of samples showing the uncaptioned distractor, next to the real set's.
@@ -35,7 +35,7 @@ from apt.data.toy import eval_prompts
 from apt.eval.frechet import stats_distance
 from apt.eval.toy_classifier import load_toy_classifier
 from apt.eval.toy_content import distractor_visible, high_frequency_share
-from apt.eval.toy_metrics import (VAL_NOISE_SEED, VAL_PROMPT_SEED, correct_mask, features_and_predictions, real_batches, real_stats,
+from apt.eval.toy_metrics import (VAL_NOISE_SEED, VAL_PROMPT_SEED, features_and_predictions, judge, real_batches, real_stats,
                                   real_vs_real_floor)
 from apt.eval.toy_report import EVAL_NOISE_SEED, EVAL_SEED, add_validation_arguments, generate_seeded, noise_scaled
 from apt.inference import load_generator
@@ -44,18 +44,6 @@ REDRAW_SEED_STRIDE = 100_003
 """Re-draw k of sample i uses noise seed NOISE_SEED + k * REDRAW_SEED_STRIDE + i (disjoint from the split's seeds)."""
 SPLITS = {"validation": (VAL_PROMPT_SEED, VAL_NOISE_SEED), "report": (EVAL_SEED, EVAL_NOISE_SEED)}
 """Prompt seed (the real set's too) and first noise seed of each split."""
-AMBIGUOUS_SHAPE = 0.9
-"""A sample's shape is ambiguous when the classifier's shape head gives no shape this probability."""
-
-
-@torch.no_grad()
-def judge(classifier, x: torch.Tensor, prompts: list[str]):
-    """The samples' feature statistics and, per sample, whether every classified attribute matches the
-    prompt and whether the shape is ambiguous."""
-    stats, preds = features_and_predictions(classifier, [x], len(prompts))
-    ok_N, _ = correct_mask(preds, prompts)
-    shape_p = classifier.heads["shape"](classifier.features(x)).softmax(-1).max(-1).values
-    return stats, ok_N, (shape_p < AMBIGUOUS_SHAPE).cpu().numpy()
 
 
 def real_summary(classifier, real, real_clips) -> dict:

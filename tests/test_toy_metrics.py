@@ -167,3 +167,22 @@ def test_toy_noise_scale_script_samples_from_scaled_noise() -> None:
         gap.main(["assets/demo_teacher", "--steps", "2", "--noise-scale", "0.5"])
     (report,) = gap.main(["assets/demo_teacher", "--num-samples", "32", "--redraws", "0", "--noise-scale", "0.5", "--split", "report"])
     assert report["split"] == "report" and report["distance"] == rows[1]["report_distance"]  # the report's prompts and seeds
+
+
+def test_distill_levels_script_starts_at_the_one_step_generator() -> None:
+    """eval/distill_levels.py: row k = 0 is the student's one-step sample (what eval/toy_validate.py scores);
+    later rows start the student from the teacher's own trajectory, which on the shipped teacher (its
+    one-step x_hat is the blurry conditional mean) is far better; k outside the grid is refused."""
+    from eval_helpers import load_eval_script
+
+    levels = load_eval_script("distill_levels")
+    rows = levels.main(["assets/demo_teacher", "assets/demo_teacher", "--steps", "4", "--cfg", "3", "--split", "validation", "--num-samples", "32"])
+    assert [r["teacher_steps"] for r in rows] == [0, 1, 2, 3] and [r["t"] for r in rows] == [1.0, 0.75, 0.5, 0.25]
+    (one,) = load_eval_script("toy_validate").main(["assets/demo_teacher", "--num-samples", "32"])
+    assert rows[0]["distance"] == one["val_distance"] and rows[0]["attribute_accuracy"] == one["val_attribute_accuracy"]
+    assert rows[3]["distance"] < rows[0]["distance"] / 2 and rows[3]["ambiguous_shape"] < rows[0]["ambiguous_shape"]
+    from apt.inference import load_generator
+
+    gen = load_generator("assets/demo_teacher")
+    with pytest.raises(ValueError, match="k must be in"):
+        levels.handoff_samples(gen, gen, ["a red circle moving left on a black background"], [0], k=4, steps=4, cfg_scale=3.0)

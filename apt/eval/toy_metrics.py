@@ -126,6 +126,21 @@ def correct_mask(predictions: dict[str, list[str]], prompts: list[str]) -> tuple
     return correct_N, per_attribute
 
 
+AMBIGUOUS_SHAPE = 0.9
+"""A sample's shape is ambiguous when the classifier's shape head gives no shape this probability (a blob
+between two shapes; docs/demo_tuning.md, eleventh round)."""
+
+
+@torch.no_grad()
+def judge(classifier: ToyClassifier, x_BCTHW: torch.Tensor, prompts: list[str]) -> tuple[FeatureStats, np.ndarray, np.ndarray]:
+    """The samples' feature statistics and, per sample (N,), whether every classified attribute matches the
+    prompt and whether the shape is ambiguous (``AMBIGUOUS_SHAPE``)."""
+    stats, preds = features_and_predictions(classifier, [x_BCTHW], len(prompts))
+    ok_N, _ = correct_mask(preds, prompts)
+    shape_p = classifier.heads["shape"](classifier.features(x_BCTHW)).softmax(-1).max(-1).values
+    return stats, ok_N, (shape_p < AMBIGUOUS_SHAPE).cpu().numpy()
+
+
 def attribute_scores(predictions: dict[str, list[str]], prompts: list[str]) -> dict:
     """Joint and per-attribute accuracy of predicted class names against parsed prompts."""
     correct_N, per_attribute = correct_mask(predictions, prompts)
