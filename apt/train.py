@@ -179,4 +179,17 @@ def fit_from_args(recipe: str, overlays: list[str], overrides: list[str], *, dry
         print(to_yaml(c), end="")
         return 0
     fit(c)
+    close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the launched process group before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's threads can be torn down while in use and a rank aborts
+    ("terminate called without an active exception", exit -6) after a run that finished and saved.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
