@@ -112,3 +112,19 @@ def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str 
     net = factory.load_backbone(config, str(ckpt), weights or PRODUCT[config.stage], text_dim=text_encoder.dim)
     net = apply_perf(net.to(device).eval(), perf or config.perf)
     return Generator(config, net, text_encoder, device)
+
+
+def load_discriminator(checkpoint: str | Path):
+    """An APT checkpoint's discriminator (eval mode) and text encoder, for probing what D has learned."""
+    from safetensors.torch import load_file
+
+    from apt.lit.apt import build_discriminator
+
+    ckpt = resolve_checkpoint(checkpoint)
+    if not (ckpt / "discriminator.safetensors").exists():
+        raise FileNotFoundError(f"{ckpt} has no discriminator.safetensors (an APT stage's checkpoint has one)")
+    config = config_from_yaml(ckpt / "config.yaml")
+    text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
+    D = build_discriminator(factory.build_backbone(config, text_dim=text_encoder.dim), config.apt)  # architecture only
+    D.load_state_dict(load_file(str(ckpt / "discriminator.safetensors")))
+    return D.eval(), text_encoder

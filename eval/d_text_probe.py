@@ -16,15 +16,10 @@ import dataclasses
 import json
 
 import torch
-from safetensors.torch import load_file
 
-from apt.config import config_from_yaml
 from apt.data.toy import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, caption, eval_prompts, parse_caption, render_batch
 from apt.eval.toy_metrics import VAL_PROMPT_SEED
-from apt.inference import resolve_checkpoint
-from apt.lit.apt import build_discriminator
-from apt.models import factory
-from apt.text import TextEncoder
+from apt.inference import load_discriminator
 
 CHOICES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "direction": tuple(DIRECTIONS), "background": tuple(BACKGROUNDS)}
 
@@ -40,12 +35,7 @@ def swapped_captions(prompts: list[str], attribute: str) -> list[str]:
 
 
 def probe(checkpoint: str, *, attribute: str = "shape", num_samples: int = 256, timesteps=(0.05, 0.2, 0.4, 0.6, 0.8), frames: int = 4) -> list[dict]:
-    ckpt = resolve_checkpoint(checkpoint)
-    config = config_from_yaml(ckpt / "config.yaml")
-    text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
-    D = build_discriminator(factory.build_backbone(config, text_dim=text_encoder.dim), config.apt)  # architecture only
-    D.load_state_dict(load_file(str(ckpt / "discriminator.safetensors")))
-    D.eval()
+    D, text_encoder = load_discriminator(checkpoint)
     prompts = eval_prompts(num_samples, seed=VAL_PROMPT_SEED, frames=frames)
     x = torch.from_numpy(render_batch([parse_caption(p) for p in prompts], seed=VAL_PROMPT_SEED, frames=frames))
     x = x.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0

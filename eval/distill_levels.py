@@ -24,12 +24,10 @@ import torch
 from apt.data.toy import eval_prompts
 from apt.eval.frechet import stats_distance
 from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED, judge, real_stats
-from apt.eval.toy_report import BATCH, EVAL_NOISE_SEED, EVAL_SEED
+from apt.eval.toy_metrics import judge, real_stats
+from apt.eval.toy_report import BATCH, SPLITS
 from apt.flow import guided_velocity, timestep_schedule
 from apt.inference import Generator, load_generator, seeded_noise
-
-SPLITS = {"validation": (VAL_PROMPT_SEED, VAL_NOISE_SEED), "report": (EVAL_SEED, EVAL_NOISE_SEED)}
 
 
 @torch.inference_mode()

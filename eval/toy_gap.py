@@ -35,15 +35,12 @@ from apt.data.toy import eval_prompts
 from apt.eval.frechet import stats_distance
 from apt.eval.toy_classifier import load_toy_classifier
 from apt.eval.toy_content import distractor_visible, high_frequency_share
-from apt.eval.toy_metrics import (VAL_NOISE_SEED, VAL_PROMPT_SEED, features_and_predictions, judge, real_batches, real_stats,
-                                  real_vs_real_floor)
-from apt.eval.toy_report import EVAL_NOISE_SEED, EVAL_SEED, add_validation_arguments, generate_seeded, noise_scaled
+from apt.eval.toy_metrics import features_and_predictions, judge, real_batches, real_stats, real_vs_real_floor
+from apt.eval.toy_report import SPLITS, add_validation_arguments, generate_seeded, noise_scaled
 from apt.inference import load_generator
 
 REDRAW_SEED_STRIDE = 100_003
 """Re-draw k of sample i uses noise seed NOISE_SEED + k * REDRAW_SEED_STRIDE + i (disjoint from the split's seeds)."""
-SPLITS = {"validation": (VAL_PROMPT_SEED, VAL_NOISE_SEED), "report": (EVAL_SEED, EVAL_NOISE_SEED)}
-"""Prompt seed (the real set's too) and first noise seed of each split."""
 
 
 def real_summary(classifier, real, real_clips) -> dict:
@@ -99,7 +96,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_validation_arguments(ap)
     ap.add_argument("--redraws", type=int, default=20, help="most re-draws of a misaligned or ambiguous-shape sample")
     ap.add_argument("--noise-scale", type=float, default=1.0, help="one step from scaled noise s z (eval/toy_noise_scale.py)")
-    ap.add_argument("--split", choices=sorted(SPLITS), default="validation", help="the validation set, or the demo report's prompts and seeds")
     args = ap.parse_args(argv)
     if args.noise_scale != 1.0 and args.steps != 1:
         ap.error(f"--noise-scale {args.noise_scale} needs --steps 1 (it scales the one-step generator's noise), got --steps {args.steps}")

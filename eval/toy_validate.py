@@ -2,9 +2,11 @@
 
     python eval/toy_validate.py runs/tune/img400/checkpoints/step-000150 runs/demo/distill [--steps 1] [--cfg 1]
     python eval/toy_validate.py assets/demo_teacher --steps 25 --cfg 2
+    python eval/toy_validate.py runs/demo/apt_video/checkpoints/step-* --split report --num-samples 1000
 
 Samples each checkpoint's product network (EMA) on the validation prompts and noise seeds of
-``apt.eval.toy_metrics`` (disjoint from the demo report's set) and prints one JSON line each: the
+``apt.eval.toy_metrics`` (disjoint from the demo report's set; ``--split report``: the report's prompts
+and seeds, ``apt.eval.toy_report.SPLITS``) and prints one JSON line each: the
 Fréchet distance to real clips in the toy classifier's feature space and the attribute accuracies.
 It scores checkpoints that ran without in-training evaluation (an image stage, a distillation) on the
 same scale as the ``val_distance`` of ``eval/history.jsonl`` (docs/demo_tuning.md uses both).
@@ -16,8 +18,8 @@ import argparse
 import json
 
 from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import VAL_PROMPT_SEED, real_stats
-from apt.eval.toy_report import add_validation_arguments, validation_metrics
+from apt.eval.toy_metrics import real_stats
+from apt.eval.toy_report import SPLITS, add_validation_arguments, split_metrics
 from apt.inference import load_generator
 
 
@@ -26,11 +28,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     add_validation_arguments(ap)
     args = ap.parse_args(argv)
     classifier = load_toy_classifier(args.classifier)
-    real = real_stats(classifier, frames=args.frames, n=args.num_samples, seed=VAL_PROMPT_SEED)
+    real = real_stats(classifier, frames=args.frames, n=args.num_samples, seed=SPLITS[args.split][0])
     rows = []
     for ckpt in args.checkpoints:
-        m = validation_metrics(load_generator(ckpt), classifier, real, n=args.num_samples, steps=args.steps, cfg_scale=args.cfg, frames=args.frames)
-        rows.append({"checkpoint": ckpt, "steps": args.steps, "cfg": args.cfg, "val_distance": round(float(m["distance"]), 2),
+        m = split_metrics(load_generator(ckpt), classifier, real, split=args.split, n=args.num_samples, steps=args.steps, cfg_scale=args.cfg, frames=args.frames)
+        rows.append({"checkpoint": ckpt, "split": args.split, "n": args.num_samples, "steps": args.steps, "cfg": args.cfg, "val_distance": round(float(m["distance"]), 2),
                      "val_attribute_accuracy": float(m["attribute_accuracy"]), "per_attribute": m["per_attribute"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows

@@ -184,7 +184,15 @@ def test_text_contrast_term_adds_the_logit_gap_to_the_g_loss(tiny_teacher, tiny_
     torch.testing.assert_close(losses_g[3.0] - losses_g[0.0], 3.0 * F.softplus(gap).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_d_text_probe_scores_true_against_swapped_captions(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_apt_run(tiny_teacher, tiny_distilled, toy_shards, tmp_path_factory):
+    """One APT update of the tiny chain: a checkpoint with a discriminator to probe."""
+    run = tmp_path_factory.mktemp("apt_probe")
+    assert main(apt_args(run, toy_shards["video"], tiny_distilled, tiny_teacher, "train.max_steps=1")) == 0
+    return run
+
+
+def test_d_text_probe_scores_true_against_swapped_captions(tiny_apt_run):
     from eval_helpers import load_eval_script
 
     from apt.data.toy import parse_caption
@@ -195,12 +203,37 @@ def test_d_text_probe_scores_true_against_swapped_captions(tiny_teacher, tiny_di
         for p, q in zip(prompts, probe.swapped_captions(prompts, attribute)):
             a, b = parse_caption(p).to_dict(), parse_caption(q).to_dict()
             assert [k for k in a if a[k] != b[k]] == [attribute], (p, q)
-    run = tmp_path / "apt"
-    assert main(apt_args(run, toy_shards["video"], tiny_distilled, tiny_teacher, "train.max_steps=1")) == 0
-    rows = probe.main([str(run), "--num-samples", "8"])
+    rows = probe.main([str(tiny_apt_run), "--num-samples", "8"])
     assert [r["t"] for r in rows] == [0.05, 0.2, 0.4, 0.6, 0.8]
     for r in rows:
         assert 0.0 <= r["share_true_higher"] <= 1.0 and math.isfinite(r["d_true_caption"]) and math.isfinite(r["d_swapped_caption"]), r
+
+
+def test_d_probe_splits_the_samples_logits_by_what_they_show(tiny_apt_run):
+    """eval/d_probe.py: the logit is the checkpoint's D averaged over the timesteps; each property's two group
+    means recombine to the mean over all samples; the AUCs are probabilities."""
+    from eval_helpers import load_eval_script
+
+    from apt.data.toy import eval_prompts
+    from apt.eval.toy_report import generate_seeded
+    from apt.inference import load_discriminator, load_generator
+
+    probe = load_eval_script("d_probe")
+    row = probe.main([str(tiny_apt_run), "--num-samples", "24", "--num-real", "12", "--timesteps", "0.3", "0.7"])
+    D, text_encoder = load_discriminator(tiny_apt_run)
+    gen = load_generator(tiny_apt_run)
+    prompts = eval_prompts(24, seed=777, frames=gen.num_frames)
+    x = generate_seeded(gen, prompts, [50_000 + i for i in range(24)], steps=1)
+    with torch.no_grad():
+        logits = torch.stack([D(x, torch.full((24,), t), text_encoder.encode(prompts)) for t in (0.3, 0.7)]).mean(0)
+    assert row["d_fake"] == pytest.approx(logits.mean().item(), abs=2e-3)
+    shares = {"ambiguous_shape": row["ambiguous_shape"], "distractor_visible": 1 - row["distractor_visible"], "misaligned": row["misaligned"]}
+    for name, share in shares.items():
+        more, less = row["d_fake_by"][name]["more_real"], row["d_fake_by"][name]["less_real"]
+        recombined = (more or 0.0) * (1 - share) + (less or 0.0) * share
+        assert recombined == pytest.approx(row["d_fake"], abs=2e-3), (name, row)
+        assert row["auc_logit"][name] is None or 0.0 <= row["auc_logit"][name] <= 1.0
+        assert len(row["auc_logit_per_t"][name]) == 2
 
 
 def test_ablations_script_trains_each_variant_with_its_one_change(tiny_teacher, tiny_distilled, toy_shards, tmp_path):

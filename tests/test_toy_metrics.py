@@ -180,9 +180,53 @@ def test_distill_levels_script_starts_at_the_one_step_generator() -> None:
     assert [r["teacher_steps"] for r in rows] == [0, 1, 2, 3] and [r["t"] for r in rows] == [1.0, 0.75, 0.5, 0.25]
     (one,) = load_eval_script("toy_validate").main(["assets/demo_teacher", "--num-samples", "32"])
     assert rows[0]["distance"] == one["val_distance"] and rows[0]["attribute_accuracy"] == one["val_attribute_accuracy"]
+    # The report's split: the same prompts and seeds in both scripts, other ones than validation's.
+    (report_row,) = levels.main(["assets/demo_teacher", "assets/demo_teacher", "--steps", "1", "--split", "report", "--num-samples", "32"])
+    (report,) = load_eval_script("toy_validate").main(["assets/demo_teacher", "--num-samples", "32", "--split", "report"])
+    assert report["split"] == "report" and report["val_distance"] == report_row["distance"] != one["val_distance"]
     assert rows[3]["distance"] < rows[0]["distance"] / 2 and rows[3]["ambiguous_shape"] < rows[0]["ambiguous_shape"]
     from apt.inference import load_generator
 
     gen = load_generator("assets/demo_teacher")
     with pytest.raises(ValueError, match="k must be in"):
         levels.handoff_samples(gen, gen, ["a red circle moving left on a black background"], [0], k=4, steps=4, cfg_scale=3.0)
+
+
+def test_d_probe_auc_and_cross_validated_linear_probe() -> None:
+    """eval/d_probe.py's AUC against a hand count (ties count half), and its linear probe: ~1 on a feature
+    that separates the classes, ~0.5 on features that do not, None when a class is too small to split."""
+    from eval_helpers import load_eval_script
+
+    probe = load_eval_script("d_probe")
+    scores, positive = np.array([0.1, 0.4, 0.4, 0.9]), np.array([False, True, False, True])
+    # pairs (positive, negative): (0.4, 0.1) win, (0.4, 0.4) tie, (0.9, 0.1) win, (0.9, 0.4) win -> 3.5 / 4
+    assert probe.auc(scores, positive) == pytest.approx(0.875)
+    assert probe.auc(scores, np.zeros(4, dtype=bool)) is None
+    g = torch.Generator().manual_seed(0)
+    labels = torch.rand(400, generator=g) < 0.3
+    noise = torch.randn(400, 8, generator=g)
+    separable = noise.clone()
+    separable[:, 3] += 4.0 * labels
+    assert probe.probe_auc(separable, labels.numpy()) > 0.97
+    assert abs(probe.probe_auc(noise, labels.numpy()) - 0.5) < 0.1
+    assert probe.probe_auc(noise[:20], np.arange(20) < 3) is None
+
+
+def test_distance_vs_n_fits_the_limit_and_starts_at_the_report_set() -> None:
+    """eval/toy_distance_vs_n.py: the fit recovers d_inf and k of an exact d_inf + k / N; the distance at the
+    smallest N is the report split's distance (toy_validate --split report) of the same row; too few real
+    clips for the floor is refused."""
+    from eval_helpers import load_eval_script
+
+    vs_n = load_eval_script("toy_distance_vs_n")
+    d_inf, k = vs_n.fit_limit([1000, 2000, 5000], [1.5 + 4000 / n for n in (1000, 2000, 5000)])
+    assert d_inf == pytest.approx(1.5) and k == pytest.approx(4000)
+    with pytest.raises(ValueError, match="needs 20 real clips"):
+        vs_n.distances_by_n({"a": np.zeros((10, 2))}, np.zeros((19, 2)), [5, 10])
+    rows = vs_n.main(["--teacher", "assets/demo_teacher", "--distilled", "assets/demo_teacher", "--apt", "assets/demo_teacher", "--sizes", "16", "32"])
+    by_row = {r["row"]: r for r in rows}
+    (report,) = load_eval_script("toy_validate").main(["assets/demo_teacher", "--steps", "25", "--cfg", "3", "--split", "report", "--num-samples", "16"])
+    assert by_row["teacher-25step-cfg"]["distance"][0] == pytest.approx(report["val_distance"], abs=0.01)
+    assert by_row["real-vs-real floor"]["distance"][1] < by_row["real-vs-real floor"]["distance"][0]  # less bias at more samples
+    bar = by_row["bar ratios"]
+    assert bar["apt_over_teacher"][0] == pytest.approx(by_row["apt-1step"]["distance"][0] / by_row["teacher-25step-cfg"]["distance"][0], abs=1e-3)

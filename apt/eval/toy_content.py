@@ -33,8 +33,13 @@ def high_frequency_share(x_BCTHW: torch.Tensor) -> float:
 
 
 def distractor_visible(x_BCTHW: torch.Tensor, prompts: list[str]) -> float:
-    """Share of clips with at least DISTRACTOR_MIN_PIXELS pixels per frame near a toy colour that is not
-    the prompted object's (the distractor always has another colour than the captioned object)."""
+    """Share of clips that show their distractor (``distractor_shown``)."""
+    return float(np.mean(distractor_shown(x_BCTHW, prompts)))
+
+
+def distractor_shown(x_BCTHW: torch.Tensor, prompts: list[str]) -> np.ndarray:
+    """Per clip (B,): at least DISTRACTOR_MIN_PIXELS pixels per frame near a toy colour that is not the
+    prompted object's (the distractor always has another colour than the captioned object)."""
     if x_BCTHW.shape[0] != len(prompts):
         raise ValueError(f"got {x_BCTHW.shape[0]} clips for {len(prompts)} prompts")
     rgb_BTHWC = ((x_BCTHW.detach().float().clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 4, 1).cpu().numpy()
@@ -45,4 +50,4 @@ def distractor_visible(x_BCTHW: torch.Tensor, prompts: list[str]) -> float:
         near_main_THW = np.linalg.norm(clip_THWC - palette[main], axis=-1) < COLOUR_RADIUS
         near_other_THW = np.stack([np.linalg.norm(clip_THWC - rgb, axis=-1) for name, rgb in palette.items() if name != main]).min(0) < COLOUR_RADIUS
         seen.append((near_other_THW & ~near_main_THW).sum((1, 2)).mean() >= DISTRACTOR_MIN_PIXELS)
-    return float(np.mean(seen))
+    return np.array(seen, dtype=bool)

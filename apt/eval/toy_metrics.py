@@ -45,7 +45,7 @@ def real_batches(
         yield pixels_BTHWC.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0, [s["caption"] for s in samples]
 
 
-def _rechunk(batches: Iterable[torch.Tensor], chunk: int) -> Iterator[torch.Tensor]:
+def rechunk(batches: Iterable[torch.Tensor], chunk: int) -> Iterator[torch.Tensor]:
     """Re-batch a stream of (B, C, T, H, W) tensors into chunks of exactly `chunk` (the last may be short)."""
     buf: list[torch.Tensor] = []
     size = 0
@@ -72,7 +72,7 @@ def features_and_predictions(
     device = next(classifier.parameters()).device
     stats = FeatureStats(dim=classifier.num_features)
     preds: dict[str, list[str]] = {name: [] for name in ATTRIBUTES}
-    for x_BCTHW in _rechunk(batches, chunk):
+    for x_BCTHW in rechunk(batches, chunk):
         x_BCTHW = x_BCTHW.to(device)
         f_BF = classifier.features(x_BCTHW)
         stats.update(f_BF.double().cpu().numpy())

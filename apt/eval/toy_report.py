@@ -40,6 +40,9 @@ from apt.media import grid_image, save_gif, save_png, to_uint8
 EVAL_SEED = 1234
 EVAL_NOISE_SEED = 10_000
 """The report's sample i uses noise seed EVAL_NOISE_SEED + i."""
+SPLITS = {"validation": (VAL_PROMPT_SEED, VAL_NOISE_SEED), "report": (EVAL_SEED, EVAL_NOISE_SEED)}
+"""Prompt seed (the real set's too) and first noise seed of each split: the validation set the demo picks its
+APT checkpoint on, and the report's set."""
 BATCH = 250
 
 
@@ -85,26 +88,29 @@ def add_validation_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=1, help="sampling steps (1 = the one-step generator)")
     ap.add_argument("--cfg", type=float, default=1.0, help="CFG scale (the demo's teacher row: 3)")
     ap.add_argument("--frames", type=int, default=4, help="frames per sample (the classifier's clips)")
-    ap.add_argument("--num-samples", type=int, default=256, help="the training evaluation's default")
+    ap.add_argument("--num-samples", type=int, default=256, help="the training evaluation's default (the report's N: 1000)")
+    ap.add_argument("--split", choices=sorted(SPLITS), default="validation", help="the validation set, or the demo report's prompts and seeds")
     ap.add_argument("--classifier", default="assets/toy_classifier")
 
 
-def validation_metrics(gen: Generator, classifier, val_real, *, n: int = 256, steps: int = 1, cfg_scale: float | None = None, frames: int | None = None) -> dict:
-    """Toy metrics of ``gen`` on the validation split (``apt.eval.toy_metrics.VAL_PROMPT_SEED``), against
-    ``val_real`` (``real_stats`` of the same n and seed); ``frames`` defaults to the generator's own."""
+def split_metrics(gen: Generator, classifier, real, *, split: str, n: int, steps: int = 1, cfg_scale: float | None = None, frames: int | None = None) -> dict:
+    """Toy metrics of ``gen`` on the first n prompts and noise seeds of ``split`` (``SPLITS``), against ``real``
+    (``real_stats`` of the same n and the split's prompt seed); ``frames`` defaults to the generator's own."""
+    prompt_seed, noise_seed = SPLITS[split]
     frames = frames or gen.num_frames
-    prompts = eval_prompts(n, seed=VAL_PROMPT_SEED, frames=frames)
-    x, _ = generate_all(gen, prompts, VAL_NOISE_SEED, steps=steps, cfg_scale=cfg_scale, frames=frames)
-    return evaluate_samples(classifier, x, prompts, val_real)
+    prompts = eval_prompts(n, seed=prompt_seed, frames=frames)
+    x, _ = generate_all(gen, prompts, noise_seed, steps=steps, cfg_scale=cfg_scale, frames=frames)
+    return evaluate_samples(classifier, x, prompts, real)
+
+
+def validation_metrics(gen: Generator, classifier, val_real, *, n: int = 256, steps: int = 1, cfg_scale: float | None = None, frames: int | None = None) -> dict:
+    """``split_metrics`` on the validation split (``apt.eval.toy_metrics.VAL_PROMPT_SEED``)."""
+    return split_metrics(gen, classifier, val_real, split="validation", n=n, steps=steps, cfg_scale=cfg_scale, frames=frames)
 
 
 def report_set_metrics(gen: Generator, classifier, report_real, *, n: int = 1000, steps: int = 1, cfg_scale: float | None = None, frames: int | None = None) -> dict:
-    """Toy metrics of ``gen`` on the report's prompts (``EVAL_SEED``) and noise seeds (``EVAL_NOISE_SEED``),
-    against ``report_real`` (``real_stats`` of the same n and seed); ``frames`` defaults to the generator's own."""
-    frames = frames or gen.num_frames
-    prompts = eval_prompts(n, seed=EVAL_SEED, frames=frames)
-    x, _ = generate_all(gen, prompts, EVAL_NOISE_SEED, steps=steps, cfg_scale=cfg_scale, frames=frames)
-    return evaluate_samples(classifier, x, prompts, report_real)
+    """``split_metrics`` on the report's prompts (``EVAL_SEED``) and noise seeds (``EVAL_NOISE_SEED``)."""
+    return split_metrics(gen, classifier, report_real, split="report", n=n, steps=steps, cfg_scale=cfg_scale, frames=frames)
 
 
 @contextlib.contextmanager
