@@ -69,7 +69,7 @@ def run_demo(out: str | None = None, *, quick: bool = False, text_terms: bool = 
     """The chain and its report; ``text_terms`` runs it with ``TEXT_TERMS_OVERRIDES`` (not the paper's objective),
     by default into its own folder so that neither variant resumes the other's finished stages."""
     from apt.eval.toy_bar import check_bar
-    from apt.eval.toy_report import evaluate_rows, print_table
+    from apt.eval.toy_report import REPORT_SAMPLES, evaluate_rows, print_table
 
     out = out or ("runs/demo-text-terms" if text_terms else "runs/demo")
 
@@ -94,7 +94,7 @@ def run_demo(out: str | None = None, *, quick: bool = False, text_terms: bool = 
         distilled=latest_checkpoint(distill),
         apt_candidates=list_checkpoints(apt_video),
         out_dir=out_dir,
-        num_samples=64 if quick else 1000,
+        num_samples=64 if quick else REPORT_SAMPLES,
         torch_threads=torch.get_num_threads(),
     )
     report["train_seconds"] = round(train_seconds, 1)

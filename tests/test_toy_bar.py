@@ -5,7 +5,7 @@ import pytest
 from apt.eval.toy_bar import check_bar, format_bar
 
 
-def make_report(*, teacher=(6.0, 0.99), distilled=(14.0, 0.90), apt=(7.0, 0.95), floor=5.0, speedups=(33.0, 46.0)):
+def make_report(*, teacher=(6.0, 0.99), distilled=(14.0, 0.90), apt=(7.0, 0.95), floor=1.0, speedups=(33.0, 46.0)):
     def row(name, distance, accuracy, b1=1.0, batched=1.0):
         return {"name": name, "distance": distance, "attribute_accuracy": accuracy, "speedup_batch1": b1, "speedup_batched": batched}
 
@@ -49,11 +49,15 @@ def test_the_benchmark_lines():
     assert not lines["distilled-1step distance / teacher's"]["met"]
     assert not lines["real-vs-real floor / teacher's distance"]["met"]
     assert "NOT met  real-vs-real floor" in format_bar(list(lines.values()))
+    # "Well below" the teacher: at most half its distance; the report's old N = 1000 (floor 5.0, teacher 6.2) is not.
+    assert by_line(check_bar(make_report(floor=3.0)))["real-vs-real floor / teacher's distance"]["met"]
+    assert not by_line(check_bar(make_report(floor=3.01)))["real-vs-real floor / teacher's distance"]["met"]
+    assert not by_line(check_bar(make_report(teacher=(6.16, 0.997), floor=5.02)))["real-vs-real floor / teacher's distance"]["met"]
 
 
 def test_thresholds_are_inclusive():
-    # distilled exactly 2x, apt exactly half of it, 1.3x the teacher, 10 points below, 30x.
-    lines = check_bar(make_report(teacher=(10.0, 0.95), distilled=(26.0, 0.9), apt=(13.0, 0.85), speedups=(30.0, 30.0)))
+    # distilled exactly 2x, apt exactly half of it, 1.3x the teacher, 10 points below, 30x, the floor half the teacher's.
+    lines = check_bar(make_report(teacher=(10.0, 0.95), distilled=(26.0, 0.9), apt=(13.0, 0.85), floor=5.0, speedups=(30.0, 30.0)))
     assert all(x["met"] for x in lines)
 
 

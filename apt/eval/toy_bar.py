@@ -2,7 +2,7 @@
 
 Each line compares a figure of the report with a threshold derived from the same report (issue 3):
 the benchmark can show the phenomenon (a good teacher, a distilled row clearly worse than it, a
-real-vs-real floor below the teacher), and the one-step APT row is near the teacher, far better than
+real-vs-real floor well below the teacher's distance), and the one-step APT row is near the teacher, far better than
 distillation alone, and at least 30x faster. Nothing here is tuned: the thresholds are the issue's.
 """
 
@@ -10,6 +10,11 @@ from __future__ import annotations
 
 TEACHER_MIN_ACCURACY = 0.8
 DISTILLED_MIN_RATIO = 2.0       # distilled-1step distance >= 2x the teacher's
+FLOOR_MAX_RATIO_TO_TEACHER = 0.5
+"""The issue's "enough samples that the real-vs-real floor is well below the teacher's distance", read as at most half
+of it. Until 2026-12-05 the line read "below" (ratio <= 1), which the report's N = 1000 met at 0.81: there the
+floor was most of the teacher's distance and the rows' distances carried different small-sample biases
+(``eval/toy_distance_vs_n.py``, docs/demo_tuning.md fifteenth round)."""
 APT_MAX_RATIO_TO_DISTILLED = 0.5
 APT_MAX_RATIO_TO_TEACHER = 1.3
 APT_MAX_ACCURACY_DROP = 0.10    # attribute accuracy within 10 points of the teacher's
@@ -33,7 +38,7 @@ def check_bar(report: dict) -> list[dict]:
     lines = [
         _line("teacher-25step-cfg attribute accuracy", teacher["attribute_accuracy"], ">=", TEACHER_MIN_ACCURACY),
         _line("distilled-1step distance / teacher's", distilled["distance"] / teacher["distance"], ">=", DISTILLED_MIN_RATIO),
-        _line("real-vs-real floor / teacher's distance", report["real_vs_real_floor"] / teacher["distance"], "<=", 1.0),
+        _line("real-vs-real floor / teacher's distance", report["real_vs_real_floor"] / teacher["distance"], "<=", FLOOR_MAX_RATIO_TO_TEACHER),
         _line("apt-1step distance / distilled-1step's", apt["distance"] / distilled["distance"], "<=", APT_MAX_RATIO_TO_DISTILLED),
         _line("apt-1step distance / teacher's", apt["distance"] / teacher["distance"], "<=", APT_MAX_RATIO_TO_TEACHER),
         _line("apt-1step attribute accuracy", apt["attribute_accuracy"], ">=", teacher["attribute_accuracy"] - APT_MAX_ACCURACY_DROP),
