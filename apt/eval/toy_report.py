@@ -197,7 +197,7 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
     for ckpt in apt_candidates:
         m = validation_metrics(load_generator(ckpt), classifier, val_real)
         selection.append({"checkpoint": str(ckpt), "val_distance": m["distance"], "val_attribute_accuracy": m["attribute_accuracy"]})
-        print(f"[eval] validation {ckpt}: distance {m['distance']:.1f}, attribute accuracy {m['attribute_accuracy']:.3f}")
+        print(f"[eval] validation {ckpt}: distance {m['distance']:.2f}, attribute accuracy {m['attribute_accuracy']:.3f}")
     best = min(selection, key=lambda s: s["val_distance"])["checkpoint"]
     a_gen = load_generator(best)
 
@@ -218,7 +218,7 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
                      "per_attribute": {k: round(v, 4) for k, v in m.get("per_attribute", {}).items()},
                      "seconds_per_sample": sec1, "seconds_per_sample_batched": sec_batched})
         side.append(to_uint8(x[:8]))
-        print(f"[eval] {name}: distance {m['distance']:.1f}, attribute accuracy {m['attribute_accuracy']:.3f}, {sec1 * 1e3:.2f} ms/sample (batch 1)")
+        print(f"[eval] {name}: distance {m['distance']:.2f}, attribute accuracy {m['attribute_accuracy']:.3f}, {sec1 * 1e3:.2f} ms/sample (batch 1)")
     teacher_row = rows[0]
     for r in rows:
         r["speedup_batch1"] = teacher_row["seconds_per_sample"] / r["seconds_per_sample"]
@@ -245,10 +245,10 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
 def print_table(report: dict) -> None:
     print(f"\n{'row':<22}{'NFE':>5}{'distance':>11}{'attr acc':>10}{'ms/sample b1':>14}{'ms/sample bat':>15}{'speedup b1':>12}")
     for r in report["rows"]:
-        print(f"{r['name']:<22}{r['nfe']:>5}{r['distance']:>11.1f}{r['attribute_accuracy']:>10.3f}{r['seconds_per_sample'] * 1e3:>14.2f}"
+        print(f"{r['name']:<22}{r['nfe']:>5}{r['distance']:>11.2f}{r['attribute_accuracy']:>10.3f}{r['seconds_per_sample'] * 1e3:>14.2f}"
               f"{r['seconds_per_sample_batched'] * 1e3:>15.3f}{r['speedup_batch1']:>12.1f}")
     with_text = ", ".join(f"{r['name']} {r['speedup_batch1_with_text']:.1f}x" for r in report["rows"][1:])
     print(f"text encoding (not in the figures above, the same for every row): {report['text_encode_seconds'] * 1e3:.2f} ms per new prompt; "
           f"batch-1 speed-ups with it: {with_text}")
-    print(f"real-vs-real floor: {report['real_vs_real_floor']:.1f} (N={report['num_samples']})")
+    print(f"real-vs-real floor: {report['real_vs_real_floor']:.2f} (N={report['num_samples']})")
     print(format_bar(check_bar(report)) + "\n")
