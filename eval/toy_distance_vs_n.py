@@ -4,17 +4,21 @@
         --apt runs/demo/apt_video/checkpoints/step-000200 [--sizes 1000 2000 5000]
 
 A Fréchet distance from N samples is biased upward by roughly k / N, with k different for every model
-(Chong & Forsyth, "Effectively Unbiased FID and Inception Score and where to find them", CVPR 2020). The
-demo's report uses N = 1000, where the real-vs-real floor (5.0) is most of the teacher's distance (6.2), so
-every ratio the bar takes between rows carries that bias. This script draws the report's rows (the teacher
-at its own steps and CFG, the distilled and APT models at one step, APT at two) on the report's prompts and
-noise seeds extended to the largest N (``eval_prompts`` and the noise seeds are prefix-stable, so the
-first 1000 samples are exactly the report's set and N = 1000 reproduces its distances), scores the first N
-of them against the first N real clips for each size, and fits d(N) = d_inf + k / N by least squares over
-the sizes (the paper's FID-infinity). ``--split validation`` does the same on the validation set's prompts,
-seeds and real clips, a second draw disjoint from the report's. The floor at each N is the distance between real clips [0, N) and
-[N, 2N); its fitted d_inf should be near 0. Prints one JSON line per row and one with the bar's two
-distance ratios (apt-1step / teacher, apt-1step / distilled) at each N and at the fitted limit.
+(Chong & Forsyth, "Effectively Unbiased FID and Inception Score and where to find them", CVPR 2020). Until
+2026-12-05 the demo's report used N = 1000, where the real-vs-real floor (5.0) is most of the teacher's
+distance (6.2), so every ratio the bar takes between rows carried that bias; this script showed it, and the
+report now uses 5000 (``apt.eval.toy_report.REPORT_SAMPLES``; docs/demo_tuning.md, fifteenth round).
+
+It draws the report's rows (the teacher at its own steps and CFG, the distilled and APT models at one step,
+APT at two) on the report's prompts and noise seeds up to the largest N (``eval_prompts`` and the noise seeds
+are prefix-stable, so the first N samples are the report's set at that N and reproduce its distances), scores
+the first N of them against the first N real clips for each size, and fits d(N) = d_inf + k / N by least
+squares over the sizes (FID-infinity). ``--split validation`` does the same on the validation set's prompts,
+seeds and real clips: a second draw, disjoint from the report's. The floor at each N is the distance between
+real clips [0, N) and [N, 2N); its fitted d_inf is near 0 when the sizes are in the 1/N regime (on the toy,
+1000 is not: the floor falls 3.4x from 1000 to 2000, and its fit over 1000-5000 gives -0.4 to -0.7). Prints
+one JSON line per row and one with the bar's two distance ratios (apt-1step / teacher, apt-1step / distilled)
+at each N and at the fitted limit.
 """
 
 from __future__ import annotations
