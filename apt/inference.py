@@ -114,7 +114,7 @@ def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str 
     return Generator(config, net, text_encoder, device)
 
 
-def load_discriminator(checkpoint: str | Path):
+def load_discriminator(checkpoint: str | Path) -> tuple[torch.nn.Module, TextEncoder]:
     """An APT checkpoint's discriminator (eval mode) and text encoder, for probing what D has learned."""
     from safetensors.torch import load_file
 

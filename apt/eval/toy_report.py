@@ -2,9 +2,10 @@
 
 Protocol (every number in the report comes from this one run):
 - Evaluation prompts: ``eval_prompts(N, seed=EVAL_SEED)`` (balanced over attributes), noise seeds
-  10_000 + i; N = ``REPORT_SAMPLES`` (5000) in the demo. The APT checkpoint is chosen on a disjoint validation set (``validation_metrics``:
-  VAL_PROMPT_SEED prompts, noise seeds VAL_NOISE_SEED + i, 256 samples) among the checkpoints of the video-stage run, as DESIGN.md §7
-  recommends (the raw APT trajectory oscillates).
+  10_000 + i; N = ``REPORT_SAMPLES`` (5000) in the demo. The APT checkpoint is chosen on a disjoint
+  validation set (``validation_metrics``: VAL_PROMPT_SEED prompts, noise seeds VAL_NOISE_SEED + i, 256
+  samples) among the checkpoints of the video-stage run, as DESIGN.md §7 recommends (the raw APT
+  trajectory oscillates).
 - ``distance``: Fréchet distance to N real toy clips in the toy classifier's feature space;
   ``attribute_accuracy``: share of samples whose shape, colour, direction and background all match
   the prompt (``apt.eval.toy_metrics``). The real-vs-real floor (two disjoint real sets of size N)
@@ -46,8 +47,8 @@ APT checkpoint on, and the report's set."""
 BATCH = 250
 REPORT_SAMPLES = 5000
 """N of the demo's report. At N = 1000 (until 2026-12-05) the real-vs-real floor was 5.0 against the teacher's 6.2 and
-the rows' small-sample biases differed enough to move the bar's ratios by 0.1-0.3 between two draws of the prompts and
-seeds; at 5000 the floor is 0.8-1.1 (``eval/toy_distance_vs_n.py``, docs/demo_tuning.md fifteenth round)."""
+the rows' small-sample biases differed enough to move the bar's ratios by 0.06 and 0.30 between two draws of the prompts
+and seeds; at 5000 the floor is 0.8-1.1 (``eval/toy_distance_vs_n.py``, docs/demo_tuning.md fifteenth round)."""
 
 
 def generate_seeded(gen: Generator, prompts: list[str], seeds: list[int], *, steps: int, cfg_scale: float | None = None, frames: int | None = None) -> torch.Tensor:
