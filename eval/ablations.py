@@ -2,10 +2,11 @@
 frozen discriminator backbone — each against the full method, from the same distilled generator.
 
     python eval/ablations.py --distilled runs/demo/distill --teacher assets/demo_teacher \
-        --out runs/ablations [--steps 150] [--num-samples 500]
+        --out runs/ablations [--steps 150] [--num-samples N]
 
 Each variant trains the video APT stage (recipes/demo/apt_video.yaml) with one change, then the
-EMA generator of its last checkpoint is evaluated on the same prompts and seeds. Every iteration is
+EMA generator of its last checkpoint is evaluated on the demo report's prompts and seeds (its N by
+default, ``apt.eval.toy_report.REPORT_SAMPLES``). Every iteration is
 logged. Prints a markdown table (final D loss, mean D(real) - D(fake) over the last 20 iterations,
 distance, attribute accuracy) and writes it to OUT/ablations.md and OUT/ablations.json.
 """
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--shards", default="runs/data/toy-video")
     ap.add_argument("--out", default="runs/ablations")
     ap.add_argument("--steps", type=int, default=150, help="generator updates per variant")
-    ap.add_argument("--num-samples", type=int, default=500)
+    ap.add_argument("--num-samples", type=int, default=None, help="default: the demo report's N (apt.eval.toy_report.REPORT_SAMPLES)")
     ap.add_argument("--overlay", action="append", default=[], help="e.g. tiny (smoke test)")
     args = ap.parse_args(argv)
 
@@ -48,10 +49,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from apt.config import load_config
     from apt.eval.toy_classifier import load_toy_classifier
     from apt.eval.toy_metrics import real_stats
-    from apt.eval.toy_report import EVAL_SEED, report_set_metrics
+    from apt.eval.toy_report import EVAL_SEED, REPORT_SAMPLES, report_set_metrics
     from apt.inference import load_generator
     from apt.train import fit
 
+    n = args.num_samples or REPORT_SAMPLES
     out = Path(args.out)
     classifier = load_toy_classifier()
     results = []
@@ -64,15 +66,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if latest_checkpoint(run) is None or int(latest_checkpoint(run).name.split("-")[1]) < args.steps:
             fit(c)
         gen = load_generator(run)
-        real = real_stats(classifier, frames=gen.num_frames, n=args.num_samples, seed=EVAL_SEED, cache_path=str(out / f"real_{args.num_samples}.npz"))
-        m = report_set_metrics(gen, classifier, real, n=args.num_samples, steps=1)
+        real = real_stats(classifier, frames=gen.num_frames, n=n, seed=EVAL_SEED, cache_path=str(out / f"real_{n}.npz"))
+        m = report_set_metrics(gen, classifier, real, n=n, steps=1)
         rows = last_rows(run)
         gap = sum(float(r["d_real"]) - float(r["d_fake"]) for r in rows) / max(1, len(rows))
-        results.append({"variant": name, "overrides": overrides, "final_loss_d": float(rows[-1]["loss_d"]), "d_gap_last20": gap,
+        results.append({"variant": name, "overrides": overrides, "n": n, "final_loss_d": float(rows[-1]["loss_d"]), "d_gap_last20": gap,
                         "distance": m["distance"], "attribute_accuracy": m["attribute_accuracy"], "seconds": time.perf_counter() - t0})
         print(json.dumps(results[-1]))
     lines = ["| variant | final D loss | D(real)-D(fake), last 20 iterations | distance | attribute acc |", "|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['final_loss_d']:.3f} | {r['d_gap_last20']:.2f} | {r['distance']:.1f} | {r['attribute_accuracy']:.3f} |" for r in results]
+    lines += [f"| {r['variant']} | {r['final_loss_d']:.3f} | {r['d_gap_last20']:.2f} | {r['distance']:.2f} | {r['attribute_accuracy']:.3f} |" for r in results]
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
