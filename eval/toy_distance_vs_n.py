@@ -92,14 +92,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out.append({"row": name, "split": args.split, "sizes": sizes, "distance": [round(d, 3) for d in ds], "d_inf": round(d_inf, 3), "k": round(k, 1)})
         print(json.dumps(out[-1]), flush=True)
     by_name = {r["row"]: r for r in out}
-
-    def ratios(key: str) -> dict:
-        t, d, a = (by_name[n][key] for n in ("teacher-25step-cfg", "distilled-1step", "apt-1step"))
-        if key == "distance":
-            return {"apt_over_teacher": [round(x / y, 3) for x, y in zip(a, t)], "apt_over_distilled": [round(x / y, 3) for x, y in zip(a, d)]}
-        return {"apt_over_teacher": round(a / t, 3), "apt_over_distilled": round(a / d, 3)}
-
-    out.append({"row": "bar ratios", "split": args.split, "sizes": sizes, **ratios("distance"), "at_limit": ratios("d_inf")})
+    apt_row = by_name["apt-1step"]
+    at_n, at_limit = {}, {}
+    for key, other in (("apt_over_teacher", by_name["teacher-25step-cfg"]), ("apt_over_distilled", by_name["distilled-1step"])):
+        at_n[key] = [round(a / o, 3) for a, o in zip(apt_row["distance"], other["distance"])]
+        at_limit[key] = round(apt_row["d_inf"] / other["d_inf"], 3)
+    out.append({"row": "bar ratios", "split": args.split, "sizes": sizes, **at_n, "at_limit": at_limit})
     print(json.dumps(out[-1]), flush=True)
     return out
 
