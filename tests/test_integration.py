@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from apt.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, list_checkpoints
+from apt.checkpoint import latest_checkpoint, list_checkpoints
+from apt.lit.checkpoint_io import SafetensorsCheckpointIO
 from apt.cli import main
 from tests.conftest import fit_args
 
@@ -126,13 +127,13 @@ class _NoUpdate:
 def _step_metric_at_weights(m, batch, key: str, weights: tuple[float, ...], metric: str) -> tuple[dict, "SampleNoise"]:
     """`metric` of one apt_step (nothing updated) for each value of `apt.<key>`, all from the same rng state;
     also the step's noise streams, rewound to its start, to recompute its draws."""
-    from apt.lit.apt import SampleNoise
+    from apt.methods.apt import SampleNoise
 
     rng, out = m.rng.get_state(), {}
     for w in weights:
         setattr(m.config.apt, key, w)
         m.rng.set_state(rng)
-        out[w] = m.apt_step([batch], update_g=_NoUpdate(), update_d=_NoUpdate())[metric]
+        out[w] = m.run_step([batch], update_g=_NoUpdate(), update_d=_NoUpdate())[metric]
     m.rng.set_state(rng)
     return out, SampleNoise(int(torch.randint(0, 2**62, (1,), generator=m.rng)), range(batch["x"].shape[0]))
 
@@ -168,6 +169,7 @@ def test_text_contrast_term_adds_the_logit_gap_to_the_g_loss(tiny_teacher, tiny_
 
     from apt.config import load_config
     from apt.lit.apt import AptModule
+    from apt.methods.apt import one_step
 
     c = load_config("recipes/demo/apt_video.yaml", ["tiny"], [f"data.shards={toy_shards['video']}", f"apt.generator={tiny_distilled}",
                                                               f"apt.teacher={tiny_teacher}", "apt.d_warmup_steps=0", "apt.mismatch_weight=1.0"])
@@ -178,7 +180,7 @@ def test_text_contrast_term_adds_the_logit_gap_to_the_g_loss(tiny_teacher, tiny_
     noise.randn(x.shape[1:], "cpu"), noise.timesteps(m.discriminator, "cpu"), noise.randn(x.shape[1:], "cpu")  # the D step's draws
     text = m.encode(batch["caption"])
     with torch.no_grad():
-        x_fake = m.one_step(m.generator, noise.randn(x.shape[1:], "cpu"), text)
+        x_fake = one_step(m.generator, noise.randn(x.shape[1:], "cpu"), text)
         t = noise.timesteps(m.discriminator, "cpu")
         gap = m.discriminator(x_fake, t, text.nearest_other()) - m.discriminator(x_fake, t, text)
     torch.testing.assert_close(losses_g[3.0] - losses_g[0.0], 3.0 * F.softplus(gap).mean(), rtol=1e-5, atol=1e-6)
