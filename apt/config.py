@@ -41,6 +41,14 @@ class ModelConfig:
     its weights are the teacher's, its config the architecture of G and D."""
     vae: str = ""
     """Local diffusers VAE directory (source=diffusers): decodes latent samples; data/encode_latents.py uses it."""
+    causal_chunk_frames: int = 0
+    """Built-in DiT only. 0 = bidirectional (full attention); > 0 = causal streaming mode over chunks of this many
+    frames (a multiple of the flavour's temporal patch): block-causal attention, the previous chunk recycled as
+    input, a rolling key/value cache (AAPT §3.1; docs/streaming.md)."""
+    sink_chunks: int = 1
+    """Causal mode: the first chunks every later chunk attends to (the attention sink)."""
+    window_chunks: int = 2
+    """Causal mode: past chunks each chunk attends to besides the sink (the rolling window)."""
 
 
 @dataclass
@@ -335,7 +343,7 @@ def check_config(c: Config) -> None:
     """Value checks that need no files, one function per section; each failure names the key.
     File checks (shards, checkpoints) follow in ``apt.train.check_paths``, still before any work."""
     need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
-    for check in (check_model, check_text, check_data, check_flow, check_optim, check_train, check_distill, check_apt, check_eval):
+    for check in (check_model, check_causal, check_text, check_data, check_flow, check_optim, check_train, check_distill, check_apt, check_eval):
         check(c)
     check_perf(c.perf)
 
@@ -363,6 +371,24 @@ def check_model(c: Config) -> None:
          f"resolution data.height x data.width = {c.data.height}x{c.data.width} is not divisible by the patch size {ph}x{pw} of model '{c.model.flavour}'")
     need(c.data.frames == 1 or c.data.frames % pt == 0,
          f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
+
+
+def check_causal(c: Config) -> None:
+    """``model.causal_chunk_frames`` and its window (the built-in DiT's causal mode)."""
+    m = c.model
+    need(m.causal_chunk_frames >= 0, f"model.causal_chunk_frames must be >= 0 (0 = bidirectional), got {m.causal_chunk_frames}")
+    if not m.causal_chunk_frames:
+        return
+    from apt.models.registry import FLAVOURS
+
+    need(m.source == "builtin", f"model.causal_chunk_frames={m.causal_chunk_frames}: causal mode is a switch of the built-in DiT (model.source=builtin)")
+    pt = FLAVOURS[m.flavour].patch_size[0]
+    need(m.causal_chunk_frames % pt == 0, f"model.causal_chunk_frames={m.causal_chunk_frames} must be a multiple of the temporal patch {pt} of model '{m.flavour}'")
+    need(m.sink_chunks >= 1, f"model.sink_chunks must be >= 1, got {m.sink_chunks}")
+    need(m.window_chunks >= 0, f"model.window_chunks must be >= 0, got {m.window_chunks}")
+    need(c.data.frames % m.causal_chunk_frames == 0,
+         f"data.frames={c.data.frames} is not a whole number of model.causal_chunk_frames={m.causal_chunk_frames}-frame chunks")
+    need(c.train.sequence_parallel == 1, "train.sequence_parallel: the causal model's block mask is not wired into Ulysses; use 1")
 
 
 def check_text(c: Config) -> None:

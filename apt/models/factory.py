@@ -39,11 +39,19 @@ def _diffusers_backbone(config: Config, *, text_dim: int, weights_dir: str | Non
     return net
 
 
+def causal_overrides(config: Config) -> dict:
+    """The DiTConfig fields of ``model.causal_chunk_frames`` (none when off: the flavour as registered)."""
+    m = config.model
+    if not m.causal_chunk_frames:
+        return {}
+    return {"causal_chunk_frames": m.causal_chunk_frames, "sink_chunks": m.sink_chunks, "window_chunks": m.window_chunks}
+
+
 def build_backbone(config: Config, *, text_dim: int) -> nn.Module:
     """The run's backbone: built-in DiT (random init), or the diffusers model at model.path (its weights)."""
     if config.model.source == "diffusers":
         return _diffusers_backbone(config, text_dim=text_dim, weights_dir=config.model.path)
-    net = build_dit(config.model.flavour, text_dim=text_dim)
+    net = build_dit(config.model.flavour, text_dim=text_dim, **causal_overrides(config))
     net.gradient_checkpointing = config.model.gradient_checkpointing
     return net
 
