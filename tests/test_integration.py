@@ -97,6 +97,24 @@ def test_distill_then_apt_resume_identically(tiny_teacher, tiny_distilled, toy_s
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
+def test_apt_accumulation_on_the_trainer_path_equals_one_big_batch(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
+    """train.accumulate_grad_batches=2 micro-batches of 2 clips give the losses and weights of one batch of 4: the
+    same 4 clips (the stream batches consecutive samples) and the same per-sample noise."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    v = toy_shards["video"]
+    assert main(apt_args(one, v, tiny_distilled, tiny_teacher, "train.max_steps=2", "data.batch_size=4")) == 0
+    assert main(apt_args(two, v, tiny_distilled, tiny_teacher, "train.max_steps=2", "data.batch_size=2", "train.accumulate_grad_batches=2")) == 0
+    for key in ("loss_d", "loss_g", "d_real", "d_fake", "r1"):
+        a, b = losses(one, key), losses(two, key)
+        assert a.keys() == b.keys() and a, key
+        assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a), key
+    for name in ("generator", "generator_ema", "discriminator"):
+        wa, wb = (load_file(str(latest_checkpoint(r) / f"{name}.safetensors")) for r in (one, two))
+        assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5) for k in wa), name
+    state = torch.load(latest_checkpoint(two) / "trainer_state.pt", weights_only=False)
+    assert state["apt"]["batches_consumed"] == 2 * 3  # warm-up + 2 updates, 2 micro-batches each
+
+
 def test_apt_video_stage_starts_from_image_stage_ema(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
     image_run = tmp_path / "image"
     assert main(fit_args("recipes/demo/apt_image.yaml", image_run, toy_shards["image"], f"apt.generator={tiny_distilled}", f"apt.teacher={tiny_teacher}", "apt.d_warmup_steps=0", "train.max_steps=1")) == 0
