@@ -113,7 +113,7 @@ def resume_path(c: Config) -> str | None:
 
 
 def sample_prompts(c: Config) -> list[str]:
-    from apt.data.toy import eval_prompts
+    from apt.toy.world import eval_prompts
 
     return eval_prompts(c.train.num_sample_prompts, seed=c.eval.seed, frames=c.data.frames)
 
@@ -127,7 +127,7 @@ def build_trainer(c: Config, module) -> L.Trainer:
         Throughput(),
     ]
     if c.eval.every_steps:
-        from apt.lit.eval_callback import ToyEvalCallback
+        from apt.toy.eval_callback import ToyEvalCallback
 
         callbacks.append(ToyEvalCallback(c))
     return L.Trainer(

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import VAL_PROMPT_SEED, real_stats
-from apt.eval.toy_report import EVAL_SEED, noise_scaled, report_set_metrics, validation_metrics
 from apt.inference import load_generator
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.metrics import VAL_PROMPT_SEED, real_stats
+from apt.toy.report import EVAL_SEED, noise_scaled, report_set_metrics, validation_metrics
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

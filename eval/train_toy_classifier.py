@@ -1,6 +1,6 @@
-"""Train the toy-world classifier used by the toy benchmark (apt.eval.toy_classifier / toy_metrics).
+"""Train the toy-world classifier used by the toy benchmark (apt.toy.classifier / toy_metrics).
 
-Clips are rendered on the fly from apt.data.toy (no shards), cycling clip lengths T = 8, 1, 8, 4
+Clips are rendered on the fly from apt.toy.world (no shards), cycling clip lengths T = 8, 1, 8, 4
 per step; accuracy is measured on 2000 held-out real clips per length (`make_sample(i, 10000, T)`;
 training draws from a separate RNG stream). The checkpoint is written only if every head reaches
 --min-accuracy on every clip length.
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from apt.eval.toy_classifier import (  # noqa: E402
+from apt.toy.classifier import (  # noqa: E402
     DEFAULT_PATH,
     ToyClassifierConfig,
     heldout_accuracy,

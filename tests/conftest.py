@@ -18,7 +18,7 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.fixture(scope="session")
 def toy_shards(tmp_path_factory):
     """{'video': dir, 'image': dir} of small toy shards (4-frame clips, 1-frame images)."""
-    from apt.data.shards import write_toy_shards
+    from apt.toy.shards import write_toy_shards
 
     root = tmp_path_factory.mktemp("shards")
     write_toy_shards(str(root / "video"), num_samples=64, frames=4, seed=0, samples_per_shard=32)

@@ -121,7 +121,7 @@ def test_shards_of_the_wrong_frame_count_are_rejected(toy_shards, capsys, tmp_pa
 
 def test_demo_text_terms_overrides_are_valid_config_for_their_stages():
     """``python -m apt demo --text-terms`` passes these per-stage overrides; each must load and land."""
-    from apt.demo import TEXT_TERMS_OVERRIDES
+    from apt.toy.demo import TEXT_TERMS_OVERRIDES
 
     distill = load_config("recipes/demo/distill.yaml", [], TEXT_TERMS_OVERRIDES["distill"])
     assert distill.distill.cfg_scale == 5.0

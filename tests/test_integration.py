@@ -195,7 +195,7 @@ def tiny_apt_run(tiny_teacher, tiny_distilled, toy_shards, tmp_path_factory):
 def test_d_text_probe_scores_true_against_swapped_captions(tiny_apt_run):
     from eval_helpers import load_eval_script
 
-    from apt.data.toy import parse_caption
+    from apt.toy.world import parse_caption
 
     probe = load_eval_script("d_text_probe")
     prompts = ["a red circle moving left on a black background", "a blue square moving up on a gray background"]
@@ -214,9 +214,9 @@ def test_d_probe_splits_the_samples_logits_by_what_they_show(tiny_apt_run):
     means recombine to the mean over all samples; the AUCs are probabilities."""
     from eval_helpers import load_eval_script
 
-    from apt.data.toy import eval_prompts
-    from apt.eval.toy_report import generate_seeded
     from apt.inference import load_discriminator, load_generator
+    from apt.toy.report import generate_seeded
+    from apt.toy.world import eval_prompts
 
     probe = load_eval_script("d_probe")
     row = probe.main([str(tiny_apt_run), "--num-samples", "24", "--num-real", "12", "--timesteps", "0.3", "0.7"])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from apt.data import toy
-from apt.eval import toy_metrics
-from apt.eval.toy_classifier import (
+from apt.toy import metrics as toy_metrics
+from apt.toy import world
+from apt.toy.classifier import (
     ToyClassifier,
     ToyClassifierConfig,
     load_toy_classifier,
@@ -97,7 +97,7 @@ def test_real_vs_real_floor_is_small_but_positive(shipped: ToyClassifier) -> Non
     blank = toy_metrics.evaluate_samples(
         shipped,
         torch.full((200, 3, FRAMES, 16, 16), -1.0),
-        toy.eval_prompts(200, seed=0, frames=FRAMES),
+        world.eval_prompts(200, seed=0, frames=FRAMES),
         toy_metrics.real_stats(shipped, FRAMES, n=200, seed=3),
     )
     assert 0 < floor < blank["distance"] / 5
@@ -149,7 +149,7 @@ def test_toy_noise_scale_script_samples_from_scaled_noise() -> None:
     exactly what eval/toy_validate.py scores; another scale changes the samples."""
     from eval_helpers import load_eval_script
 
-    from apt.eval.toy_report import NoiseScaled
+    from apt.toy.report import NoiseScaled
 
     noise = load_eval_script("toy_noise_scale")
     net = lambda x, t, text: 0.5 * x + t.view(-1, 1)  # noqa: E731 (any map of x)

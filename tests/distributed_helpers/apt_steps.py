@@ -29,8 +29,8 @@ import torch  # noqa: E402
 
 from apt.config import load_config  # noqa: E402
 from apt.data.shards import pixels_to_tensor  # noqa: E402
-from apt.data.toy import make_sample  # noqa: E402
 from apt.lit.apt import AptModule, _grad_norm  # noqa: E402
+from apt.toy.world import make_sample  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from apt.data.toy import COLOURS, parse_caption
+from apt.toy.world import COLOURS, parse_caption
 
 HIGH_FREQUENCY = 0.25
 """Spatial frequencies at or above this many cycles per pixel (in either axis) count as high."""

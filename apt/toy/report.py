@@ -8,7 +8,7 @@ Protocol (every number in the report comes from this one run):
   trajectory oscillates).
 - ``distance``: Fréchet distance to N real toy clips in the toy classifier's feature space;
   ``attribute_accuracy``: share of samples whose shape, colour, direction and background all match
-  the prompt (``apt.eval.toy_metrics``). The real-vs-real floor (two disjoint real sets of size N)
+  the prompt (``apt.toy.metrics``). The real-vs-real floor (two disjoint real sets of size N)
   is reported alongside.
 - ``seconds_per_sample``: batch-1 wall time per sample, one torch thread: the median latency of a call, over
   five turns per row taken in turn after a warm-up (each turn >= 3 calls and >= 0.4 s);
@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apt.data.toy import eval_prompts
-from apt.eval.toy_bar import check_bar, format_bar
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED, evaluate_samples, real_stats, real_vs_real_floor
 from apt.inference import Generator, load_generator
 from apt.media import grid_image, save_gif, save_png, to_uint8
+from apt.toy.bar import check_bar, format_bar
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED, evaluate_samples, real_stats, real_vs_real_floor
+from apt.toy.world import eval_prompts
 
 EVAL_SEED = 1234
 EVAL_NOISE_SEED = 10_000
@@ -109,7 +109,7 @@ def split_metrics(gen: Generator, classifier, real, *, split: str, n: int, steps
 
 
 def validation_metrics(gen: Generator, classifier, val_real, *, n: int = 256, steps: int = 1, cfg_scale: float | None = None, frames: int | None = None) -> dict:
-    """``split_metrics`` on the validation split (``apt.eval.toy_metrics.VAL_PROMPT_SEED``)."""
+    """``split_metrics`` on the validation split (``apt.toy.metrics.VAL_PROMPT_SEED``)."""
     return split_metrics(gen, classifier, val_real, split="validation", n=n, steps=steps, cfg_scale=cfg_scale, frames=frames)
 
 
