@@ -129,8 +129,15 @@ class TrainConfig:
     """Save a checkpoint every N steps (and always at the end)."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep (the final one is always kept)."""
-    num_sample_prompts: int = 8
-    """Prompts in the sample grid."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts of the sample media (a PNG grid, and a GIF for clips) written to ``run_dir/samples`` every
+    ``sample_every_steps`` and at the end; prompt i uses noise seed i. With neither this nor
+    ``sample_prompts_file`` set the run writes no sample media (a warning says so once)."""
+    sample_prompts_file: str = ""
+    """A text file of sample prompts, one per line (blank lines skipped), instead of ``sample_prompts``
+    (set one of the two); a missing or empty file fails before training starts."""
+    num_sample_prompts: int = 0
+    """At most this many of the sample prompts go into the media (0 = all of them; the tiny overlay: 2)."""
     progress_bar: bool = True
 
 
@@ -195,11 +202,18 @@ class AptConfig:
 
 @dataclass
 class EvalConfig:
+    """In-training evaluation on the toy world (``apt.toy.eval_callback``): the demo recipes' validation
+    distance and attribute accuracy. Other models are evaluated after training (eval/fid.py, eval/fvd.py)."""
+
     every_steps: int = 0
-    """In-training evaluation every N steps (0 = off)."""
+    """Toy evaluation every N stage steps (0 = off); needs ``classifier`` and a built-in (toy) model."""
     num_samples: int = 256
-    classifier: str = "assets/toy_classifier"
+    """Validation prompts (and real clips) per evaluation."""
+    classifier: str = ""
+    """Toy classifier directory (the demo recipes: assets/toy_classifier)."""
     seed: int = 1234
+    """Read by nothing: sample prompts come from ``train.sample_prompts`` now (this seeded the toy prompts
+    the sample grids used to draw); kept so that configs saved with earlier runs load."""
 
 
 @dataclass
@@ -387,11 +401,35 @@ def check_config(c: Config) -> None:
              f"resolution data.height x data.width = {c.data.height}x{c.data.width} is not divisible by the patch size {ph}x{pw} of model '{c.model.flavour}'")
         need(c.data.frames == 1 or c.data.frames % pt == 0,
              f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
+    check_sample_and_eval_config(c)
     if c.stage == "distill":
         need(bool(c.distill.teacher), "distill.teacher must name the teacher checkpoint")
     if c.stage == "apt":
         need(bool(c.apt.generator), "apt.generator must name the stage-1 (distilled) checkpoint")
         need(bool(c.apt.teacher), "apt.teacher must name the original diffusion checkpoint (D is initialised from it)")
+
+
+def check_sample_and_eval_config(c: Config) -> None:
+    """``train.sample_prompts*`` and ``eval.*``: what a run samples and whether it may run the toy evaluation."""
+    t, e = c.train, c.eval
+    if t.sample_prompts and t.sample_prompts_file:
+        raise ConfigError(f"train.sample_prompts ({len(t.sample_prompts)} prompts) and train.sample_prompts_file ({t.sample_prompts_file}) "
+                          "are both set; keep one")
+    if t.num_sample_prompts < 0:
+        raise ConfigError(f"train.num_sample_prompts must be >= 0 (0 = every sample prompt), got {t.num_sample_prompts}")
+    if e.every_steps < 0:
+        raise ConfigError(f"eval.every_steps must be >= 0 (0 = off), got {e.every_steps}")
+    if e.every_steps == 0:
+        return
+    key = f"eval.every_steps={e.every_steps}"
+    if c.model.source == "diffusers":
+        raise ConfigError(f"{key}: the in-training evaluation scores the toy world with the toy classifier, not the samples of "
+                          f"model.source=diffusers (model.family={c.model.family}); set eval.every_steps=0 and evaluate checkpoints "
+                          "with eval/fid.py, eval/fvd.py or eval/benchmark_images.py / benchmark_video.py")
+    if not e.classifier:
+        raise ConfigError(f"{key} needs eval.classifier, the toy classifier directory (the demo recipes: assets/toy_classifier)")
+    if e.num_samples < 1:
+        raise ConfigError(f"{key} needs eval.num_samples >= 1, got {e.num_samples}")
 
 
 def check_sequence_parallel_config(c: Config) -> None:

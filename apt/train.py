@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from apt.checkpoint import SafetensorsCheckpointIO, latest_checkpoint
 from apt.config import Config, ConfigError, load_config, save_config, to_yaml
@@ -46,6 +46,8 @@ def check_paths(c: Config) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.{key}: {e}") from None
         check_manifest(c, key, value)
+    if c.train.sample_prompts_file:
+        sample_prompts(c)  # a missing or empty prompts file fails here, before any work
     from apt.models.factory import weights_available
 
     needs = {"distill": [("distill.teacher", c.distill.teacher, ["net_ema"])],
@@ -113,9 +115,18 @@ def resume_path(c: Config) -> str | None:
 
 
 def sample_prompts(c: Config) -> list[str]:
-    from apt.toy.world import eval_prompts
-
-    return eval_prompts(c.train.num_sample_prompts, seed=c.eval.seed, frames=c.data.frames)
+    """The recipe's sample prompts (``train.sample_prompts`` or the lines of ``train.sample_prompts_file``), at most
+    ``train.num_sample_prompts`` of them; none, with a warning, when the recipe names none (no sample media)."""
+    prompts, path = list(c.train.sample_prompts), c.train.sample_prompts_file
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"train.sample_prompts_file: {path} is not a file (a text file, one prompt per line)")
+        prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"train.sample_prompts_file: {path} holds no prompt (one prompt per line)")
+    if not prompts:
+        rank_zero_warn("train.sample_prompts and train.sample_prompts_file are not set: this run writes no sample media")
+    return prompts[: c.train.num_sample_prompts or None]
 
 
 def build_trainer(c: Config, module) -> L.Trainer:
