@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from apt.inference import Generator, load_generator
-from apt.media import grid_image, save_gif, save_png, to_uint8
+from apt.media import to_uint8
 from apt.toy.bar import check_bar, format_bar
 from apt.toy.classifier import load_toy_classifier
 from apt.toy.metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED, evaluate_samples, real_stats, real_vs_real_floor
+from apt.toy.side_by_side import save_side_by_side
 from apt.toy.world import eval_prompts
 
 EVAL_SEED = 1234
@@ -225,10 +226,8 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
         r["speedup_batch1"] = teacher_row["seconds_per_sample"] / r["seconds_per_sample"]
         r["speedup_batched"] = teacher_row["seconds_per_sample_batched"] / r["seconds_per_sample_batched"]
         r["speedup_batch1_with_text"] = (teacher_row["seconds_per_sample"] + seconds_text) / (r["seconds_per_sample"] + seconds_text)
-    # Side by side: for each prompt, the four rows one under the other.
-    stacked = np.stack(side, axis=1).reshape(-1, *side[0].shape[1:])  # (8 prompts * 4 rows, T, H, W, C)
-    save_png(grid_image(stacked), out_dir / "side_by_side.png")
-    save_gif(stacked, out_dir / "side_by_side.gif", columns=4)
+    # Side by side: for each prompt, the four rows one under the other, labelled.
+    save_side_by_side(np.stack(side, axis=1), [r["name"] for r in rows], prompts[:8], out_dir)  # (8 prompts, 4 rows, T, H, W, C)
     (out_dir / "side_by_side_prompts.txt").write_text("rows per prompt: " + ", ".join(r["name"] for r in rows) + "\n" + "\n".join(prompts[:8]) + "\n")
     return {
         "rows": rows,
