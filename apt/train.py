@@ -14,12 +14,13 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 
 from apt.checkpoint import SafetensorsCheckpointIO, latest_checkpoint
 from apt.config import Config, ConfigError, load_config, save_config, to_yaml
 from apt.distributed.strategies import check_strategy, make_strategy, num_nodes, uses_deepspeed
 from apt.lit.callbacks import PeriodicCheckpoint, SampleMedia, Throughput
+from apt.prompts import sample_prompts
 
 STAGE_MODULES = {
     "teacher": "apt.lit.teacher:TeacherModule",
@@ -112,21 +113,6 @@ def resume_path(c: Config) -> str | None:
     if not Path(c.resume, "trainer_state.pt").exists():
         raise ConfigError(f"resume: {c.resume} is not a checkpoint directory")
     return c.resume
-
-
-def sample_prompts(c: Config) -> list[str]:
-    """The recipe's sample prompts (``train.sample_prompts`` or the lines of ``train.sample_prompts_file``), at most
-    ``train.num_sample_prompts`` of them; none, with a warning, when the recipe names none (no sample media)."""
-    prompts, path = list(c.train.sample_prompts), c.train.sample_prompts_file
-    if path:
-        if not Path(path).is_file():
-            raise ConfigError(f"train.sample_prompts_file: {path} is not a file (a text file, one prompt per line)")
-        prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ConfigError(f"train.sample_prompts_file: {path} holds no prompt (one prompt per line)")
-    if not prompts:
-        rank_zero_warn("train.sample_prompts and train.sample_prompts_file are not set: this run writes no sample media")
-    return prompts[: c.train.num_sample_prompts or None]
 
 
 def build_trainer(c: Config, module) -> L.Trainer:

@@ -165,8 +165,8 @@ def test_only_the_demo_recipes_ask_for_the_toy_classifier():
 
 def test_sample_prompts_come_from_the_recipe():
     """The demo recipes list the toy prompts their sample grids always showed; the others real-world prompts."""
+    from apt.prompts import sample_prompts
     from apt.toy.world import eval_prompts
-    from apt.train import sample_prompts
 
     for recipe in RECIPES:
         c = load_config(recipe)
@@ -180,7 +180,7 @@ def test_sample_prompts_come_from_the_recipe():
 
 
 def test_sample_prompts_file_one_per_line(tmp_path):
-    from apt.train import sample_prompts
+    from apt.prompts import sample_prompts
 
     path = tmp_path / "prompts.txt"
     path.write_text("a cat on a sofa\n\n  a dog in the park  \n")
@@ -195,7 +195,7 @@ def test_sample_prompts_file_one_per_line(tmp_path):
 
 
 def test_no_sample_prompts_means_no_sample_media_and_a_warning():
-    from apt.train import sample_prompts
+    from apt.prompts import sample_prompts
 
     c = load_config(None)
     with pytest.warns(UserWarning, match="train.sample_prompts and train.sample_prompts_file are not set: this run writes no sample media"):

@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.multiprocess  # each test starts a fresh interpreter (imports take seconds)
 REPO = Path(__file__).resolve().parent.parent
-PRODUCT_MODULES = ["apt.train", "apt.inference", "apt.sample", "apt.export", "apt.text", "apt.data", "apt.methods"]
+PRODUCT_MODULES = ["apt.train", "apt.inference", "apt.sample", "apt.export", "apt.text", "apt.data", "apt.prompts", "apt.methods"]
 
 
 def toy_modules_after(code: str) -> list[str]:
@@ -35,7 +35,7 @@ def test_product_modules_and_a_diffusers_recipe_do_not_import_the_toy():
     present = [m for m in PRODUCT_MODULES if importlib.util.find_spec(m) is not None]
     assert "apt.train" in present and "apt.inference" in present
     code = "\n".join(f"import {m}" for m in present) + (
-        "\nfrom apt.config import load_config\nfrom apt.train import sample_prompts\n"
+        "\nfrom apt.config import load_config\nfrom apt.prompts import sample_prompts\n"
         "c = load_config('recipes/video/wan-1280x720-24fps.yaml')\nassert sample_prompts(c), 'the recipe names sample prompts'")
     assert toy_modules_after(code) == []
 

@@ -183,7 +183,7 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None):
     from apt.data.shards import resolve_shards, train_loader
     from apt.lit.apt import AptModule
     from apt.lit.callbacks import SampleMedia, checkpoint_path
-    from apt.train import sample_prompts
+    from apt.prompts import sample_prompts
 
     if c.stage != "apt":
         raise ConfigError(f"the DeepSpeed runner trains the APT stage; stage '{c.stage}' uses Lightning's strategies")
