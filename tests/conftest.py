@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,6 +40,30 @@ def tiny_teacher(tmp_path_factory, toy_shards):
     run = tmp_path_factory.mktemp("teacher")
     assert main(fit_args("recipes/demo/teacher.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}")) == 0
     return run
+
+
+def apt_args(run, shards, generator, teacher, *extra):
+    return fit_args("recipes/demo/apt_video.yaml", run, shards, f"apt.generator={generator}", f"apt.teacher={teacher}", "apt.d_warmup_steps=1", *extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_distilled(tiny_teacher, toy_shards, tmp_path_factory):
+    """Run dir of a tiny stage-1 (consistency-distilled) run from ``tiny_teacher``, 2 steps through the CLI."""
+    from apt.cli import main
+
+    run = tmp_path_factory.mktemp("distill")
+    assert main(fit_args("recipes/demo/distill.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}", f"distill.teacher={tiny_teacher}")) == 0
+    return run
+
+
+def losses(run_dir, key) -> dict[int, float]:
+    """{step: value} over every logger version of a run (a resumed run writes a new version)."""
+    out = {}
+    for f in sorted(Path(run_dir, "logs").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(open(f)):
+            if row.get(key):
+                out[int(row["step"])] = float(row[key])
+    return out
 
 
 def random_text(B: int, L: int, D: int, *, pad_from: int | None = None) -> TextCond:

@@ -41,7 +41,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 DEFAULT_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets", "toy_classifier"
 )
-"""The checkpoint shipped in the repository (trained by eval/train_toy_classifier.py)."""
+"""The checkpoint shipped in the repository (trained by experiments/train_toy_classifier.py)."""
 
 _WEIGHTS, _CONFIG = "model.safetensors", "config.json"
 
@@ -127,7 +127,7 @@ def load_toy_classifier(path: str = DEFAULT_PATH, device: str | torch.device = "
     for p in (weights, config_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(
-                f"toy classifier file missing: {p} (train one with eval/train_toy_classifier.py)"
+                f"toy classifier file missing: {p} (train one with experiments/train_toy_classifier.py)"
             )
     with open(config_path) as f:
         meta = json.load(f)

@@ -1,4 +1,4 @@
-"""Pixel statistics that say what a generator's toy clips look like, next to real ones (eval/toy_gap.py).
+"""Pixel statistics that say what a generator's toy clips look like, next to real ones (experiments/toy_gap.py).
 
 - ``high_frequency_share``: sharpness. A one-step regression averages the modes the caption leaves
   open and blurs; the paper's claim is that APT removes that blur.

@@ -1,6 +1,6 @@
 """Effect of FP8 matmuls (``perf.fp8``) on the toy benchmark's quality.
 
-    python eval/fp8_toy_quality.py [--demo runs/demo] [--num-samples 1000]
+    python experiments/fp8_toy_quality.py [--demo runs/demo] [--num-samples 1000]
 
 Evaluates the demo's teacher (25 steps, CFG 2) and APT one-step generator (the checkpoint the demo
 report chose) with and without FP8, on the demo report's prompts, seeds and real statistics. On CPU

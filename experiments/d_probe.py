@@ -1,6 +1,6 @@
 """What an APT discriminator's logit follows among its generator's samples: shape, distractor, alignment.
 
-    python eval/d_probe.py runs/demo/apt_video/checkpoints/step-000200 [--num-samples 2000] [--num-real 1000]
+    python experiments/d_probe.py runs/demo/apt_video/checkpoints/step-000200 [--num-samples 2000] [--num-real 1000]
 
 Draws one-step samples of the checkpoint's EMA generator (prompts ``eval_prompts(n, seed=--seed)``, noise
 seeds --noise-seed + i) and real clips (``make_sample(i, --seed)``), scores both with the checkpoint's D at

@@ -1,8 +1,8 @@
 """Toy metrics of checkpoints on the validation set that training logs (``eval.every_steps``).
 
-    python eval/toy_validate.py runs/tune/img400/checkpoints/step-000150 runs/demo/distill [--steps 1] [--cfg 1]
-    python eval/toy_validate.py assets/demo_teacher --steps 25 --cfg 2
-    python eval/toy_validate.py runs/demo/apt_video/checkpoints/step-* --split report --num-samples 1000
+    python experiments/toy_validate.py runs/tune/img400/checkpoints/step-000150 runs/demo/distill [--steps 1] [--cfg 1]
+    python experiments/toy_validate.py assets/demo_teacher --steps 25 --cfg 2
+    python experiments/toy_validate.py runs/demo/apt_video/checkpoints/step-* --split report --num-samples 1000
 
 Samples each checkpoint's product network (EMA) on the validation prompts and noise seeds of
 ``apt.toy.metrics`` (disjoint from the demo report's set; ``--split report``: the report's prompts

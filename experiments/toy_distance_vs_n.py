@@ -1,6 +1,6 @@
 """How the demo report's distances and bar ratios depend on the sample size N, and their N -> infinity limit.
 
-    python eval/toy_distance_vs_n.py --teacher assets/demo_teacher --distilled runs/demo/distill \
+    python experiments/toy_distance_vs_n.py --teacher assets/demo_teacher --distilled runs/demo/distill \
         --apt runs/demo/apt_video/checkpoints/step-000200 [--sizes 1000 2000 5000]
 
 A Fréchet distance from N samples is biased upward by roughly k / N, with k different for every model

@@ -1,6 +1,6 @@
 """How steady the demo report's batch-1 timing is on this machine, and what inference mode buys.
 
-    python eval/batch1_timing.py assets/demo_teacher runs/demo/distill runs/demo/apt_video/checkpoints/step-000200
+    python experiments/batch1_timing.py assets/demo_teacher runs/demo/distill runs/demo/apt_video/checkpoints/step-000200
 
 1. The first one-step checkpoint's network, one forward at batch 1 and at batch 2 (two prompts: the size of
    the teacher's CFG batch), under ``torch.no_grad`` and under ``torch.inference_mode`` (what

@@ -1,6 +1,6 @@
 """Does an APT discriminator judge text alignment? A probe on the toy world.
 
-    python eval/d_text_probe.py runs/demo/apt_video/checkpoints/step-000200 [--attribute shape] [--num-samples 256]
+    python experiments/d_text_probe.py runs/demo/apt_video/checkpoints/step-000200 [--attribute shape] [--num-samples 256]
 
 Scores real validation clips (the prompts of ``apt.toy.metrics``' validation split) under their
 true caption and under the same caption with one attribute swapped (shape by default: "a red circle ..."

@@ -1,6 +1,6 @@
 """Where a consistency-distilled student's one-step error lives: k teacher steps first, then the student.
 
-    python eval/distill_levels.py assets/demo_teacher runs/demo/distill [--cfg 4] [--steps 8] [--split report]
+    python experiments/distill_levels.py assets/demo_teacher runs/demo/distill [--cfg 4] [--steps 8] [--split report]
 
 For k = 0 .. steps - 1 the sampler takes k Euler steps of the teacher with CFG on the stage-1 grid
 (``apt.flow.timestep_schedule(steps)``, the discrete timesteps ``distill.num_steps`` distils over) and

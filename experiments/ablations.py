@@ -1,7 +1,7 @@
 """APT ablations on the toy world (APT paper §4.4): aR1 off, readout heads at the last layer only,
 frozen discriminator backbone — each against the full method, from the same distilled generator.
 
-    python eval/ablations.py --distilled runs/demo/distill --teacher assets/demo_teacher \
+    python experiments/ablations.py --distilled runs/demo/distill --teacher assets/demo_teacher \
         --out runs/ablations [--steps 150] [--num-samples N]
 
 Each variant trains the video APT stage (recipes/demo/apt_video.yaml) with one change, then the
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablations.md").write_text(f"{table}\n\ncommand: python eval/ablations.py {' '.join(argv or [])}\n")
+    (out / "ablations.md").write_text(f"{table}\n\ncommand: python experiments/ablations.py {' '.join(argv or [])}\n")
     (out / "ablations.json").write_text(json.dumps(results, indent=1))
     return results
 

@@ -1,10 +1,10 @@
 """Where a checkpoint's toy distance comes from: the floor, the mean and covariance terms, and text alignment.
 
-    python eval/toy_gap.py runs/tune5/v1500_mm/checkpoints/step-000175 [--steps 1] [--cfg 1]
-    python eval/toy_gap.py assets/demo_teacher --steps 25 --cfg 3
-    python eval/toy_gap.py runs/demo/apt_video/checkpoints/step-000175 --noise-scale 0.7
+    python experiments/toy_gap.py runs/tune5/v1500_mm/checkpoints/step-000175 [--steps 1] [--cfg 1]
+    python experiments/toy_gap.py assets/demo_teacher --steps 25 --cfg 3
+    python experiments/toy_gap.py runs/demo/apt_video/checkpoints/step-000175 --noise-scale 0.7
 
-On the validation split of ``apt.toy.metrics`` (the set ``eval/toy_validate.py`` and training's
+On the validation split of ``apt.toy.metrics`` (the set ``experiments/toy_validate.py`` and training's
 ``eval.every_steps`` score), or with ``--split report`` on the demo report's prompts and noise seeds
 (``apt.toy.report``; pass ``--num-samples 1000`` for the report's N), prints one JSON line per
 checkpoint with
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_validation_arguments(ap)
     ap.add_argument("--redraws", type=int, default=20, help="most re-draws of a misaligned or ambiguous-shape sample")
-    ap.add_argument("--noise-scale", type=float, default=1.0, help="one step from scaled noise s z (eval/toy_noise_scale.py)")
+    ap.add_argument("--noise-scale", type=float, default=1.0, help="one step from scaled noise s z (experiments/toy_noise_scale.py)")
     args = ap.parse_args(argv)
     if args.noise_scale != 1.0 and args.steps != 1:
         ap.error(f"--noise-scale {args.noise_scale} needs --steps 1 (it scales the one-step generator's noise), got --steps {args.steps}")
