@@ -140,8 +140,15 @@ class TrainConfig:
     """Save a checkpoint every N steps (and always at the end)."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep (the final one is always kept)."""
-    num_sample_prompts: int = 8
-    """Prompts in the sample grid."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts of the sample media (a PNG grid, and a GIF for clips) written to ``run_dir/samples`` every
+    ``sample_every_steps`` and at the end; prompt i uses noise seed i. With neither this nor
+    ``sample_prompts_file`` set the run writes no sample media (a warning says so once)."""
+    sample_prompts_file: str = ""
+    """A text file of sample prompts, one per line (blank lines skipped), instead of ``sample_prompts``
+    (set one of the two); a missing or empty file fails before training starts."""
+    num_sample_prompts: int = 0
+    """At most this many of the sample prompts go into the media (0 = all of them; the tiny overlay: 2)."""
     progress_bar: bool = True
 
 
@@ -206,11 +213,18 @@ class AptConfig:
 
 @dataclass
 class EvalConfig:
+    """In-training evaluation on the toy world (``apt.toy.eval_callback``): the demo recipes' validation
+    distance and attribute accuracy. Other models are evaluated after training (eval/fid.py, eval/fvd.py)."""
+
     every_steps: int = 0
-    """In-training evaluation every N steps (0 = off)."""
+    """Toy evaluation every N stage steps (0 = off); needs ``classifier`` and a built-in (toy) model."""
     num_samples: int = 256
-    classifier: str = "assets/toy_classifier"
+    """Validation prompts (and real clips) per evaluation."""
+    classifier: str = ""
+    """Toy classifier directory (the demo recipes: assets/toy_classifier)."""
     seed: int = 1234
+    """Read by nothing: sample prompts come from ``train.sample_prompts`` now (this seeded the toy prompts
+    the sample grids used to draw); kept so that configs saved with earlier runs load."""
 
 
 @dataclass
@@ -421,6 +435,9 @@ def check_train(c: Config) -> None:
     need(0.0 < c.train.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {c.train.ema_decay}")
     for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
         need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
+    need(not (c.train.sample_prompts and c.train.sample_prompts_file),
+         f"train.sample_prompts ({len(c.train.sample_prompts)} prompts) and train.sample_prompts_file ({c.train.sample_prompts_file}) are both set; keep one")
+    need(c.train.num_sample_prompts >= 0, f"train.num_sample_prompts must be >= 0 (0 = every sample prompt), got {c.train.num_sample_prompts}")
     check_strategy(c)
     check_sequence_parallel(c)
 
@@ -479,7 +496,18 @@ def check_apt(c: Config) -> None:
 
 
 def check_eval(c: Config) -> None:
-    need(c.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {c.eval.every_steps}")
+    """Whether a run may run the in-training (toy) evaluation."""
+    e = c.eval
+    need(e.every_steps >= 0, f"eval.every_steps must be >= 0 (0 = off), got {e.every_steps}")
+    if e.every_steps == 0:
+        return
+    key = f"eval.every_steps={e.every_steps}"
+    need(c.model.source != "diffusers",
+         f"{key}: the in-training evaluation scores the toy world with the toy classifier, not the samples of "
+         f"model.source=diffusers (model.family={c.model.family}); set eval.every_steps=0 and evaluate checkpoints "
+         "with eval/fid.py, eval/fvd.py or eval/benchmark_images.py / benchmark_video.py")
+    need(bool(e.classifier), f"{key} needs eval.classifier, the toy classifier directory (the demo recipes: assets/toy_classifier)")
+    need(e.num_samples >= 1, f"{key} needs eval.num_samples >= 1, got {e.num_samples}")
 
 
 def check_perf(p: PerfConfig) -> None:

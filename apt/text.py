@@ -21,7 +21,7 @@ _SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
 
 
 def toy_vocabulary() -> list[str]:
-    from apt.data.toy import TOY_WORDS
+    from apt.toy.world import TOY_WORDS
 
     return sorted(set(TOY_WORDS))
 

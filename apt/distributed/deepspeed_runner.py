@@ -102,7 +102,8 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None):
     from apt.data.latent_shards import is_latent_shards, latent_train_loader
     from apt.data.shards import resolve_shards, train_loader
     from apt.lit.apt import AptModule
-    from apt.lit.callbacks import SampleMedia, checkpoint_path, sample_prompts
+    from apt.lit.callbacks import SampleMedia, checkpoint_path
+    from apt.prompts import sample_prompts
 
     if c.stage != "apt":
         raise ConfigError(f"the DeepSpeed runner trains the APT stage; stage '{c.stage}' uses Lightning's strategies")
