@@ -26,12 +26,17 @@ def write_toy_shards(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    long_clips: bool = False,
 ) -> dict:
     """Render `num_samples` toy clips into WebDataset shards under `out_dir`; returns the manifest.
 
     Each shard is written under a ".part" name and renamed when complete; `manifest.json` is
-    written last (atomically), so a directory with a manifest is complete.
+    written last (atomically), so a directory with a manifest is complete. ``long_clips``: the world whose motion
+    wraps around the frame (``apt.toy.long_world``, for the streaming stages), recorded in the manifest.
     """
+    make = make_sample
+    if long_clips:
+        from apt.toy.long_world import make_long_sample as make
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if samples_per_shard < 1:
@@ -52,7 +57,7 @@ def write_toy_shards(
     pattern = os.path.join(out_dir, SHARD_PATTERN + ".part")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, post=_finish, verbose=0, mtime=0.0) as sink:
         for index in tqdm(range(num_samples), desc=f"toy shards -> {out_dir}", disable=not progress):
-            s = make_sample(index, seed, frames)
+            s = make(index, seed, frames)
             pixels_THWC = s["pixels"]
             meta = {
                 "caption": s["caption"],
@@ -75,6 +80,7 @@ def write_toy_shards(
         "width": SIZE,
         "fps": FPS,
         "seed": seed,
+        **({"world": "long"} if long_clips else {}),
         "shards": [SHARD_PATTERN % i for i in range(num_shards)],
     }
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.part")
