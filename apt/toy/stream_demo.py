@@ -96,8 +96,9 @@ def run_stream_demo(out: str = "runs/demo-stream", *, quick: bool = False, apt_w
             if not (Path(asset) / "net_ema.safetensors").exists():
                 raise FileNotFoundError(f"shipped streaming asset missing: {asset}/net_ema.safetensors (made by recipes/demo/stream_*.yaml; {asset}/README.md)")
         shards = ensure_long_shards(False, ("rollout",))
-    ours = run_stage("recipes/demo/stream_apt.yaml", out_dir / "apt", [f"apt.generator={distilled}", f"apt.teacher={teacher}", f"data.shards={shards['rollout']}"],
-                     overlays, stage_seconds)
+    quick_apt = ["apt.d_warmup_steps=1"] if quick else []
+    ours = run_stage("recipes/demo/stream_apt.yaml", out_dir / "apt", [f"apt.generator={distilled}", f"apt.teacher={teacher}", f"data.shards={shards['rollout']}",
+                                                                        *quick_apt], overlays, stage_seconds)
     train_seconds = time.perf_counter() - t_start
 
     t_gen = load_generator(teacher)
