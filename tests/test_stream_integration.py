@@ -28,13 +28,14 @@ def test_stream_demo_quick_writes_the_report(stream_demo):
     names = [r["name"] for r in report["rows"]]
     assert names == ["teacher-forced-1step", "student-forced-1step", "causal-teacher"]  # no whole-clip APT run in a fresh folder
     for r in report["rows"]:
-        for k in (1, 4, 16):
+        for k in (1, 4, 16) if r["name"] != "causal-teacher" else (1, 4):  # the teacher's quality is measured to 4x
             assert 0 <= r[f"attribute_accuracy_{k}x"] <= 1 and r[f"distance_{k}x"] > 0
         assert r["first_chunk_seconds"] > 0 and r["fps"] > 0 and r["peak_bytes_16x"] > 0
     assert len(report["drift"]["student-forced-1step"]) == 16  # every 8-frame window of a 128-frame video
     assert [x["line"].split(" ")[0] for x in report["bar"]][:2] == ["student-forced", "student-forced"]
     assert report["whole_clip_seconds"] > 0 and "total_seconds" in report
     ours = report["rows"][1]
+    assert report["rows"][2]["attribute_accuracy_16x"] is None
     assert ours["peak_bytes_16x"] <= 1.1 * ours["peak_bytes_1x"]  # the rolling cache: memory does not grow with length
     for stage in ("teacher", "distill", "apt"):
         assert latest_checkpoint(stream_demo / stage) is not None
