@@ -321,7 +321,7 @@ def test_ddp_runs_a_stream_apt_step(tiny_causal_init, tmp_path):
     from apt.toy.shards import write_toy_shards
 
     shards = tmp_path / "long16"
-    write_toy_shards(str(shards), num_samples=16, frames=16, seed=3, samples_per_shard=8, progress=False, long_clips=True)
+    write_toy_shards(str(shards), num_samples=16, frames=16, seed=3, samples_per_shard=8, progress=False, world="long")
     run = tmp_path / "ddp"
     ok(launch(["-m", "apt", "fit", "recipes/demo/stream_apt.yaml", "tiny", f"run_dir={run}", f"data.shards={shards}",
                f"apt.generator={tiny_causal_init}", f"apt.teacher={tiny_causal_init}", "apt.d_warmup_steps=1", "train.strategy=ddp",

@@ -80,3 +80,30 @@ def test_stream_bar_lines():
     assert [x["met"] for x in check_stream_bar(r)] == [False, False, False, False, False]
     with pytest.raises(KeyError, match="causal-teacher"):
         check_stream_bar({"rows": [row("student-forced-1step"), row("teacher-forced-1step")]})
+
+
+def test_free_shape_world_and_its_drift_metric():
+    """Captioned without the shape; a window's shape counts as right when it is the first window's. Real videos keep
+    their shape, so the metric reads them as (nearly) always right; a video whose shape changes is caught."""
+    from apt.toy.classifier import load_toy_classifier
+    from apt.toy.drift import long_real_batches, long_real_stats, window_metrics
+    from apt.toy.long_world import free_shape_caption, parse_free_shape_caption
+
+    s, f = make_long_sample(2, seed=4, frames=16), make_long_sample(2, seed=4, frames=16, free_shape=True)
+    assert np.array_equal(s["pixels"], f["pixels"]) and f["caption"] == free_shape_caption(s["attributes"])
+    assert parse_free_shape_caption(f["caption"]) == (s["attributes"].colour, s["attributes"].direction, s["attributes"].background)
+    with pytest.raises(ValueError, match="free-shape"):
+        parse_free_shape_caption(s["caption"])
+    classifier = load_toy_classifier("assets/toy_classifier")
+    n = 48
+    real = long_real_stats(classifier, frames=8, n=n, seed=9)
+    videos = [make_long_sample(i, seed=11, frames=24, free_shape=True) for i in range(n)]
+    x = torch.from_numpy(np.stack([v["pixels"] for v in videos])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    prompts = [v["caption"] for v in videos]
+    curve = window_metrics(classifier, x, prompts, real, window_frames=8)
+    assert [w["first_frame"] for w in curve] == [0, 8, 16]
+    assert all(w["per_attribute"]["shape_kept"] >= 0.75 for w in curve) and curve[0]["per_attribute"]["shape_kept"] == 1.0
+    swapped = x.clone()
+    swapped[:, :, 16:] = x.roll(1, dims=0)[:, :, 16:]  # the last window shows another video: shapes (and more) change
+    assert window_metrics(classifier, swapped, prompts, real, window_frames=8)[2]["attribute_accuracy"] < curve[2]["attribute_accuracy"] - 0.3
+    assert next(iter(long_real_batches(8, 2, seed=9)))[0].shape == (2, 3, 8, 16, 16)

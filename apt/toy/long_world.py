@@ -8,10 +8,17 @@ clip is distributed as a short clip of this world, and a streaming generator can
 of its output by the same classifier and the same real statistics.
 
 Everything is numpy and determined by (seed, index, frames); the demo's world and its shards are untouched.
+
+The ``free-shape`` variant leaves the shape out of the caption ("a red moving left on a black background"): the
+generator picks a shape in the first chunk and must keep it from its own context for the rest of the video, so an
+error it makes and then reads back shows up as a change of shape (exposure bias; docs/streaming.md).
+
 Shape legend: clips are uint8 (T, H, W, C) = (frames, 16, 16, 3).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -73,8 +80,30 @@ def render_long_clip(attrs: ToyAttributes, rng: np.random.Generator, frames: int
     return np.clip(np.rint(clip_THWC), 0, 255).astype(np.uint8)
 
 
-def make_long_sample(index: int, seed: int, frames: int = 64) -> dict:
-    """Sample ``index`` of the long-clip world with ``seed``: dict(pixels uint8 THWC, caption, attributes)."""
+def free_shape_caption(attrs: ToyAttributes) -> str:
+    """The caption without the shape: "a red moving left on a black background"."""
+    return f"a {attrs.colour} moving {attrs.direction} on a {attrs.background} background"
+
+
+_FREE_SHAPE_RE = re.compile(r"^a (\w+) moving (\w+) on a (\w+) background$")
+
+
+def parse_free_shape_caption(text: str) -> tuple[str, str, str]:
+    """(colour, direction, background) of a ``free_shape_caption``; ValueError naming the text otherwise."""
+    m = _FREE_SHAPE_RE.match(text.strip())
+    if m is None:
+        raise ValueError(f"not a free-shape toy caption: {text!r}")
+    return m.groups()
+
+
+def make_long_sample(index: int, seed: int, frames: int = 64, *, free_shape: bool = False) -> dict:
+    """Sample ``index`` of the long-clip world with ``seed``: dict(pixels uint8 THWC, caption, attributes).
+    ``free_shape``: the same clip, captioned without its shape."""
     rng = np.random.default_rng([int(seed), int(index), 0x10])  # its own stream: never the demo world's clip
     attrs = sample_attributes(rng, frames)
-    return {"pixels": render_long_clip(attrs, rng, frames), "caption": caption(attrs), "attributes": attrs}
+    text = free_shape_caption(attrs) if free_shape else caption(attrs)
+    return {"pixels": render_long_clip(attrs, rng, frames), "caption": text, "attributes": attrs}
+
+
+WORLDS = ("demo", "long", "free-shape")
+"""World names of ``apt.toy.shards.write_toy_shards``: the demo's, the long-clip world, and it captioned without the shape."""

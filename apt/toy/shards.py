@@ -26,17 +26,24 @@ def write_toy_shards(
     *,
     overwrite: bool = False,
     progress: bool = True,
-    long_clips: bool = False,
+    world: str = "demo",
 ) -> dict:
     """Render `num_samples` toy clips into WebDataset shards under `out_dir`; returns the manifest.
 
     Each shard is written under a ".part" name and renamed when complete; `manifest.json` is
-    written last (atomically), so a directory with a manifest is complete. ``long_clips``: the world whose motion
-    wraps around the frame (``apt.toy.long_world``, for the streaming stages), recorded in the manifest.
+    written last (atomically), so a directory with a manifest is complete. ``world``: ``demo``, or ``long`` /
+    ``free-shape`` (``apt.toy.long_world``: motion that wraps around the frame, for the streaming stages; the latter
+    captioned without the shape), recorded in the manifest.
     """
     make = make_sample
-    if long_clips:
-        from apt.toy.long_world import make_long_sample as make
+    if world != "demo":
+        from functools import partial
+
+        from apt.toy.long_world import WORLDS, make_long_sample
+
+        if world not in WORLDS:
+            raise ValueError(f"unknown toy world {world!r}; choose from {', '.join(WORLDS)}")
+        make = partial(make_long_sample, free_shape=world == "free-shape")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if samples_per_shard < 1:
@@ -80,7 +87,7 @@ def write_toy_shards(
         "width": SIZE,
         "fps": FPS,
         "seed": seed,
-        **({"world": "long"} if long_clips else {}),
+        **({"world": world} if world != "demo" else {}),
         "shards": [SHARD_PATTERN % i for i in range(num_shards)],
     }
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.part")

@@ -39,7 +39,7 @@ def ensure_long_shards(quick: bool, keys: tuple[str, ...]) -> dict[str, str]:
             path, n = path + "-quick", 128
         if not (Path(path) / "manifest.json").exists():
             print(f"[demo-stream] writing {n} long-world clips of {frames} frames to {path}")
-            write_toy_shards(path, num_samples=n, frames=frames, seed=seed, long_clips=True, progress=False)
+            write_toy_shards(path, num_samples=n, frames=frames, seed=seed, world="long", progress=False)
         out[key] = path
     return out
 
