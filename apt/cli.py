@@ -13,12 +13,29 @@ import argparse
 import sys
 
 from apt.config import ConfigError
+from apt.errors import RunFailure
+from apt.preemption import Preempted
 
 
 def _split_fit_args(items: list[str]) -> tuple[list[str], list[str]]:
     overlays = [a for a in items if "=" not in a]
     overrides = [a for a in items if "=" in a]
     return overlays, overrides
+
+
+def _flags_last(argv: list[str]) -> list[str]:
+    """``fit``: ``--dry-run`` may come anywhere (argparse would stop collecting key=value pairs at it)."""
+    if argv[:1] == ["fit"] and "--dry-run" in argv:
+        return [a for a in argv if a != "--dry-run"] + ["--dry-run"]
+    return argv
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues a stopped run: the same arguments with resume=auto."""
+    import shlex
+
+    args = [a for a in argv if not a.startswith("resume=")] + ["resume=auto"]
+    return "python -m apt " + " ".join(shlex.quote(a) for a in args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     consolidate = verbs.add_parser("consolidate", help="merge a sharded DeepSpeed checkpoint into single safetensors files")
     consolidate.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of apt.distributed.consolidate (see its --help)")
 
-    args, unknown = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(_flags_last(argv))
     if args.verb is None:
         parser.print_help()
         return 0
@@ -84,13 +102,23 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.out, quick=args.quick, text_terms=args.text_terms)
             return 0
+    except Preempted as e:
+        print(f"{e}; resume with: {resume_command(argv)}", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FloatingPointError, RunFailure) as e:  # not finite; corrupt data (apt.data.faults); a checkpoint not written
+        print(f"error: {_last_line(e)}", file=sys.stderr)
         return 1
     return 1
+
+
+def _last_line(e: Exception) -> str:
+    """An error raised in a DataLoader worker arrives with the worker's traceback in its message; its last line is ours."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    return last.split(f"{type(e).__name__}: ", 1)[-1]
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -70,6 +71,10 @@ class DataConfig:
     """Optional one-frame (image) shards mixed into every step for joint image-video training ('' = off)."""
     image_batch_size: int = 64
     """Per-device batch size of the image shards."""
+    max_consecutive_skipped: int = 10000
+    """Stop when this many samples in a row were corrupt (no valid sample arrives; ``apt.data.faults``)."""
+    max_skipped_fraction: float = 0.1
+    """Stop when more than this share of the samples read were corrupt (checked after 1000 samples per loader worker)."""
 
 
 @dataclass
@@ -131,10 +136,13 @@ class TrainConfig:
     ckpt_every_steps: int = 200
     """Save a checkpoint every N steps (and always at the end)."""
     keep_checkpoints: int = 2
-    """How many recent checkpoints to keep (the final one is always kept)."""
+    """How many recent checkpoints to keep (0 = keep all)."""
     num_sample_prompts: int = 8
     """Prompts in the sample grid."""
     progress_bar: bool = True
+    progress_every_seconds: float = 60.0
+    """One progress line (step/total, s/step, ETA, losses) every N seconds when stdout is not a terminal (a log
+    file) or the progress bar is off (0 = never)."""
 
 
 @dataclass
@@ -291,10 +299,33 @@ def resolve_overlay(name: str) -> Path:
 def load_yaml(path: str | Path) -> DictConfig:
     if not os.path.exists(path):
         raise ConfigError(f"recipe file not found: {path}")
-    cfg = OmegaConf.load(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory; give a recipe YAML file, e.g. recipes/demo/teacher.yaml")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text (YAML) file") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path} must hold a mapping at top level")
     return cfg
+
+
+def parse_override(item: str) -> DictConfig:
+    """``key=value`` -> a nested DictConfig. ``key=`` (nothing after '=') is the empty string, as ``key=''`` is
+    (OmegaConf's dotlist would read it as null)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value")
+    key, value = item.split("=", 1)
+    if value.strip() == "":
+        cfg = OmegaConf.create()
+        OmegaConf.update(cfg, key.strip(), "", force_add=True)
+        return cfg
+    return OmegaConf.from_dotlist([item])
 
 
 def load_config(recipe: str | None, overlays: list[str] = (), overrides: list[str] = ()) -> Config:
@@ -306,9 +337,7 @@ def load_config(recipe: str | None, overlays: list[str] = (), overrides: list[st
         path = resolve_overlay(name)
         cfg = _merge(cfg, load_yaml(path), str(path))
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        cfg = _merge(cfg, parse_override(item), f"override '{item}'")
     config: Config = OmegaConf.to_object(cfg)
     check_config(config)
     return config
@@ -332,10 +361,11 @@ def config_from_yaml(path: str | Path) -> Config:
 
 
 def check_config(c: Config) -> None:
-    """Value checks that need no files, one function per section; each failure names the key.
-    File checks (shards, checkpoints) follow in ``apt.train.check_paths``, still before any work."""
+    """Value checks that need no files, one function per section; each failure names the key. Every numeric
+    field has a range (tests/test_config.py walks them all). File checks (shards, checkpoints) follow in
+    ``apt.train.check_paths``, still before any work."""
     need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
-    for check in (check_model, check_text, check_data, check_flow, check_optim, check_train, check_distill, check_apt, check_eval):
+    for check in (check_text, check_data, check_model, check_flow, check_optim, check_train, check_distill, check_apt, check_eval):
         check(c)
     check_perf(c.perf)
 
@@ -343,6 +373,31 @@ def check_config(c: Config) -> None:
 def need(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def _value(section, key: str):
+    return getattr(section, key.split(".")[-1])
+
+
+def positive(section, *keys: str) -> None:
+    """Each ``section.key`` (keys given in full, e.g. 'train.max_steps') must be > 0."""
+    for key in keys:
+        v = _value(section, key)
+        need(v > 0, f"{key} must be positive, got {v}")
+
+
+def at_least(section, lo: float, *keys: str, note: str = "") -> None:
+    for key in keys:
+        v = _value(section, key)
+        need(v >= lo, f"{key} must be >= {lo}{note}, got {v}")
+
+
+def within(section, key: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    """``key`` in the interval from lo to hi ((lo, ...) when lo_open, (..., hi) when hi_open); a list: each element."""
+    v = _value(section, key)
+    for x in v if isinstance(v, (list, tuple)) else [v]:
+        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+        need(ok, f"{key} must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}")
 
 
 def check_model(c: Config) -> None:
@@ -366,35 +421,44 @@ def check_model(c: Config) -> None:
 
 
 def check_text(c: Config) -> None:
-    need(0.0 <= c.text.dropout < 1.0, f"text.dropout must be in [0, 1), got {c.text.dropout}")
+    positive(c.text, "text.max_length")
+    within(c.text, "text.dropout", 0.0, 1.0, hi_open=True)
 
 
 def check_data(c: Config) -> None:
-    need(c.data.batch_size > 0, f"data.batch_size must be positive, got {c.data.batch_size}")
-    need(c.data.image_batch_size > 0, f"data.image_batch_size must be positive, got {c.data.image_batch_size}")
-    need(c.data.frames > 0, f"data.frames must be positive, got {c.data.frames}")
-    need(not (c.data.image_shards and c.stage == "apt"),
-         f"data.image_shards={c.data.image_shards}: the APT stage trains on data.shards only (one modality per stage: "
+    d = c.data
+    positive(d, "data.frames", "data.height", "data.width", "data.channels", "data.batch_size", "data.image_batch_size",
+             "data.max_consecutive_skipped")
+    at_least(d, 0, "data.num_workers")
+    within(d, "data.max_skipped_fraction", 0.0, 1.0)
+    need(not (d.image_shards and c.stage == "apt"),
+         f"data.image_shards={d.image_shards}: the APT stage trains on data.shards only (one modality per stage: "
          "an image stage, then a video stage); set data.image_shards= (empty)")
 
 
 def check_flow(c: Config) -> None:
-    need(c.flow.sample_steps > 0, f"flow.sample_steps must be positive, got {c.flow.sample_steps}")
+    positive(c.flow, "flow.sample_steps", "flow.train_shift", "flow.sample_shift")
+    at_least(c.flow, 0, "flow.cfg_scale", note=" (1 = no guidance)")
 
 
 def check_optim(c: Config) -> None:
-    need(c.optim.schedule in ("constant", "cosine"), f"optim.schedule must be constant or cosine, got '{c.optim.schedule}'")
-    need(c.optim.decay_steps >= 0, f"optim.decay_steps must be >= 0, got {c.optim.decay_steps}")
-    need(c.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {c.optim.grad_clip}")
+    o = c.optim
+    need(o.schedule in ("constant", "cosine"), f"optim.schedule must be constant or cosine, got '{o.schedule}'")
+    positive(o, "optim.lr")
+    need(len(o.betas) == 2, f"optim.betas must be two numbers (beta1, beta2), got {o.betas}")
+    within(o, "optim.betas", 0.0, 1.0, hi_open=True)
+    at_least(o, 0, "optim.weight_decay", "optim.warmup_steps", "optim.decay_steps")
+    at_least(o, 0, "optim.grad_clip", note=" (0 = off)")
 
 
 def check_train(c: Config) -> None:
-    need(c.train.max_steps > 0, f"train.max_steps must be positive, got {c.train.max_steps}")
-    need(c.train.num_nodes >= 0, f"train.num_nodes must be >= 0, got {c.train.num_nodes}")
-    need(c.train.accumulate_grad_batches >= 1, f"train.accumulate_grad_batches must be >= 1, got {c.train.accumulate_grad_batches}")
-    need(0.0 < c.train.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {c.train.ema_decay}")
-    for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
-        need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
+    t = c.train
+    positive(t, "train.max_steps", "train.devices", "train.num_sample_prompts")
+    at_least(t, 0, "train.seed", "train.num_nodes", "train.log_every_steps", "train.sample_every_steps", "train.ckpt_every_steps",
+             "train.progress_every_seconds")
+    at_least(t, 0, "train.keep_checkpoints", note=" (0 = keep all)")
+    at_least(t, 1, "train.accumulate_grad_batches")
+    within(t, "train.ema_decay", 0.0, 1.0, lo_open=True, hi_open=True)
     check_strategy(c)
     check_sequence_parallel(c)
 
@@ -432,19 +496,27 @@ def check_sequence_parallel(c: Config) -> None:
 
 
 def check_distill(c: Config) -> None:
-    need(c.distill.num_steps >= 1, f"distill.num_steps must be >= 1, got {c.distill.num_steps}")
+    d = c.distill
+    at_least(d, 1, "distill.num_steps")
+    positive(d, "distill.shift")
+    at_least(d, 0, "distill.cfg_scale", "distill.final_step_weight")
     if c.stage == "distill":
-        need(bool(c.distill.teacher), "distill.teacher must name the teacher checkpoint")
+        need(bool(d.teacher), "distill.teacher must name the teacher checkpoint")
 
 
 def check_apt(c: Config) -> None:
     a = c.apt
-    need(0.0 < a.ema_decay < 1.0, f"apt.ema_decay must be in (0, 1), got {a.ema_decay}")
+    positive(a, "apt.lr_g", "apt.lr_d", "apt.r1_sigma", "apt.d_timestep_shift")
+    within(a, "apt.ema_decay", 0.0, 1.0, lo_open=True, hi_open=True)
     need(a.optimizer in ("rmsprop", "adam"), f"apt.optimizer must be rmsprop or adam, got '{a.optimizer}'")
-    need(a.d_steps_per_g_step >= 1, f"apt.d_steps_per_g_step must be >= 1, got {a.d_steps_per_g_step}")
+    within(a, "apt.rmsprop_alpha", 0.0, 1.0, hi_open=True)
+    need(len(a.adam_betas) == 2, f"apt.adam_betas must be two numbers (beta1, beta2), got {a.adam_betas}")
+    within(a, "apt.adam_betas", 0.0, 1.0, hi_open=True)
+    at_least(a, 0, "apt.r1_lambda", "apt.d_warmup_steps")
+    at_least(a, 1, "apt.d_steps_per_g_step", "apt.collapse_patience")
     need(len(a.readout_fractions) > 0, "apt.readout_fractions must list at least one depth")
-    need(a.mismatch_weight >= 0.0, f"apt.mismatch_weight must be >= 0, got {a.mismatch_weight}")
-    need(a.text_contrast_weight >= 0.0, f"apt.text_contrast_weight must be >= 0, got {a.text_contrast_weight}")
+    within(a, "apt.readout_fractions", 0.0, 1.0, lo_open=True)
+    at_least(a, 0, "apt.mismatch_weight", "apt.text_contrast_weight")
     need(a.text_contrast_weight == 0.0 or a.mismatch_weight > 0.0,
          f"apt.text_contrast_weight={a.text_contrast_weight} needs apt.mismatch_weight > 0 (a D that reads the text)")
     if c.stage == "apt":
@@ -453,7 +525,8 @@ def check_apt(c: Config) -> None:
 
 
 def check_eval(c: Config) -> None:
-    need(c.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {c.eval.every_steps}")
+    at_least(c.eval, 0, "eval.every_steps", "eval.seed")
+    positive(c.eval, "eval.num_samples")
 
 
 def check_perf(p: PerfConfig) -> None:
@@ -461,4 +534,4 @@ def check_perf(p: PerfConfig) -> None:
     from apt.models.attention import ATTENTION_BACKENDS
 
     need(p.attention_backend in ATTENTION_BACKENDS, f"perf.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got '{p.attention_backend}'")
-    need(p.vae_chunk_frames >= 0, f"perf.vae_chunk_frames must be >= 0, got {p.vae_chunk_frames}")
+    at_least(p, 0, "perf.vae_chunk_frames")

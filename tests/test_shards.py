@@ -137,7 +137,7 @@ def test_empty_caption_names_shard_and_key(tmp_path) -> None:
         next(iter(shards.eval_loader(path, batch_size=1)))
 
 
-def test_corrupt_samples_are_skipped_and_counted(tmp_path) -> None:
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, caplog) -> None:
     path = str(tmp_path / "mixed.tar")
     good = {
         "pixels.npy": _npy(np.zeros((1, 16, 16, 3), np.uint8)),
@@ -151,9 +151,11 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path) -> None:
             {"__key__": "c", **good},
         ],
     )
-    with pytest.warns(UserWarning, match=r"sample b .*1 skipped so far"):
+    with caplog.at_level("WARNING", logger="apt.data"):
         keys = _keys(shards.eval_loader(path, batch_size=4))
     assert keys == ["a", "c"]
+    (record,) = caplog.records
+    assert "sample b in" in record.message and "1 skipped so far" in record.message and "bad_array 1" in record.message
 
 
 def test_writer_refuses_a_used_directory(shard_dir: str) -> None:

@@ -37,7 +37,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from apt.data.shards import _CorruptCounter, pixels_to_tensor, resolve_shards, train_loader
+from apt.data.faults import DataFaults
+from apt.data.shards import pixels_to_tensor, resolve_shards, train_loader
 
 LATENT_PATTERN = "latent-%06d.tar"
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -142,22 +143,28 @@ def encode_latent_shards(
 
 
 # ---------------------------------------------------------------- reading
-def _decode_latent(src: Iterator[dict], counter: _CorruptCounter) -> Iterator[dict]:
+def _decode_latent(src: Iterator[dict], counter: DataFaults) -> Iterator[dict]:
     for raw in src:
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+        reason = "missing_member"  # what failed, for the counts (apt.data.faults.REASONS)
         try:
-            out = {"x": np.load(io.BytesIO(raw["latent.npy"]), allow_pickle=False), "key": key}
-            meta = json.loads(raw["json"])
-            if out["x"].ndim != 4:
-                raise ValueError(f"latent must be (C, T, H, W), got {out['x'].shape}")
+            latent_npy, meta_json = raw["latent.npy"], raw["json"]
+            reason = "bad_json"
+            meta = json.loads(meta_json)
+            reason = "bad_array"
+            out = {"x": np.load(io.BytesIO(latent_npy), allow_pickle=False), "key": key}
             if "text.npy" in raw:
                 out["text"] = np.load(io.BytesIO(raw["text.npy"]), allow_pickle=False)
                 out["mask"] = np.load(io.BytesIO(raw["mask.npy"]), allow_pickle=False) if "mask.npy" in raw else np.ones(len(out["text"]), bool)
             if "pooled.npy" in raw:
                 out["pooled"] = np.load(io.BytesIO(raw["pooled.npy"]), allow_pickle=False)
+            reason = "bad_shape"
+            if out["x"].ndim != 4:
+                raise ValueError(f"latent must be (C, T, H, W), got {out['x'].shape}")
         except Exception as e:  # noqa: BLE001 - any undecodable sample is corrupt
-            counter.skip(f"sample {key} in {url}: {type(e).__name__}: {e}")
+            counter.skip(reason, url, f"sample {key} in {url}: {type(e).__name__}: {e}")
             continue
+        counter.ok()
         caption = meta.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"sample {key} in shard {url} has an empty caption")
@@ -197,8 +204,9 @@ def latent_train_loader(
     num_workers: int = 0,
     skip_batches: int = 0,
     shuffle_buffer: int = 1000,
+    **faults,
 ) -> DataLoader:
     """Infinite, shuffled, resampled latent batches for ``rank``: ``apt.data.shards.train_loader``
-    (same determinism and exact skip-resume) with the latent decoder and collation."""
+    (same determinism, exact skip-resume and corrupt-data bounds ``faults``) with the latent decoder and collation."""
     return train_loader(shards, batch_size, seed, rank, world_size, num_workers, skip_batches, shuffle_buffer,
-                        decode=_decode_latent, collate=collate_latents)
+                        decode=_decode_latent, collate=collate_latents, **faults)

@@ -9,6 +9,7 @@ Layout of ``RUN/checkpoints/step-000200/``::
                                        ``apt.distributed.zero3_ema``), ``buffers.safetensors``, ``layout.json``
     trainer_state.pt                   rng, data position, update counts; strategy and world size
     config.yaml                        the resolved config
+    checksums.json                     size and sha256 of every other file (``apt.checkpoint``), written last
 
 Atomic across ranks: every rank writes into ``.step-000200.tmp``; after a barrier rank 0 makes the
 files durable and renames the directory into place (``apt.checkpoint.atomic_write_dir``'s rule), so a
@@ -24,9 +25,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from apt.checkpoint import STATE_FILE, list_checkpoints, publish_dir, save_weights
+from apt.checkpoint import STATE_FILE, checkpoints_to_prune, load_safetensors, load_trainer_state, publish_dir, save_weights, verify_checkpoint, write_checksums
 from apt.config import ConfigError, to_yaml
 
 TAG = "checkpoint"
@@ -80,10 +80,10 @@ def save(fabric, path: str | Path, module, *, keep: int = 0) -> None:
         (tmp / "config.yaml").write_text(to_yaml(module.config))
     fabric.barrier()  # every rank's shards are written
     if fabric.is_global_zero:
+        write_checksums(tmp)
         publish_dir(tmp, final)
-        if keep > 0:
-            for stale in list_checkpoints(final.parent.parent)[:-keep]:
-                shutil.rmtree(stale, ignore_errors=True)
+        for stale in checkpoints_to_prune(final.parent.parent, keep, module.progress_step):
+            shutil.rmtree(stale, ignore_errors=True)
     fabric.barrier()
 
 
@@ -95,7 +95,8 @@ def load(fabric, path: str | Path, module) -> None:
             f"resume: {path} is not a DeepSpeed checkpoint of this runner (no generator_engine/ and "
             "discriminator_engine/); checkpoints of other strategies cannot resume a ZeRO run"
         )
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    verify_checkpoint(path)
+    state = load_trainer_state(path)
     saved_world = state["sharded"]["world_size"]
     if saved_world != fabric.world_size:
         raise ConfigError(
@@ -110,12 +111,12 @@ def load(fabric, path: str | Path, module) -> None:
     if module.ema_partitions is None:
         if not (path / EMA_FILE).exists():
             raise ConfigError(f"resume: {path} has no {EMA_FILE} (a ZeRO-3 checkpoint resumes only under deepspeed_stage_3)")
-        module.generator_ema.load_state_dict(load_file(str(path / EMA_FILE)))
+        module.generator_ema.load_state_dict(load_safetensors(path / EMA_FILE))
     else:
         if not (path / EMA_PARTITIONS).is_dir():
             raise ConfigError(f"resume: {path} has no {EMA_PARTITIONS}/ (not a ZeRO-3 checkpoint; resume it with its own strategy)")
-        module.ema_partitions.load_state_dict(load_file(str(ema_partition_file(path, fabric.global_rank))))
-        module.generator_ema.load_state_dict(load_file(str(path / EMA_PARTITIONS / "buffers.safetensors")), strict=False)
+        module.ema_partitions.load_state_dict(load_safetensors(ema_partition_file(path, fabric.global_rank)))
+        module.generator_ema.load_state_dict(load_safetensors(path / EMA_PARTITIONS / "buffers.safetensors"), strict=False)
     module.rng.set_state(state["apt"]["rng"])
     module.batches_consumed = state["apt"]["batches_consumed"]
     module.load_extra_state(state["apt"])
