@@ -66,9 +66,11 @@ def atomic_write_dir(final: Path, write) -> None:
         tmp.mkdir()
         write(tmp)
         write_checksums(tmp)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk must not also keep the partial files
-        raise CheckpointWriteError(f"checkpoint {final} was not written ({e}); the checkpoints saved before it are untouched") from None
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(f"checkpoint {final} was not written ({e}); the checkpoints saved before it are untouched") from None
+        raise
     publish_dir(tmp, final)
 
 

@@ -102,7 +102,7 @@ def tiny_init(tmp_path_factory) -> Path:
 
 def apt_steps(init: Path, out: Path, mode: str, *extra: str, nproc: int = 0) -> dict:
     ok(launch([str(HELPERS / "apt_steps.py"), "--init", str(init), "--out", str(out), "--mode", mode, *extra], nproc=nproc))
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def tiny_distilled(tiny_teacher, toy_shards, tmp_path_factory):
 
 def test_distillation_lr_follows_the_cosine_schedule(tiny_distilled):
     """recipes/demo/distill.yaml decays optim.lr on a cosine to 0 at train.max_steps (the tiny overlay: 2 steps)."""
-    from apt.checkpoint import STATE_FILE
+    from apt.checkpoint import load_trainer_state
     from apt.config import config_from_yaml
     from apt.lit.base import lr_factor
 
@@ -70,7 +70,7 @@ def test_distillation_lr_follows_the_cosine_schedule(tiny_distilled):
     assert c.optim.schedule == "cosine" and c.train.max_steps == 2
     for ckpt in list_checkpoints(tiny_distilled):
         step = int(ckpt.name.split("-")[1])
-        lr = torch.load(ckpt / STATE_FILE, weights_only=False)["optimizer_states"][0]["param_groups"][0]["lr"]
+        lr = load_trainer_state(ckpt)["optimizer_states"][0]["param_groups"][0]["lr"]  # weights_only=True: no pickle
         assert lr == pytest.approx(c.optim.lr * lr_factor(step, c.optim.warmup_steps, c.train.max_steps, "cosine"))
     assert lr == pytest.approx(0.0, abs=1e-12)  # the last checkpoint: the schedule's end
 
