@@ -262,9 +262,16 @@ class _TrainStream(IterableDataset):
             functools.partial(self.decode, counter=counter),
             wds.slice(skip * self.batch_size, None),
             wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
-            wds.map(lambda batch: {**batch, FAULTS_KEY: counter.snapshot()}),
+            functools.partial(_with_faults, counter=counter),
         )
         return iter(pipeline)
+
+
+def _with_faults(batches: Iterator[dict], counter: DataFaults) -> Iterator[dict]:
+    """Each batch carries its worker's running skip counts (``apt.data.faults``)."""
+    for batch in batches:
+        batch[FAULTS_KEY] = counter.snapshot()
+        yield batch
 
 
 def train_loader(
