@@ -16,6 +16,11 @@ files durable and renames the directory into place (``apt.checkpoint.atomic_writ
 kill during a save leaves the previous checkpoint loadable and never a partial one under a final name.
 Ranks must share the run directory's filesystem. ``apt.distributed.consolidate`` turns this layout
 into the standard one (single safetensors per network, the EMA's partitions joined).
+
+Loading verifies ``checksums.json`` first and reads nothing with pickle: apt's trainer state with
+``torch.load(weights_only=True)``, and DeepSpeed's own shard files through the engines' checkpoint
+engine switched to ``weights_only=True`` with an allow-list of the three DeepSpeed classes its ZeRO
+optimiser states hold (``DEEPSPEED_SAFE_GLOBALS``; DeepSpeed itself unpickles them).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from apt.checkpoint import STATE_FILE, checkpoints_to_prune, load_safetensors, load_trainer_state, publish_dir, save_weights, verify_checkpoint, write_checksums
+from apt.checkpoint import (STATE_FILE, CheckpointError, checkpoints_to_prune, load_safetensors, load_trainer_state, publish_dir, save_weights,
+                            verify_checkpoint, write_checksums)
 from apt.config import ConfigError, to_yaml
 
 TAG = "checkpoint"
@@ -87,6 +93,25 @@ def save(fabric, path: str | Path, module, *, keep: int = 0) -> None:
     fabric.barrier()
 
 
+def deepspeed_safe_globals() -> list:
+    """What DeepSpeed 0.19's ZeRO optimiser states hold besides tensors and containers (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``): an enum, a dataclass, the loss scaler's state."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler]
+
+
+def load_without_pickle(path: str, map_location=None):
+    """The engines' checkpoint-engine ``load``: ``weights_only=True`` with the allow-list above."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - objects outside the allow-list, or a damaged file
+        raise CheckpointError(f"{path} cannot be read without pickle ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
 def load(fabric, path: str | Path, module) -> None:
     """Restore both engines (weights + optimiser partitions), the EMA, rng, data position and counters."""
     path = Path(path)
@@ -105,6 +130,7 @@ def load(fabric, path: str | Path, module) -> None:
         )
     for name in ENGINES:
         engine = getattr(module, name)._forward_module
+        engine.checkpoint_engine.load = load_without_pickle  # DeepSpeed's default reads with weights_only=False
         load_path, _ = engine.load_checkpoint(str(engine_dir(path, name)), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {engine_dir(path, name)}")
