@@ -43,6 +43,22 @@ def test_teacher_resume_continues_identically(toy_shards, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_teacher_accumulates_micro_batches_and_clips(toy_shards, tmp_path):
+    """train.accumulate_grad_batches=2: each optimiser step consumes two batches (the checkpoint's data position
+    says so); optim.grad_clip reaches Lightning's clipping (a tiny clip moves the weights less than none)."""
+    from apt.checkpoint import STATE_FILE
+
+    runs = {}
+    for clip in ("0", "1e-9"):
+        run = tmp_path / f"clip{clip}"
+        assert main(fit_args("recipes/demo/teacher.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}",
+                         "train.accumulate_grad_batches=2", f"optim.grad_clip={clip}")) == 0
+        state = torch.load(latest_checkpoint(run) / STATE_FILE, weights_only=False)
+        assert state["global_step"] == 2 and state["apt"]["batches_consumed"] == 4  # a step: 2 x (video + image) batches
+        runs[clip] = load_file(str(latest_checkpoint(run) / "net.safetensors"))
+    assert any(not torch.equal(runs["0"][k], runs["1e-9"][k]) for k in runs["0"])  # the clip changed the updates (AdamW's eps)
+
+
 def test_distillation_lr_follows_the_cosine_schedule(tiny_distilled):
     """recipes/demo/distill.yaml decays optim.lr on a cosine to 0 at train.max_steps (the tiny overlay: 2 steps)."""
     from apt.checkpoint import STATE_FILE
