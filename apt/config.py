@@ -190,12 +190,12 @@ class AptConfig:
     mismatch_weight: float = 0.0
     """Not in the paper (0 = APT as published). Weight of a matching-aware D term (GAN-INT-CLS, GigaGAN):
     real clips paired with the batch's most similar different text count as fake, so D must judge text
-    alignment too. docs/demo_tuning.md: on the toy it taught D the shape word; with the 14000-step teacher it
+    alignment too. docs/log/demo_tuning.md: on the toy it taught D the shape word; with the 14000-step teacher it
     kept improving over 350 video updates where the published objective stopped (validation 24.5 vs 25.4)."""
     text_contrast_weight: float = 0.0
     """Not in the paper (0 = off; needs mismatch_weight > 0 so D reads the text). G-step term
     softplus(D(G(z), c') - D(G(z), c)) with c' the nearest other text: G's sample must look more like
-    its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/demo_tuning.md
+    its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/log/demo_tuning.md
     (sixth round): on the toy, weights 3 and 10 lowered the best validation distance from 17.80 to 17.05;
     the attribute accuracy stayed where the stage-1 init put it."""
     ema_decay: float = 0.995
