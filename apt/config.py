@@ -83,7 +83,7 @@ class FlowConfig:
     sample_shift: float = 1.0
     """Shift of the sampling schedule."""
     cfg_scale: float = 2.0
-    """Classifier-free guidance scale of the teacher sampler (DESIGN.md §7: 1-2 best on the toy)."""
+    """Classifier-free guidance scale of the teacher sampler (docs/design.md §5: moderate CFG is best on the toy)."""
     negative_prompt: str = ""
     """Negative prompt for CFG (empty = unconditional)."""
 
@@ -182,7 +182,7 @@ class AptConfig:
     d_steps_per_g_step: int = 1
     """D updates per G update (paper 1:1)."""
     d_warmup_steps: int = 0
-    """D-only updates before the first G update (DESIGN.md §7: the toy needs ~60)."""
+    """D-only updates before the first G update (docs/design.md §5: the toy needs ~60)."""
     train_d_backbone: bool = True
     """Train all D parameters (paper); False freezes the backbone (ablation)."""
     use_r1: bool = True

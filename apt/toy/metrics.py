@@ -1,7 +1,7 @@
 """Toy benchmark metrics: a Fréchet distance in the toy classifier's feature space + attribute accuracy.
 
     distance            Fréchet distance between Gaussians fitted to classifier features of the
-                        samples and of real toy clips (FID/FVD-style, DESIGN.md section 5).
+                        samples and of real toy clips (FID/FVD-style, docs/design.md §4).
     attribute_accuracy  share of samples whose predicted shape AND colour AND background AND
                         (clips only, frames > 1) direction all match the prompt's parsed caption:
                         an exact text-alignment score.

@@ -4,7 +4,7 @@ Protocol (every number in the report comes from this one run):
 - Evaluation prompts: ``eval_prompts(N, seed=EVAL_SEED)`` (balanced over attributes), noise seeds
   10_000 + i; N = ``REPORT_SAMPLES`` (5000) in the demo. The APT checkpoint is chosen on a disjoint
   validation set (``validation_metrics``: VAL_PROMPT_SEED prompts, noise seeds VAL_NOISE_SEED + i, 256
-  samples) among the checkpoints of the video-stage run, as DESIGN.md §7 recommends (the raw APT
+  samples) among the checkpoints of the video-stage run, as docs/design.md §5 explains (the raw APT
   trajectory oscillates).
 - ``distance``: Fréchet distance to N real toy clips in the toy classifier's feature space;
   ``attribute_accuracy``: share of samples whose shape, colour, direction and background all match
