@@ -83,7 +83,7 @@ class FlowConfig:
     sample_shift: float = 1.0
     """Shift of the sampling schedule."""
     cfg_scale: float = 2.0
-    """Classifier-free guidance scale of the teacher sampler (DESIGN.md §7: 1-2 best on the toy)."""
+    """Classifier-free guidance scale of the teacher sampler (docs/design.md §5: moderate CFG is best on the toy)."""
     negative_prompt: str = ""
     """Negative prompt for CFG (empty = unconditional)."""
 
@@ -182,7 +182,7 @@ class AptConfig:
     d_steps_per_g_step: int = 1
     """D updates per G update (paper 1:1)."""
     d_warmup_steps: int = 0
-    """D-only updates before the first G update (DESIGN.md §7: the toy needs ~60)."""
+    """D-only updates before the first G update (docs/design.md §5: the toy needs ~60)."""
     train_d_backbone: bool = True
     """Train all D parameters (paper); False freezes the backbone (ablation)."""
     use_r1: bool = True
@@ -190,12 +190,12 @@ class AptConfig:
     mismatch_weight: float = 0.0
     """Not in the paper (0 = APT as published). Weight of a matching-aware D term (GAN-INT-CLS, GigaGAN):
     real clips paired with the batch's most similar different text count as fake, so D must judge text
-    alignment too. docs/demo_tuning.md: on the toy it taught D the shape word; with the 14000-step teacher it
+    alignment too. docs/log/demo_tuning.md: on the toy it taught D the shape word; with the 14000-step teacher it
     kept improving over 350 video updates where the published objective stopped (validation 24.5 vs 25.4)."""
     text_contrast_weight: float = 0.0
     """Not in the paper (0 = off; needs mismatch_weight > 0 so D reads the text). G-step term
     softplus(D(G(z), c') - D(G(z), c)) with c' the nearest other text: G's sample must look more like
-    its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/demo_tuning.md
+    its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/log/demo_tuning.md
     (sixth round): on the toy, weights 3 and 10 lowered the best validation distance from 17.80 to 17.05;
     the attribute accuracy stayed where the stage-1 init put it."""
     ema_decay: float = 0.995

@@ -8,7 +8,7 @@ Schema (one tar member group per sample, key = zero-padded sample index):
 Loaders yield dicts: x float32 (B, C, T, H, W) in [-1, 1], caption list[str], labels list[dict],
 key list[str]. The train loader is an infinite resampled stream that is a pure function of
 (shards, seed, rank, batch size, workers), so resume is exact: rebuild it with `skip_batches=k`
-and it yields the batches k, k+1, ... of the uninterrupted stream (DESIGN.md section 3, "Data").
+and it yields the batches k, k+1, ... of the uninterrupted stream (docs/design.md §2, "Data and exact resume").
 Corrupt samples are skipped with a warning that carries the running count; an empty caption is a
 user error and raises.
 

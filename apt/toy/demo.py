@@ -21,7 +21,7 @@ from apt.config import load_config
 TEACHER_ASSET = "assets/demo_teacher"
 # ``--text-terms``: NOT the paper's objective. Stage 1 at CFG 5, and both APT stages with a matching-aware D
 # term and a G-side text term (apt.mismatch_weight, apt.text_contrast_weight in apt/config.py), the image stage
-# 300 updates; docs/demo_tuning.md, twelfth round. The video stage stops at 100 updates: with these terms
+# 300 updates; docs/log/demo_tuning.md, twelfth round. The video stage stops at 100 updates: with these terms
 # validation is best at update 50 and worse after 100 (thirteenth round). Per stage: extra overrides.
 TEXT_TERMS = ["apt.mismatch_weight=2.0", "apt.d_warmup_steps=150", "apt.text_contrast_weight=10.0"]
 TEXT_TERMS_OVERRIDES = {
