@@ -245,7 +245,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tiny_teacher, tmp_path):
 
 
 def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
-    """`python -m apt demo --quick`: every stage at tiny size, then the four-row report of issue 3's format."""
+    """`python -m apt demo --quick`: every stage at tiny size, then the four-row report and its bar."""
     import json
 
     out = tmp_path / "demo"
@@ -263,7 +263,7 @@ def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
         assert min(1.0, r["speedup_batch1"]) <= r["speedup_batch1_with_text"] <= max(1.0, r["speedup_batch1"])
     assert report["real_vs_real_floor"] > 0 and report["num_samples"] == 64
     assert report["apt_checkpoint"] in [str(p) for p in list_checkpoints(out / "apt_video")]
-    bar = {x["line"]: x for x in report["bar"]}  # issue 3's lines, checked on this run's figures
+    bar = {x["line"]: x for x in report["bar"]}  # the bar's lines, checked on this run's figures
     assert len(bar) == 9 and all(isinstance(x["met"], bool) for x in bar.values())
     assert bar["apt-1step distance / teacher's"]["value"] == round(rows["apt-1step"]["distance"] / rows["teacher-25step-cfg"]["distance"], 4)
     assert bar["demo wall time, seconds"]["value"] == report["total_seconds"]
