@@ -52,6 +52,7 @@ class LTXAdapter(DiffusersAdapter):
 
     def __init__(self, model, *, frame_rate: float = 24.0, vae_temporal_compression: int = 8, vae_spatial_compression: int = 32):
         super().__init__(model)
+        self.frame_rate = frame_rate
         self.rope_interpolation_scale = (vae_temporal_compression / frame_rate, vae_spatial_compression, vae_spatial_compression)
 
     @classmethod
