@@ -254,9 +254,13 @@ def _readme_pipeline(s: dict, net) -> str:
     fam, pipe, call = s["family"], s["pipeline"], s["call"]
     C, T, H, W = s["latent_shape_CTHW"]
     out_field = "images" if not net.config.video else "frames"
-    guidance = ("`guidance_scale=1.0` turns classifier-free guidance off (it was distilled in)" if CALLS[fam].guidance == "cfg_off"
-                else f"`guidance_scale` is {pipe}'s guidance embedding, held at {call.get('guidance_scale', 'none')} in training "
-                     "(no classifier-free guidance: it was distilled in)")
+    if CALLS[fam].guidance == "cfg_off":
+        guidance = "`guidance_scale=1.0` turns classifier-free guidance off (it was distilled in)"
+    elif "guidance_scale" in call:
+        guidance = (f"`guidance_scale={call['guidance_scale']:g}` is the transformer's guidance embedding, the value apt held it at in "
+                    f"training; {pipe} runs no classifier-free guidance by default (it was distilled in)")
+    else:
+        guidance = f"this transformer has no guidance embedding, so {pipe} ignores `guidance_scale`; no classifier-free guidance (it was distilled in)"
     pt, p, _ = net.config.patch_size
     latents = CALLS[fam].latents.replace("B, C, H, W", f"1, {C}, {H}, {W}").replace("p, pt", f"{p}, {pt}")
     two = s["two_step"]
@@ -291,11 +295,13 @@ out = pipe(prompt="a red fox running through fresh snow", {_args(call)}).{out_fi
   (`text.max_length`; convention `{s['text_convention']}`: prompts encoded exactly as {pipe} encodes them).
 - Resolution and frames give the latent shape (C, T, H, W) = ({C}, {T}, {H}, {W}) apt trained at.
 
-apt's own sample for a seed (what `python -m apt sample --seed S` draws) is the same call with
-`latents=` in the pipeline's layout and `output_type="latent"`:
+apt's own sample for a seed (`python -m apt sample --seed SEED` draws prompt i's noise with seed
+SEED + i) is the same call with that noise as `latents=`, in the pipeline's layout, and
+`output_type="latent"` (the latents before the VAE, in the same layout):
 
 ```python
-z = torch.randn({C}, {T}, {H}, {W}, generator=torch.Generator().manual_seed(S))[None]  # apt's (B, C, T, H, W)
+seed = 0
+z = torch.randn({C}, {T}, {H}, {W}, generator=torch.Generator().manual_seed(seed))[None]  # apt's (B, C, T, H, W)
 latents = {latents}
 x0 = pipe(prompt="...", latents=latents, output_type="latent", {_args(call)}).{out_field}
 ```
