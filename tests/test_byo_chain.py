@@ -132,7 +132,8 @@ def _stock_vs_apt(chain, steps: int, prompts: list[str] = PROMPTS) -> float | No
     theirs = from_pipeline_latents(fam, result[0], tuple(z.shape), patch)
     assert theirs.shape == ours.shape
     err = float((theirs.float() - ours).abs().max())
-    print(f"{fam} {steps}-step: max |stock pipeline - apt| = {err:.3g} (outputs up to {float(ours.abs().max()):.3g})")  # docs/byo_model.md
+    label = "" if prompts == PROMPTS else " (control: the prompts swapped)"
+    print(f"{fam} {steps}-step{label}: max |stock pipeline - apt| = {err:.3g} (outputs up to {float(ours.abs().max()):.3g})")  # docs/byo_model.md
     return err
 
 
