@@ -96,6 +96,15 @@ def test_chain_writes_checkpoints_samples_and_a_complete_pipeline(chain):
     assert (run / "samples").is_dir() and any((run / "samples").glob("*.png"))  # samples decoded through the VAE
     g_ema = load_file(str(last / "generator_ema.safetensors"))
     assert all(k.startswith("model.") for k in g_ema)
+    # the shards hold the text the pipeline convention gives (Wan's zero rows dropped on disk, restored at load)
+    from apt.data.latent_shards import latent_train_loader
+
+    batch = next(iter(latent_train_loader(str(chain["tmp"] / "lat"), batch_size=2, seed=0, shuffle_buffer=4)))
+    want = TextEncoder.load(chain["tiny"]["pipeline"], max_length=CHAINS[fam][3]).encode(batch["caption"])
+    assert torch.equal(batch["text_emb"], want.emb_BLD) and torch.equal(batch["text_mask"], want.mask_BL)
+    assert (want.pooled_BP is None) == ("text_pooled" not in batch)
+    if want.pooled_BP is not None:
+        assert torch.equal(batch["text_pooled"], want.pooled_BP)
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ADAPTERS[fam].pipeline_class
     assert all((out / k).is_dir() for k, v in index.items() if isinstance(v, list) and v[0] is not None)
