@@ -87,7 +87,7 @@ def to_pipeline_latents(family: str, z_BCTHW: torch.Tensor, patch: tuple[int, in
 
 def from_pipeline_latents(family: str, x, shape_BCTHW: tuple[int, ...], patch: tuple[int, int, int] = (1, 1, 1)) -> torch.Tensor:
     """The inverse of ``to_pipeline_latents`` (for a pipeline's ``output_type="latent"`` result)."""
-    B, C, T, H, W = shape_BCTHW
+    _, _, T, H, W = shape_BCTHW
     if family == "sd3":
         return x.unsqueeze(2)
     if family == "flux":

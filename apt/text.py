@@ -19,11 +19,15 @@ shards encoded under another one.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from apt.models.backbone import TextCond
+
+if TYPE_CHECKING:
+    from apt.text_pipeline import PipelineTextEncoder
 
 TOY_ENCODER = "toy-t5"
 _SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
@@ -84,7 +88,7 @@ class TextEncoder(nn.Module):
         return self.model.config.d_model if hasattr(self.model.config, "d_model") else self.model.config.hidden_size
 
     @classmethod
-    def load(cls, name_or_dir: str, *, max_length: int = 32) -> "TextEncoder | PipelineTextEncoder":
+    def load(cls, name_or_dir: str, *, max_length: int = 32) -> TextEncoder | PipelineTextEncoder:
         """``toy-t5``, a diffusers pipeline directory (a ``PipelineTextEncoder``) or an encoder directory."""
         if name_or_dir == TOY_ENCODER:
             return cls(*build_toy_text_encoder(), max_length=max_length)

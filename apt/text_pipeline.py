@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -76,7 +76,8 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def _wan(c: dict, prompts: list[str], L: int):
-    from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # the pipeline's own cleaning (ftfy when installed)
+    # the pipeline's own cleaning (ftfy when installed, html unescaping, whitespace)
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
     te = c["text_encoder"]
     inputs = _ids(c["tokenizer"], [prompt_clean(p) for p in prompts], L, add_special_tokens=True, return_attention_mask=True)
@@ -87,8 +88,7 @@ def _wan(c: dict, prompts: list[str], L: int):
 
 
 def _clip(tokenizer, encoder, prompts: list[str], length: int):
-    out = encoder(_ids(tokenizer, prompts, length).input_ids.to(_device(encoder)), output_hidden_states=True)
-    return out
+    return encoder(_ids(tokenizer, prompts, length).input_ids.to(_device(encoder)), output_hidden_states=True)
 
 
 def _sd3(c: dict, prompts: list[str], L: int):
@@ -179,7 +179,7 @@ class PipelineTextEncoder(nn.Module):
         return self._dim
 
     @classmethod
-    def load(cls, pipeline_dir: str | Path, *, max_length: int | None = None) -> "PipelineTextEncoder":
+    def load(cls, pipeline_dir: str | Path, *, max_length: int | None = None) -> PipelineTextEncoder:
         """The text encoders and tokenizers of a local diffusers pipeline directory (no hub access);
         ``max_length`` None: the pipeline's default ``max_sequence_length``."""
         import transformers
