@@ -178,3 +178,15 @@ def test_export_of_a_run_conditioned_on_another_convention_writes_the_transforme
     out = export_diffusers(ckpt, tmp_path / "out", transformer_only=True)
     assert (out / "config.json").exists() and "would not\nreproduce it" in (out / "README.md").read_text()
     assert json.loads((out / "apt_one_step.json").read_text())["text_convention"] == "apt/32"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fam", ["sd3", "hunyuan"])
+def test_pipeline_encoders_on_the_gpu_give_cpu_text_equal_to_the_cpu_encoders(fam, pipelines):
+    """A LightningModule moves its text encoder to the GPU; the token ids must follow it, the TextCond stays on the CPU."""
+    cpu = TextEncoder.load(pipelines[fam]["pipeline"], max_length=LENGTH[fam]).encode(CAPTIONS[:2], cache=False)
+    gpu = TextEncoder.load(pipelines[fam]["pipeline"], max_length=LENGTH[fam]).cuda().encode(CAPTIONS[:2], cache=False)
+    assert gpu.emb_BLD.device.type == "cpu" and gpu.pooled_BP.device.type == "cpu"
+    torch.testing.assert_close(gpu.emb_BLD, cpu.emb_BLD, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.pooled_BP, cpu.pooled_BP, atol=1e-4, rtol=1e-4)
