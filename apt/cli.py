@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return consolidate_main(args.rest)
         if args.verb == "demo":
-            from apt.demo import run_demo
+            from apt.toy.demo import run_demo
 
             run_demo(args.out, quick=args.quick, text_terms=args.text_terms)
             return 0

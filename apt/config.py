@@ -18,6 +18,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OVERLAY_DIR = REPO_ROOT / "recipes" / "overlays"
 STAGES = ("teacher", "distill", "apt")
+TRAINER_STRATEGIES = ("auto", "single", "ddp", "fsdp2")
+DEEPSPEED_STAGES = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
 
 
 class ConfigError(ValueError):
@@ -97,8 +99,9 @@ class OptimConfig:
     decay_steps: int = 0
     """cosine only: the half cosine spans the last decay_steps steps, the lr is constant before them
     (warmup-stable-decay); 0, or more steps than follow the warm-up (a shortened run), = every step after it."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0 = off)."""
+    grad_clip: float = 0.0
+    """Global gradient-norm clip of each trained network, in every stage and strategy (0 = off; the paper's APT
+    stage clips nothing)."""
 
 
 @dataclass
@@ -115,7 +118,7 @@ class TrainConfig:
     num_nodes: int = 0
     """Nodes of the job (0 = from the launcher: SLURM or torchrun, else 1)."""
     accumulate_grad_batches: int = 1
-    """Micro-batches per update; G and D updates stay separate (DeepSpeed runner)."""
+    """Micro-batches per update, in every stage and strategy; in the APT stage G and D updates stay separate."""
     sequence_parallel: int = 1
     """Ulysses sequence parallelism: ranks per group that split each sample's tokens (1 = off). The P
     consecutive ranks of a group read the same samples, so ``data.batch_size`` is per group; APT stage,
@@ -129,8 +132,15 @@ class TrainConfig:
     """Save a checkpoint every N steps (and always at the end)."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep (the final one is always kept)."""
-    num_sample_prompts: int = 8
-    """Prompts in the sample grid."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts of the sample media (a PNG grid, and a GIF for clips) written to ``run_dir/samples`` every
+    ``sample_every_steps`` and at the end; prompt i uses noise seed i. With neither this nor
+    ``sample_prompts_file`` set the run writes no sample media (a warning says so once)."""
+    sample_prompts_file: str = ""
+    """A text file of sample prompts, one per line (blank lines skipped), instead of ``sample_prompts``
+    (set one of the two); a missing or empty file fails before training starts."""
+    num_sample_prompts: int = 0
+    """At most this many of the sample prompts go into the media (0 = all of them; the tiny overlay: 2)."""
     progress_bar: bool = True
 
 
@@ -195,11 +205,18 @@ class AptConfig:
 
 @dataclass
 class EvalConfig:
+    """In-training evaluation on the toy world (``apt.toy.eval_callback``): the demo recipes' validation
+    distance and attribute accuracy. Other models are evaluated after training (eval/fid.py, eval/fvd.py)."""
+
     every_steps: int = 0
-    """In-training evaluation every N steps (0 = off)."""
+    """Toy evaluation every N stage steps (0 = off); needs ``classifier`` and a built-in (toy) model."""
     num_samples: int = 256
-    classifier: str = "assets/toy_classifier"
+    """Validation prompts (and real clips) per evaluation."""
+    classifier: str = ""
+    """Toy classifier directory (the demo recipes: assets/toy_classifier)."""
     seed: int = 1234
+    """Read by nothing: sample prompts come from ``train.sample_prompts`` now (this seeded the toy prompts
+    the sample grids used to draw); kept so that configs saved with earlier runs load."""
 
 
 @dataclass
@@ -221,14 +238,6 @@ class PerfConfig:
     """FP8 e4m3 matmuls in the blocks' linear layers: torch._scaled_mm on Hopper/Ada, emulated elsewhere."""
     vae_chunk_frames: int = 0
     """Wan-VAE decode in chunks of this many latent frames after the first (0 = the VAE's own decode)."""
-
-    def __post_init__(self):
-        from apt.models.attention import ATTENTION_BACKENDS
-
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ConfigError(f"perf.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got '{self.attention_backend}'")
-        if self.vae_chunk_frames < 0:
-            raise ConfigError(f"perf.vae_chunk_frames must be >= 0, got {self.vae_chunk_frames}")
 
 
 @dataclass
@@ -337,85 +346,147 @@ def config_from_yaml(path: str | Path) -> Config:
 
 
 def check_config(c: Config) -> None:
-    """Value checks that need no files: each failure names the key."""
+    """Value checks that need no files, one function per section; each failure names the key.
+    File checks (shards, checkpoints) follow in ``apt.train.check_paths``, still before any work."""
+    need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
+    for check in (check_model, check_text, check_data, check_flow, check_optim, check_train, check_distill, check_apt, check_eval):
+        check(c)
+    check_perf(c.perf)
+
+
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def check_model(c: Config) -> None:
     from apt.models.registry import FLAVOURS
 
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
-
-    need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
     need(c.model.source in ("builtin", "diffusers"), f"model.source must be builtin or diffusers, got '{c.model.source}'")
-    if c.model.source == "diffusers":
+    if c.model.source == "diffusers":  # shapes are checked against model.path when the model is built
         from apt.models.adapters import ADAPTERS
 
         need(c.model.family in ADAPTERS, f"model.family '{c.model.family}' unknown for model.source=diffusers; choose from {', '.join(sorted(ADAPTERS))}")
         need(bool(c.model.path), "model.path must name the local diffusers transformer directory (model.source=diffusers)")
-    else:
-        need(c.model.flavour in FLAVOURS, f"model.flavour '{c.model.flavour}' unknown; choose from {', '.join(sorted(FLAVOURS))}")
-    need(c.train.max_steps > 0, f"train.max_steps must be positive, got {c.train.max_steps}")
-    need(c.train.num_nodes >= 0, f"train.num_nodes must be >= 0, got {c.train.num_nodes}")
-    need(c.train.accumulate_grad_batches >= 1, f"train.accumulate_grad_batches must be >= 1, got {c.train.accumulate_grad_batches}")
-    from apt.distributed.strategies import check_strategy
+        return
+    need(c.model.flavour in FLAVOURS, f"model.flavour '{c.model.flavour}' unknown; choose from {', '.join(sorted(FLAVOURS))}")
+    flav = FLAVOURS[c.model.flavour]
+    pt, ph, pw = flav.patch_size
+    need(c.data.channels == flav.in_channels, f"data.channels={c.data.channels} but model '{c.model.flavour}' expects {flav.in_channels}")
+    need(c.data.height % ph == 0 and c.data.width % pw == 0,
+         f"resolution data.height x data.width = {c.data.height}x{c.data.width} is not divisible by the patch size {ph}x{pw} of model '{c.model.flavour}'")
+    need(c.data.frames == 1 or c.data.frames % pt == 0,
+         f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
 
-    check_strategy(c)
-    check_sequence_parallel_config(c)
-    for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
-        need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
+
+def check_text(c: Config) -> None:
+    need(0.0 <= c.text.dropout < 1.0, f"text.dropout must be in [0, 1), got {c.text.dropout}")
+
+
+def check_data(c: Config) -> None:
     need(c.data.batch_size > 0, f"data.batch_size must be positive, got {c.data.batch_size}")
     need(c.data.image_batch_size > 0, f"data.image_batch_size must be positive, got {c.data.image_batch_size}")
     need(c.data.frames > 0, f"data.frames must be positive, got {c.data.frames}")
+    need(not (c.data.image_shards and c.stage == "apt"),
+         f"data.image_shards={c.data.image_shards}: the APT stage trains on data.shards only (one modality per stage: "
+         "an image stage, then a video stage); set data.image_shards= (empty)")
+
+
+def check_flow(c: Config) -> None:
     need(c.flow.sample_steps > 0, f"flow.sample_steps must be positive, got {c.flow.sample_steps}")
-    need(0.0 <= c.text.dropout < 1.0, f"text.dropout must be in [0, 1), got {c.text.dropout}")
-    need(0.0 < c.train.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {c.train.ema_decay}")
-    need(0.0 < c.apt.ema_decay < 1.0, f"apt.ema_decay must be in (0, 1), got {c.apt.ema_decay}")
-    need(c.apt.optimizer in ("rmsprop", "adam"), f"apt.optimizer must be rmsprop or adam, got '{c.apt.optimizer}'")
-    need(c.apt.d_steps_per_g_step >= 1, f"apt.d_steps_per_g_step must be >= 1, got {c.apt.d_steps_per_g_step}")
+
+
+def check_optim(c: Config) -> None:
     need(c.optim.schedule in ("constant", "cosine"), f"optim.schedule must be constant or cosine, got '{c.optim.schedule}'")
     need(c.optim.decay_steps >= 0, f"optim.decay_steps must be >= 0, got {c.optim.decay_steps}")
-    need(c.distill.num_steps >= 1, f"distill.num_steps must be >= 1, got {c.distill.num_steps}")
-    need(len(c.apt.readout_fractions) > 0, "apt.readout_fractions must list at least one depth")
-    need(c.apt.mismatch_weight >= 0.0, f"apt.mismatch_weight must be >= 0, got {c.apt.mismatch_weight}")
-    need(c.apt.text_contrast_weight >= 0.0, f"apt.text_contrast_weight must be >= 0, got {c.apt.text_contrast_weight}")
-    need(c.apt.text_contrast_weight == 0.0 or c.apt.mismatch_weight > 0.0,
-         f"apt.text_contrast_weight={c.apt.text_contrast_weight} needs apt.mismatch_weight > 0 (a D that reads the text)")
-    if c.model.source == "builtin":  # diffusers shapes are checked against model.path when the model is built
-        flav = FLAVOURS[c.model.flavour]
-        pt, ph, pw = flav.patch_size
-        need(c.data.channels == flav.in_channels, f"data.channels={c.data.channels} but model '{c.model.flavour}' expects {flav.in_channels}")
-        need(c.data.height % ph == 0 and c.data.width % pw == 0,
-             f"resolution data.height x data.width = {c.data.height}x{c.data.width} is not divisible by the patch size {ph}x{pw} of model '{c.model.flavour}'")
-        need(c.data.frames == 1 or c.data.frames % pt == 0,
-             f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
-    if c.stage == "distill":
-        need(bool(c.distill.teacher), "distill.teacher must name the teacher checkpoint")
-    if c.stage == "apt":
-        need(bool(c.apt.generator), "apt.generator must name the stage-1 (distilled) checkpoint")
-        need(bool(c.apt.teacher), "apt.teacher must name the original diffusion checkpoint (D is initialised from it)")
+    need(c.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {c.optim.grad_clip}")
 
 
-def check_sequence_parallel_config(c: Config) -> None:
+def check_train(c: Config) -> None:
+    need(c.train.max_steps > 0, f"train.max_steps must be positive, got {c.train.max_steps}")
+    need(c.train.num_nodes >= 0, f"train.num_nodes must be >= 0, got {c.train.num_nodes}")
+    need(c.train.accumulate_grad_batches >= 1, f"train.accumulate_grad_batches must be >= 1, got {c.train.accumulate_grad_batches}")
+    need(0.0 < c.train.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {c.train.ema_decay}")
+    for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
+        need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
+    need(not (c.train.sample_prompts and c.train.sample_prompts_file),
+         f"train.sample_prompts ({len(c.train.sample_prompts)} prompts) and train.sample_prompts_file ({c.train.sample_prompts_file}) are both set; keep one")
+    need(c.train.num_sample_prompts >= 0, f"train.num_sample_prompts must be >= 0 (0 = every sample prompt), got {c.train.num_sample_prompts}")
+    check_strategy(c)
+    check_sequence_parallel(c)
+
+
+def check_strategy(c: Config) -> None:
+    """A strategy this stage cannot run fails before any work."""
+    s = c.train.strategy
+    known = (*TRAINER_STRATEGIES, *DEEPSPEED_STAGES)
+    need(s in known, f"train.strategy '{s}' unknown; choose from {', '.join(known)}")
+    need(not (s == "fsdp2" and c.stage != "apt"),
+         f"train.strategy=fsdp2 shards the APT stage's G and D; stage '{c.stage}' runs with ddp or deepspeed_stage_*")
+    need(not (s in DEEPSPEED_STAGES and c.eval.every_steps),
+         f"eval.every_steps={c.eval.every_steps}: in-training evaluation runs on the Trainer path, not under train.strategy={s}; "
+         "set eval.every_steps=0 and evaluate the checkpoints afterwards")
+
+
+def check_sequence_parallel(c: Config) -> None:
     """``train.sequence_parallel``: what Ulysses needs, checked before any work (docs/distributed.md)."""
-    from apt.distributed.strategies import DEEPSPEED_STAGES
     from apt.models.registry import FLAVOURS
 
     P = c.train.sequence_parallel
-    if P < 1:
-        raise ConfigError(f"train.sequence_parallel must be >= 1, got {P}")
+    need(P >= 1, f"train.sequence_parallel must be >= 1, got {P}")
     if P == 1:
         return
     key = f"train.sequence_parallel={P}"
     strategies = ("ddp", "fsdp2", *DEEPSPEED_STAGES)  # one process per rank
-    if c.stage != "apt":
-        raise ConfigError(f"{key}: only the APT stage runs sequence-parallel; stage '{c.stage}' needs train.sequence_parallel=1")
-    if c.train.strategy not in strategies:
-        raise ConfigError(f"{key} runs under train.strategy {', '.join(strategies)}; got '{c.train.strategy}'")
-    if c.train.devices % P:
-        raise ConfigError(f"{key} must divide train.devices={c.train.devices}: a sequence-parallel group is {P} consecutive ranks of one node")
-    if c.model.source == "diffusers":
-        if c.model.family != "wan":  # the heads of a diffusers model are checked against model.path (apt.train.check_paths)
-            raise ConfigError(f"{key}: of the diffusers families only wan is wired (diffusers' context-parallel hooks); got model.family={c.model.family}")
+    need(c.stage == "apt", f"{key}: only the APT stage runs sequence-parallel; stage '{c.stage}' needs train.sequence_parallel=1")
+    need(c.train.strategy in strategies, f"{key} runs under train.strategy {', '.join(strategies)}; got '{c.train.strategy}'")
+    need(c.train.devices % P == 0, f"{key} must divide train.devices={c.train.devices}: a sequence-parallel group is {P} consecutive ranks of one node")
+    if c.model.source == "diffusers":  # the heads of a diffusers model are checked against model.path (apt.train.check_paths)
+        need(c.model.family == "wan", f"{key}: of the diffusers families only wan is wired (diffusers' context-parallel hooks); got model.family={c.model.family}")
         return
     heads = FLAVOURS[c.model.flavour].num_heads
-    if heads % P:
-        raise ConfigError(f"{key}: Ulysses splits attention heads over the group, and the {heads} heads of model '{c.model.flavour}' do not divide {P} ranks")
+    need(heads % P == 0, f"{key}: Ulysses splits attention heads over the group, and the {heads} heads of model '{c.model.flavour}' do not divide {P} ranks")
+
+
+def check_distill(c: Config) -> None:
+    need(c.distill.num_steps >= 1, f"distill.num_steps must be >= 1, got {c.distill.num_steps}")
+    if c.stage == "distill":
+        need(bool(c.distill.teacher), "distill.teacher must name the teacher checkpoint")
+
+
+def check_apt(c: Config) -> None:
+    a = c.apt
+    need(0.0 < a.ema_decay < 1.0, f"apt.ema_decay must be in (0, 1), got {a.ema_decay}")
+    need(a.optimizer in ("rmsprop", "adam"), f"apt.optimizer must be rmsprop or adam, got '{a.optimizer}'")
+    need(a.d_steps_per_g_step >= 1, f"apt.d_steps_per_g_step must be >= 1, got {a.d_steps_per_g_step}")
+    need(len(a.readout_fractions) > 0, "apt.readout_fractions must list at least one depth")
+    need(a.mismatch_weight >= 0.0, f"apt.mismatch_weight must be >= 0, got {a.mismatch_weight}")
+    need(a.text_contrast_weight >= 0.0, f"apt.text_contrast_weight must be >= 0, got {a.text_contrast_weight}")
+    need(a.text_contrast_weight == 0.0 or a.mismatch_weight > 0.0,
+         f"apt.text_contrast_weight={a.text_contrast_weight} needs apt.mismatch_weight > 0 (a D that reads the text)")
+    if c.stage == "apt":
+        need(bool(a.generator), "apt.generator must name the stage-1 (distilled) checkpoint")
+        need(bool(a.teacher), "apt.teacher must name the original diffusion checkpoint (D is initialised from it)")
+
+
+def check_eval(c: Config) -> None:
+    """Whether a run may run the in-training (toy) evaluation."""
+    e = c.eval
+    need(e.every_steps >= 0, f"eval.every_steps must be >= 0 (0 = off), got {e.every_steps}")
+    if e.every_steps == 0:
+        return
+    key = f"eval.every_steps={e.every_steps}"
+    need(c.model.source != "diffusers",
+         f"{key}: the in-training evaluation scores the toy world with the toy classifier, not the samples of "
+         f"model.source=diffusers (model.family={c.model.family}); set eval.every_steps=0 and evaluate checkpoints "
+         "with eval/fid.py, eval/fvd.py or eval/benchmark_images.py / benchmark_video.py")
+    need(bool(e.classifier), f"{key} needs eval.classifier, the toy classifier directory (the demo recipes: assets/toy_classifier)")
+    need(e.num_samples >= 1, f"{key} needs eval.num_samples >= 1, got {e.num_samples}")
+
+
+def check_perf(p: PerfConfig) -> None:
+    """Also called by ``apt.perf.apply_perf``: a PerfConfig can be built in code, not only from a recipe."""
+    from apt.models.attention import ATTENTION_BACKENDS
+
+    need(p.attention_backend in ATTENTION_BACKENDS, f"perf.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got '{p.attention_backend}'")
+    need(p.vae_chunk_frames >= 0, f"perf.vae_chunk_frames must be >= 0, got {p.vae_chunk_frames}")

@@ -43,7 +43,7 @@ def text_convention(encoder: str, max_length: int) -> str:
 
 
 def toy_vocabulary() -> list[str]:
-    from apt.data.toy import TOY_WORDS
+    from apt.toy.world import TOY_WORDS
 
     return sorted(set(TOY_WORDS))
 

@@ -136,7 +136,7 @@ def test_attention_backend_errors():
         with attention_backend("fastest"):
             pass
     with pytest.raises(ConfigError, match="perf.attention_backend"):
-        PerfConfig(attention_backend="fastest")
+        apply_perf(tiny_dit(), PerfConfig(attention_backend="fastest"))
     q = torch.randn(1, 2, 4, 8)
     with attention_backend("efficient"), pytest.raises(RuntimeError):
         attention(q, q, q)  # a CUDA-only kernel: SDPA refuses on CPU rather than silently falling back

@@ -2,7 +2,7 @@
 
 import pytest
 
-from apt.eval.toy_bar import check_bar, format_bar
+from apt.toy.bar import check_bar, format_bar
 
 
 def make_report(*, teacher=(6.0, 0.99), distilled=(14.0, 0.90), apt=(7.0, 0.95), floor=1.0, speedups=(33.0, 46.0)):

@@ -25,13 +25,13 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from apt.data import toy
 from apt.eval.frechet import FeatureStats, stats_distance
-from apt.eval.toy_classifier import ATTRIBUTES, ToyClassifier
+from apt.toy import world
+from apt.toy.classifier import ATTRIBUTES, ToyClassifier
 
 DEFAULT_CHUNK = 250
 VAL_PROMPT_SEED, VAL_NOISE_SEED = 4321, 20_000
-"""The validation split (prompts ``toy.eval_prompts(n, seed=VAL_PROMPT_SEED)``, noise seeds VAL_NOISE_SEED + i):
+"""The validation split (prompts ``world.eval_prompts(n, seed=VAL_PROMPT_SEED)``, noise seeds VAL_NOISE_SEED + i):
 what training logs (``eval.every_steps``) and what the demo picks its APT checkpoint on; disjoint from
 the demo report's prompts and seeds."""
 
@@ -41,7 +41,7 @@ def real_batches(
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Real clips `make_sample(i, seed, frames)`, i in [start, start + n): (x_BCTHW in [-1, 1], captions)."""
     for lo in range(start, start + n, batch_size):
-        samples = [toy.make_sample(i, seed, frames) for i in range(lo, min(lo + batch_size, start + n))]
+        samples = [world.make_sample(i, seed, frames) for i in range(lo, min(lo + batch_size, start + n))]
         pixels_BTHWC = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
         yield pixels_BTHWC.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0, [s["caption"] for s in samples]
 
@@ -114,7 +114,7 @@ def real_stats(
 def correct_mask(predictions: dict[str, list[str]], prompts: list[str]) -> tuple[np.ndarray, dict[str, float]]:
     """Per-sample joint correctness (N,) of predicted class names against parsed prompts, and the
     per-attribute accuracy (attributes the prompts leave unset, e.g. an image's direction, are skipped)."""
-    targets = [toy.parse_caption(p) for p in prompts]
+    targets = [world.parse_caption(p) for p in prompts]
     correct_N = np.ones(len(targets), dtype=bool)
     per_attribute: dict[str, float] = {}
     for name in ATTRIBUTES:

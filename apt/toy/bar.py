@@ -14,7 +14,7 @@ FLOOR_MAX_RATIO_TO_TEACHER = 0.5
 """The issue's "enough samples that the real-vs-real floor is well below the teacher's distance", read as at most half
 of it. Until 2026-12-05 the line read "below" (ratio <= 1), which the report's N = 1000 met at 0.81: there the
 floor was most of the teacher's distance and the rows' distances carried different small-sample biases
-(``eval/toy_distance_vs_n.py``, docs/demo_tuning.md fifteenth round)."""
+(``experiments/toy_distance_vs_n.py``, docs/demo_tuning.md fifteenth round)."""
 APT_MAX_RATIO_TO_DISTILLED = 0.5
 APT_MAX_RATIO_TO_TEACHER = 1.3
 APT_MAX_ACCURACY_DROP = 0.10    # attribute accuracy within 10 points of the teacher's
