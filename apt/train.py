@@ -48,6 +48,7 @@ def check_paths(c: Config) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.{key}: {e}") from None
         check_manifest(c, key, value)
+        check_shard_text(c, key, value)
     if c.train.sample_prompts_file:
         sample_prompts(c)  # a missing or empty prompts file fails here, before any work
     from apt.models.factory import weights_available
@@ -100,6 +101,17 @@ def check_manifest(c: Config, key: str, path: str) -> None:
         if field in m and m[field] != want:
             expected = f"data.{field}={want}" if key == "shards" or field != "frames" else "one-frame images"
             raise ConfigError(f"data.{key}: {path} holds clips with {field}={m[field]} but the config expects {expected}")
+
+
+def check_shard_text(c: Config, key: str, path: str) -> None:
+    """Latent shards with text embeddings must have been encoded under the run's text convention."""
+    from apt.data.latent_shards import check_text_convention
+    from apt.text import text_convention
+
+    try:
+        check_text_convention(path, text_convention(c.text.encoder, c.text.max_length))
+    except ValueError as e:
+        raise ConfigError(f"data.{key}: {e}") from None
 
 
 def resume_path(c: Config) -> str | None:

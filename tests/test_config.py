@@ -107,7 +107,9 @@ def test_every_recipe_loads_with_tiny_overlay(recipe):
     if c.model.source == "diffusers":  # the recipe's latent shape against the production architecture (meta device)
         from apt.models.adapters.sizes import production_adapter
 
-        production_adapter(c.model.family).check_input_shape(shape)
+        net = production_adapter(c.model.family)
+        net.check_input_shape(shape)
+        assert c.text.max_length == net.text.max_length  # the teacher's own text length (its pipeline's max_sequence_length)
         return
     from apt.models import build_dit
 
