@@ -147,3 +147,16 @@ def test_one_step_is_z_minus_the_velocity_at_t_1():
     z, text = torch.randn(2, *SHAPE), random_text(2, 4, 32)
     with torch.no_grad():
         torch.testing.assert_close(one_step(G, z, text), z - G(z, torch.ones(2), text))
+
+
+def test_optimizer_update_clips_the_global_norm():
+    net = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    update = OptimizerUpdate(opt, net, max_norm=0.5)
+    update.zero_grad()
+    update.backward((net(torch.randn(8, 4)) * 10).pow(2).sum())
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    norm = update.step()
+    assert norm > 0.5  # the reported norm is the one before clipping
+    moved = torch.cat([(before[n] - p.detach()).flatten() for n, p in net.named_parameters()])  # lr 1: the applied gradient
+    torch.testing.assert_close(moved.norm(), torch.tensor(0.5), rtol=1e-4, atol=0)

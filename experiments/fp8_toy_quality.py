@@ -1,6 +1,6 @@
 """Effect of FP8 matmuls (``perf.fp8``) on the toy benchmark's quality.
 
-    python eval/fp8_toy_quality.py [--demo runs/demo] [--num-samples 1000]
+    python experiments/fp8_toy_quality.py [--demo runs/demo] [--num-samples 1000]
 
 Evaluates the demo's teacher (25 steps, CFG 2) and APT one-step generator (the checkpoint the demo
 report chose) with and without FP8, on the demo report's prompts, seeds and real statistics. On CPU
@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 
 from apt.config import PerfConfig
-from apt.data.toy import eval_prompts
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import evaluate_samples, real_stats
-from apt.eval.toy_report import EVAL_SEED, generate_all
 from apt.inference import load_generator
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.metrics import evaluate_samples, real_stats
+from apt.toy.report import EVAL_SEED, generate_all
+from apt.toy.world import eval_prompts
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
