@@ -74,11 +74,15 @@ def test_distillation_lr_follows_the_cosine_schedule(tiny_distilled):
     assert lr == pytest.approx(0.0, abs=1e-12)  # the last checkpoint: the schedule's end
 
 
-def test_distill_then_apt_resume_identically(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
+def test_distill_then_apt_resume_identically(tiny_teacher, tiny_distilled, toy_shards, tmp_path, capfd):
     assert (latest_checkpoint(tiny_distilled) / "net_ema.safetensors").exists()
     full, part = tmp_path / "full", tmp_path / "part"
     v = toy_shards["video"]
+    capfd.readouterr()
     assert main(apt_args(full, v, tiny_distilled, tiny_teacher, "train.max_steps=3")) == 0
+    out, err = capfd.readouterr()  # the count the user asked for, not Lightning's optimiser steps of both networks (7)
+    assert f"[apt] done: 3 generator updates (train.max_steps=3); checkpoints in {full / 'checkpoints'}" in err
+    assert "`Trainer.fit` stopped" not in out + err
     assert main(apt_args(part, v, tiny_distilled, tiny_teacher, "train.max_steps=2")) == 0
     assert main(apt_args(part, v, tiny_distilled, tiny_teacher, "train.max_steps=3", "resume=auto")) == 0
     # generator updates, not optimiser steps, name the checkpoints: warm-up (1 D step) + 3 x (D + G)
