@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Self
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 DUPLICATE_S = 1.0
@@ -50,7 +51,7 @@ class PreemptionGuard:
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> Self:
         global _active
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:

@@ -19,7 +19,7 @@ MAIN_METRICS = {"teacher": ("loss",), "distill": ("loss",), "apt": ("loss_d", "l
 
 
 def format_seconds(s: float) -> str:
-    s = int(round(s))
+    s = round(s)
     if s < 60:
         return f"{s}s"
     if s < 3600:

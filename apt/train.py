@@ -23,7 +23,13 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from apt.checkpoint import CheckpointError, clean_stale_temporaries, latest_checkpoint, list_checkpoints, verify_checkpoint
+from apt.checkpoint import (
+    CheckpointError,
+    clean_stale_temporaries,
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
 from apt.config import Config, ConfigError, check_config, load_config, save_config, to_yaml
 from apt.distributed.strategies import make_strategy, num_nodes, uses_deepspeed
 from apt.lit.apt import AptModule

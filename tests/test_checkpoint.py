@@ -8,8 +8,16 @@ import json
 import pytest
 import torch
 
-from apt.checkpoint import (CHECKSUMS, CheckpointError, atomic_write_dir, checkpoints_to_prune, clean_stale_temporaries, load_weights,
-                            save_weights, verify_checkpoint)
+from apt.checkpoint import (
+    CHECKSUMS,
+    CheckpointError,
+    atomic_write_dir,
+    checkpoints_to_prune,
+    clean_stale_temporaries,
+    load_weights,
+    save_weights,
+    verify_checkpoint,
+)
 
 
 def _write(tmp) -> None:

@@ -177,9 +177,8 @@ def _numeric_fields(obj, prefix: str = ""):
         value = getattr(obj, f.name)
         if is_dataclass(value):
             yield from _numeric_fields(value, f"{prefix}{f.name}.")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            yield f"{prefix}{f.name}", value
-        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+                isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value)):
             yield f"{prefix}{f.name}", value
 
 

@@ -232,7 +232,7 @@ def partly_corrupt_shards(toy_shards, tmp_path) -> Path:
     """The toy video shards with the first of their two shards unreadable sample by sample (half the data)."""
     out = tmp_path / "partly"
     shutil.copytree(toy_shards["video"], out)
-    shard = sorted(out.glob("*.tar"))[0]
+    shard = min(out.glob("*.tar"))
     samples = list(wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()))
     _write_shard(shard, [s["__key__"] for s in samples], lambda key: b"cut short")
     return out
@@ -243,7 +243,10 @@ def test_some_corrupt_samples_are_skipped_counted_and_logged(partly_corrupt_shar
     run = tmp_path / "run"
     result = launch(["-m", "apt", *teacher_args(run, str(partly_corrupt_shards), "train.max_steps=3")], timeout=150)
     assert result.returncode == 0, result.stdout[-3000:]
-    rows = [r for f in run.glob("logs/version_*/metrics.csv") for r in csv.DictReader(open(f)) if r.get("data_skipped")]
+    rows = []
+    for f in run.glob("logs/version_*/metrics.csv"):
+        with open(f) as fh:
+            rows += [r for r in csv.DictReader(fh) if r.get("data_skipped")]
     assert rows and all(float(r["data_skipped"]) == float(r["data_skipped_bad_array"]) > 0 for r in rows)
     skipped = int(float(rows[-1]["data_skipped"]))
     warnings = [x for x in result.stdout.splitlines() if x.startswith("skipped corrupt data")]

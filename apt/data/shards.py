@@ -23,7 +23,6 @@ import glob
 import io
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import braceexpand

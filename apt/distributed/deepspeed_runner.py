@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -109,8 +109,8 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None, *, prepare_run_dir: C
     from apt.data.shards import resolve_shards, train_loader
     from apt.lit.apt import AptModule
     from apt.lit.callbacks import SampleMedia, checkpoint_path
-    from apt.prompts import sample_prompts
     from apt.progress import ProgressLog
+    from apt.prompts import sample_prompts
 
     if c.stage != "apt":
         raise ConfigError(f"the DeepSpeed runner trains the APT stage; stage '{c.stage}' uses Lightning's strategies")

@@ -31,8 +31,17 @@ from pathlib import Path
 
 import torch
 
-from apt.checkpoint import (STATE_FILE, CheckpointError, checkpoints_to_prune, load_safetensors, load_trainer_state, publish_dir, save_weights,
-                            verify_checkpoint, write_checksums)
+from apt.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    checkpoints_to_prune,
+    load_safetensors,
+    load_trainer_state,
+    publish_dir,
+    save_weights,
+    verify_checkpoint,
+    write_checksums,
+)
 from apt.config import ConfigError, to_yaml
 
 TAG = "checkpoint"

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from apt.checkpoint import STATE_FILE, atomic_write_dir, load_safetensors, load_trainer_state, save_weights, split_by_module, verify_checkpoint
+from apt.checkpoint import (
+    STATE_FILE,
+    atomic_write_dir,
+    load_safetensors,
+    load_trainer_state,
+    save_weights,
+    split_by_module,
+    verify_checkpoint,
+)
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
