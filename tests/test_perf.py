@@ -151,6 +151,21 @@ def test_compile_wraps_each_block_and_keeps_parameter_names():
     assert list(net.state_dict()) == keys
 
 
+@pytest.mark.parametrize("text_padding", ["mask", "trim"])
+def test_compiled_block_is_one_graph(text_padding):
+    """No graph break inside a block (fullgraph=True): attention's dispatch is traceable (it once read
+    a ContextVar, which Dynamo cannot trace: every compiled block broke its graph there)."""
+    net = apply_perf(tiny_dit(), PerfConfig(text_padding=text_padding))
+    x, t, text = tiny_inputs()
+    seen = []
+    net.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args))
+    with torch.no_grad():
+        net(x, t, text)
+        args = seen[0]
+        compiled = torch.compile(net.blocks[0], backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(*args), net.blocks[0](*args), **FP32_TOL)
+
+
 @pytest.mark.integration
 def test_compile_aot_eager_matches_plain_forward_and_backward():
     """backend='aot_eager' runs the graphs Dynamo + AOTAutograd capture (forward and joint backward)
