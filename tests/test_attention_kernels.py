@@ -21,6 +21,7 @@ from apt.models.attention import TextKeyPadding, attention, attention_backend, p
 from apt.models.attention_kernels import EMULATIONS, _int8_per_block, _online_softmax_pv, check_kernel
 from apt.perf import PerfConfig, apply_perf
 from apt.perf.bench import randomize_zero_init, relative_error
+from tests.conftest import GPU
 
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 # Relative error vs the exact attention of the bf16-rounded inputs (random unit-scale q, k, v, head
@@ -213,3 +214,27 @@ def test_kernel_backend_errors():
         with pytest.raises(RuntimeError, match=r"optional extra 'fa3' \(wheel fa3-fwd\)"):
             check_kernel("fa3", torch.device("cuda"), torch.bfloat16, 128)
     check_kernel("sage", torch.device("cpu"), torch.float32, 24)  # CPU: emulation, nothing needed
+
+
+def test_inference_tensors_are_not_cached():
+    from apt.models.attention import TextLayoutCache
+
+    cache = TextLayoutCache()
+    with torch.inference_mode():
+        mask = torch.tensor([[True, False]])
+        text_key_layout(mask, 4, "trim", cache=cache)
+        assert cache.get(mask, ("trim", 4)) is None
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("mode", ["trim", "varlen"])
+def test_cuda_graph_with_trimmed_text_matches_the_masked_eager_forward(mode):
+    """The mask is read on the host before capture; each mask pattern gets its own graph."""
+    ref_net, graph_net = tiny_dit().cuda(), apply_perf(tiny_dit().cuda(), PerfConfig(cuda_graphs=True, text_padding=mode))
+    with torch.inference_mode():
+        for rows in ([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]):
+            x, t, text = inputs(rows)
+            x, t, text = x.cuda(), t.cuda(), text.to("cuda")
+            for _ in range(2):
+                torch.testing.assert_close(graph_net(x, t, text), ref_net(x, t, text), atol=1e-4, rtol=1e-4)

@@ -136,12 +136,13 @@ class TextLayoutCache:
 
     def get(self, mask_BL: torch.Tensor, key: tuple):
         e = self._entry
-        if e is not None and e[0]() is mask_BL and e[1] == (mask_BL._version, key):
+        if e is not None and not mask_BL.is_inference() and e[0]() is mask_BL and e[1] == (mask_BL._version, key):
             return e[2]
         return None
 
     def put(self, mask_BL: torch.Tensor, key: tuple, value) -> None:
-        self._entry = (weakref.ref(mask_BL), (mask_BL._version, key), value)
+        if not mask_BL.is_inference():  # inference tensors have no version counter: an in-place change would go unseen
+            self._entry = (weakref.ref(mask_BL), (mask_BL._version, key), value)
 
 
 def text_key_layout(

@@ -55,7 +55,8 @@ class CUDAGraphForward(nn.Module):
         return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]):
-        static = tuple(t.clone() for t in inputs)
+        with torch.inference_mode(False):  # normal tensors (with version counters), also when called under inference_mode
+            static = tuple(t.clone() for t in inputs)
 
         def run() -> torch.Tensor:
             x, t, emb, mask = static
