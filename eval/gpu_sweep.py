@@ -174,6 +174,8 @@ def stage_attention(s: Sweep, device: torch.device, shape: dict) -> None:
     c = FLAVOURS[shape["flavour"]]
     K, E = c.num_heads, c.hidden_dim // c.num_heads
     S = _tokens(c, shape["latent"]) + shape["text_tokens"]
+    if s.a.attention_shape:
+        K, S, E = (int(v) for v in s.a.attention_shape.split(","))
     g = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(1, K, S, E, generator=g, device=device, dtype=shape["dtype"]) for _ in range(3))
     rows = min(s.a.error_rows, S)
@@ -363,6 +365,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stages", default="environment,attention,linears,dit,vae,train_step,dit_compiled")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per row after the warm-up (median)")
     p.add_argument("--error-rows", type=int, default=512, help="queries / rows compared against fp32")
+    p.add_argument("--attention-shape", default=None, help="heads,tokens,head_dim of the attention stage (default: the DiT's)")
     p.add_argument("--train-depth", type=int, default=4, help="layers of the apt-8b-wide G and D in the train-step stage")
     p.add_argument("--compile-backend", default=None, help="default inductor (tiny: eager)")
     p.add_argument("--dit-row-s", type=float, default=None, help="time a DiT row needs (default 25 on GPU, 1 tiny)")
