@@ -217,7 +217,7 @@ class PerfConfig:
     text_padding: str = "mask"
     """Padded text tokens in the built-in DiT's attention: mask (a dense key mask, always) | trim (no mask when no token
     is padding; columns padded in every sample dropped, so batch 1 runs unmasked) | varlen (as trim; mixed lengths
-    grouped by length, no dense mask) (``apt.models.attention.text_key_layout``)."""
+    grouped into runs of one length, no dense mask) (``apt.models.attention.text_key_layout``)."""
     compile: bool = False
     """torch.compile each DiT block in place (parameter names unchanged)."""
     compile_backend: str = "inductor"

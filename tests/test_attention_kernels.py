@@ -73,7 +73,8 @@ def masks_seen(net, x, t, text) -> list:
     ([[1, 1, 1, 0, 0]], "trim", "none"),                        # batch 1: padded tokens trimmed
     ([[1, 0, 1, 1, 0]], "trim", "none"),                        # batch 1, padding not at the end
     ([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], "trim", "dense"),      # mixed lengths: dense mask of the kept columns
-    ([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]], "varlen", "lengths"),  # grouped by length, no mask
+    ([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]], "varlen", "lengths"),  # runs of one length, no mask
+    ([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], "varlen", "lengths"),  # CFG-like: two runs
     ([[1, 0, 1, 0, 0], [1, 1, 1, 0, 0]], "varlen", "dense"),    # not prefix form: dense fallback
     ([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], "varlen", "lengths"),  # an empty prompt attends to the visual tokens only
 ])
@@ -89,9 +90,10 @@ def test_text_padding_modes_equal_the_masked_forward(rows, mode, expect):
     elif expect == "dense":
         assert all(isinstance(m, torch.Tensor) for m in seen)
         assert kept is None or all(m.shape[-1] == kept + 32 for m in seen)
-    else:  # each length group runs unmasked (one call per group and block)
-        groups = len({sum(r) for r in rows})
-        assert len(seen) == groups * 3 and all(m is None for m in seen)
+    else:  # each run of consecutive equal lengths attends unmasked (one call per run and block)
+        lengths = [sum(r) for r in rows]
+        runs = 1 + sum(a != b for a, b in zip(lengths, lengths[1:]))
+        assert len(seen) == runs * 3 and all(m is None for m in seen)
 
 
 def test_trimmed_text_sets_the_visual_token_offset_and_the_discriminator_agrees():

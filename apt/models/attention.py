@@ -18,9 +18,9 @@ The mask argument is one of:
 - ``None``: every key is valid (the fast kernels run unmasked);
 - a boolean key mask (B, 1, 1, S), True = attend;
 - ``TextKeyPadding``: the joint sequence is [L text tokens | N visual tokens] and sample b's first
-  ``lengths[b]`` text tokens are valid. Samples are grouped by length and each group attends,
-  unmasked, to the keys [its valid text | all visual] (keys gathered, queries untouched): no dense
-  mask, the same result as masking (exact up to summation order).
+  ``lengths[b]`` text tokens are valid. Consecutive samples of the same length form a group that
+  attends, unmasked, to the keys [its valid text | all visual] (keys gathered, queries untouched):
+  no dense mask, the same result as masking (exact up to summation order).
 """
 
 from __future__ import annotations
@@ -93,23 +93,18 @@ def _unpadded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 
 def _grouped_by_text_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: TextKeyPadding) -> torch.Tensor:
-    """Per group of samples with the same valid text length: unmasked attention over [valid text | visual] keys."""
-    L = pad.num_text
-    groups: dict[int, list[int]] = {}
-    for b, n in enumerate(pad.lengths):
-        groups.setdefault(n, []).append(b)
-    outs, order = [], []
-    for n, samples in groups.items():
-        idx = slice(samples[0], samples[-1] + 1) if samples == list(range(samples[0], samples[-1] + 1)) else torch.tensor(samples, device=q.device)
-        keys = [torch.cat([t[idx][:, :, :n], t[idx][:, :, L:]], dim=2) if n < L else t[idx] for t in (k, v)]
-        outs.append(_unpadded_attention(q[idx], *keys, None))
-        order.extend(samples)
-    if len(outs) == 1:
-        return outs[0]
-    out = torch.cat(outs)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    return out[inverse.to(out.device)]
+    """Per run of consecutive samples with the same valid text length n: unmasked attention over the
+    keys [first n text tokens | visual tokens]. Slices only (no index tensors: nothing is copied from
+    the host, so this also runs inside a CUDA-graph capture)."""
+    L, outs, start = pad.num_text, [], 0
+    for b in range(1, len(pad.lengths) + 1):
+        if b < len(pad.lengths) and pad.lengths[b] == pad.lengths[start]:
+            continue
+        n, rows = pad.lengths[start], slice(start, b)
+        keys = [t[rows] if n == L else torch.cat([t[rows, :, :n], t[rows, :, L:]], dim=2) for t in (k, v)]
+        outs.append(_unpadded_attention(q[rows], *keys, None))
+        start = b
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def pad_key_mask(mask: torch.Tensor | TextKeyPadding | None, S: int, S_pad: int, *, device: torch.device) -> torch.Tensor | None:
