@@ -21,13 +21,14 @@ still reports everything before the cut; a stage that fails records its error an
 4. ``dit``: the whole apt-8b DiT forward (one step at t = 1) per combination of switches (text
    padding, attention kernel, FP8 linears): time and output error vs the plain DiT; also a prompt of
    64 valid tokens padded to 256 (masked vs trimmed).
-5. ``vae``: the Wan 2.1 VAE decode at 720p/49f: plain, folded padding, channels-last, both, chunked,
-   compiled: time, peak memory, error vs plain.
+5. ``vae``: the Wan 2.1 VAE decode at 720p/49f: plain, folded padding, channels-last, both, chunked:
+   time, peak memory, error vs plain.
 6. ``train_step``: one APT update (``eval/benchmark_train_step.py``, apt-8b width at ``--train-depth``
    layers): the 2026-11-22 setting (full checkpointing, text mask), then without the mask per
    checkpoint policy (full, attention_and_matmul, attention): seconds and MFU (out of memory: recorded).
 7. ``dit_compiled``: the DiT with ``torch.compile`` (+ fused QK-norm/RoPE), unquantised and with the
-   fastest kernels: time and error vs plain (last: compiling 36 blocks takes the longest).
+   fastest kernels: time and error vs plain (late: compiling 36 blocks takes the longest).
+8. ``vae_compiled``: the decode with the decoder compiled (last: compile time is unknown).
 
 ``summary`` then lists the fastest DiT row, the fastest VAE row, their sum (separately measured
 stages added, not one end-to-end run) and the targets (DiT <= 2.3 s, total <= 4 s, MFU >= 35%).
@@ -94,8 +95,8 @@ VAE_ROWS = [
     ("channels_last", dict(vae_channels_last=True)),
     ("fold+channels_last", dict(vae_fold_padding=True, vae_channels_last=True)),
     ("fold+channels_last+chunk1", dict(vae_fold_padding=True, vae_channels_last=True, vae_chunk_frames=1)),
-    ("fold+channels_last+compile", dict(vae_fold_padding=True, vae_channels_last=True, vae_compile=True)),
 ]
+VAE_COMPILED_ROWS = [("fold+channels_last+compile", dict(vae_fold_padding=True, vae_channels_last=True, vae_compile=True))]
 TRAIN_ROWS = [  # (name, checkpoint policy, perf overrides): the first is the 2026-11-22 measurement's setting
     ("full+mask", "full", []),
     ("full", "full", ["text_padding=trim"]),
@@ -283,13 +284,15 @@ def stage_dit(s: Sweep, device: torch.device, shape: dict, rows: list, stage: st
 
 
 # -- 5. VAE decode -------------------------------------------------------------------------------------------
-def stage_vae(s: Sweep, device: torch.device, shape: dict) -> None:
+def stage_vae(s: Sweep, device: torch.device, shape: dict, rows: list, stage: str) -> None:
     from diffusers import AutoencoderKLWan
 
     g = torch.Generator(device).manual_seed(2)
     z = torch.randn(1, *shape["latent"], generator=g, device=device, dtype=shape["dtype"])
     plain = {}
-    for name, overrides in VAE_ROWS:
+    if stage != "vae":
+        rows = [VAE_ROWS[0], *rows]  # the reference decode again (the plain stage's output is not kept)
+    for name, overrides in rows:
         def run(name=name, overrides=overrides):
             torch.manual_seed(0)
             with torch.device(device):
@@ -308,7 +311,7 @@ def stage_vae(s: Sweep, device: torch.device, shape: dict) -> None:
             del vae
             return row
 
-        s.row("vae", name, run, needs_s=s.a.vae_row_s * (3 if "vae_compile" in overrides else 1))
+        s.row(stage, name, run, needs_s=s.a.vae_row_s * (3 if "vae_compile" in overrides else 1))
 
 
 # -- 6. APT training step ------------------------------------------------------------------------------------
@@ -341,7 +344,8 @@ def summarize(s: Sweep) -> None:
 
     dit = [b for b in (best("dit"), best("dit_compiled")) if b]
     dit = min(dit, key=lambda kv: kv[1]["seconds"]) if dit else None
-    vae = best("vae")
+    vae = [b for b in (best("vae"), best("vae_compiled")) if b]
+    vae = min(vae, key=lambda kv: kv[1]["seconds"]) if vae else None
     mfu = {k: v.get("mfu") for k, v in st.get("train_step", {}).items() if isinstance(v, dict)}
     summary = {"fastest_dit": dit and {"row": dit[0], "seconds": dit[1]["seconds"]}, "fastest_vae": vae and {"row": vae[0], "seconds": vae[1]["seconds"]}, "mfu": mfu}
     if dit and vae:
@@ -362,7 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (rehearsal); quantised kernels emulated")
     p.add_argument("--device", default=None, help="default: cuda if available (tiny: cpu)")
     p.add_argument("--time-limit", type=float, default=450.0, help="seconds; rows that would not fit are recorded as skipped")
-    p.add_argument("--stages", default="environment,attention,linears,dit,vae,train_step,dit_compiled")
+    p.add_argument("--stages", default="environment,attention,linears,dit,vae,train_step,dit_compiled,vae_compiled")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per row after the warm-up (median)")
     p.add_argument("--error-rows", type=int, default=512, help="queries / rows compared against fp32")
     p.add_argument("--attention-shape", default=None, help="heads,tokens,head_dim of the attention stage (default: the DiT's)")
@@ -407,11 +411,11 @@ def main(argv: list[str] | None = None) -> dict:
             if stage == "dit_compiled" and "full" not in plain:
                 rows = [DIT_ROWS[0], *rows]
             stage_dit(s, device, shape, rows, stage, base, plain)
-        elif stage == "vae":
+        elif stage in ("vae", "vae_compiled"):
             base = None  # free the DiT's memory for the decode; rebuilt if a later stage needs it
             plain.clear()
             _free()
-            stage_vae(s, device, shape)
+            stage_vae(s, device, shape, VAE_ROWS if stage == "vae" else VAE_COMPILED_ROWS, stage)
         elif stage == "train_step":
             base = None
             _free()

@@ -35,19 +35,19 @@ def test_sweep_writes_rows_and_skips_past_the_time_limit(tmp_path):
 
 @pytest.mark.integration
 def test_full_tiny_rehearsal(tmp_path):
-    """All seven stages at tiny shapes (~70 s on a loaded 2-core CPU: Dynamo traces the VAE decoder and DiT blocks)."""
+    """All eight stages at tiny shapes (~70 s on a loaded 2-core CPU: Dynamo traces the VAE decoder and DiT blocks)."""
     out = tmp_path / "sweep.json"
     report = sweep_main()(["--tiny", "--out", str(out), "--repeats", "1"])
     st = report["stages"]
-    assert {"environment", "attention", "linears", "dit", "vae", "train_step", "dit_compiled"} <= set(st)
-    for stage in ("attention", "linears", "dit", "vae", "train_step", "dit_compiled"):
+    assert {"environment", "attention", "linears", "dit", "vae", "train_step", "dit_compiled", "vae_compiled"} <= set(st)
+    for stage in ("attention", "linears", "dit", "vae", "train_step", "dit_compiled", "vae_compiled"):
         for name, row in st[stage].items():
             assert ("error" in row) == (name in CUDA_ONLY), (stage, name, row)
             assert "skipped" not in row
     assert len(st["linears"]) == 4 * 5 and st["linears"]["qkv/fp8_row_fast"]["emulated"]
     assert st["dit"]["trim"]["rel_error_vs_plain"] < 1e-5 and 0 < st["dit"]["trim+fa3_fp8"]["rel_error_vs_plain"] < 0.05
     assert st["dit"]["padded64_trim"]["rel_error_vs_plain"] < 1e-5  # vs the masked padded prompt
-    assert all(r["rel_error_vs_plain"] < 1e-5 for n, r in st["vae"].items() if n != "plain")
+    assert all(r["rel_error_vs_plain"] < 1e-5 for stage in ("vae", "vae_compiled") for n, r in st[stage].items() if n != "plain")
     assert set(st["train_step"]) == {"full+mask", "full", "attention_and_matmul", "attention"}
     assert st["dit_compiled"]["compile+trim"]["rel_error_vs_plain"] < 1e-5
     assert report["summary"]["fastest_dit"] and report["summary"]["fastest_vae"]
