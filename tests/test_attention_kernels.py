@@ -240,3 +240,25 @@ def test_cuda_graph_with_trimmed_text_matches_the_masked_eager_forward(mode):
             x, t, text = x.cuda(), t.cuda(), text.to("cuda")
             for _ in range(2):
                 torch.testing.assert_close(graph_net(x, t, text), ref_net(x, t, text), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("name", ["fa3", "fa3_fp8", "sage"])
+def test_gpu_kernel_matches_its_emulation(name):
+    """The real kernel against its CPU emulation (run on the GPU's inputs): the emulation's error bound
+    holds for the kernel, and the two agree to a fraction of it (accumulation order differs)."""
+    from apt.models.attention_kernels import OPS
+
+    try:
+        check_kernel(name, torch.device("cuda"), torch.bfloat16, 128)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    with torch.no_grad():
+        real = OPS[name](q, k, v, 128**-0.5)
+    emulated = EMULATIONS[name](q, k, v, 128**-0.5)
+    assert relative_error(real, ref) < KERNEL_BOUNDS[name]
+    assert relative_error(real, emulated) < KERNEL_BOUNDS[name] / 2
