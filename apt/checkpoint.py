@@ -6,6 +6,9 @@ Layout of ``RUN/checkpoints/step-000200/``::
     trainer_state.pt     optimiser states, loop progress, RNG and data position (Lightning's dict)
     config.yaml          the resolved config of the run
 
+Lightning writes it through ``apt.lit.checkpoint_io.SafetensorsCheckpointIO``; this module, which
+sampling and export read through, imports no Lightning.
+
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place,
 so a crash or kill during a save leaves the previous checkpoints intact and never a half-written
 one under a final name.
@@ -17,10 +20,8 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.pt"
@@ -65,39 +66,6 @@ def split_by_module(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, 
         head, _, rest = k.partition(".")
         groups.setdefault(head, {})[rest] = v
     return groups
-
-
-class SafetensorsCheckpointIO(CheckpointIO):
-    """Lightning CheckpointIO writing the directory layout above, atomically."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        checkpoint = dict(checkpoint)
-        state_dict = checkpoint.pop("state_dict", {})
-        config_yaml = checkpoint.pop("apt_config_yaml", None)
-
-        def write(tmp: Path) -> None:
-            for name, sd in split_by_module(state_dict).items():
-                save_weights(sd, tmp / f"{name}.safetensors")
-            torch.save(checkpoint, tmp / STATE_FILE)
-            if config_yaml is not None:
-                (tmp / "config.yaml").write_text(config_yaml)
-
-        atomic_write_dir(Path(path), write)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        path = Path(path)
-        if not (path / STATE_FILE).exists():
-            raise FileNotFoundError(f"not a checkpoint directory (no {STATE_FILE}): {path}")
-        checkpoint = torch.load(path / STATE_FILE, map_location=map_location or "cpu", weights_only=False)
-        state_dict = {}
-        for f in sorted(path.glob("*.safetensors")):
-            for k, v in load_file(str(f)).items():
-                state_dict[f"{f.stem}.{k}"] = v
-        checkpoint["state_dict"] = state_dict
-        return checkpoint
-
-    def remove_checkpoint(self, path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

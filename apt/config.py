@@ -18,6 +18,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OVERLAY_DIR = REPO_ROOT / "recipes" / "overlays"
 STAGES = ("teacher", "distill", "apt")
+TRAINER_STRATEGIES = ("auto", "single", "ddp", "fsdp2")
+DEEPSPEED_STAGES = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
 
 
 class ConfigError(ValueError):
@@ -100,8 +102,9 @@ class OptimConfig:
     decay_steps: int = 0
     """cosine only: the half cosine spans the last decay_steps steps, the lr is constant before them
     (warmup-stable-decay); 0, or more steps than follow the warm-up (a shortened run), = every step after it."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0 = off)."""
+    grad_clip: float = 0.0
+    """Global gradient-norm clip of each trained network, in every stage and strategy (0 = off; the paper's APT
+    stage clips nothing)."""
 
 
 @dataclass
@@ -118,7 +121,7 @@ class TrainConfig:
     num_nodes: int = 0
     """Nodes of the job (0 = from the launcher: SLURM or torchrun, else 1)."""
     accumulate_grad_batches: int = 1
-    """Micro-batches per update; G and D updates stay separate (DeepSpeed runner)."""
+    """Micro-batches per update, in every stage and strategy; in the APT stage G and D updates stay separate."""
     sequence_parallel: int = 1
     """Ulysses sequence parallelism: ranks per group that split each sample's tokens (1 = off). The P
     consecutive ranks of a group read the same samples, so ``data.batch_size`` is per group; APT stage,
@@ -243,24 +246,6 @@ class PerfConfig:
     vae_compile: bool = False
     """torch.compile the Wan-VAE decoder's residual blocks (``compile_backend``)."""
 
-    def __post_init__(self):
-        from apt.models.attention import ATTENTION_BACKENDS
-
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ConfigError(f"perf.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got '{self.attention_backend}'")
-        from apt.models.attention import KERNEL_BACKENDS, TEXT_PADDING_MODES
-
-        if self.text_padding not in TEXT_PADDING_MODES:
-            raise ConfigError(f"perf.text_padding must be one of {', '.join(TEXT_PADDING_MODES)}, got '{self.text_padding}'")
-        if self.attention_backend in KERNEL_BACKENDS and self.text_padding == "mask":
-            raise ConfigError(f"perf.attention_backend={self.attention_backend} takes no dense mask: set perf.text_padding=trim or varlen")
-        if self.fp8_scaling not in ("tensor", "row"):
-            raise ConfigError(f"perf.fp8_scaling must be tensor or row, got '{self.fp8_scaling}'")
-        if not self.fp8 and (self.fp8_scaling != "tensor" or self.fp8_fast_accum):
-            raise ConfigError("perf.fp8_scaling / perf.fp8_fast_accum are options of FP8 matmuls: set perf.fp8=true too")
-        if self.vae_chunk_frames < 0:
-            raise ConfigError(f"perf.vae_chunk_frames must be >= 0, got {self.vae_chunk_frames}")
-
 
 @dataclass
 class Config:
@@ -368,14 +353,22 @@ def config_from_yaml(path: str | Path) -> Config:
 
 
 def check_config(c: Config) -> None:
-    """Value checks that need no files: each failure names the key."""
+    """Value checks that need no files, one function per section; each failure names the key.
+    File checks (shards, checkpoints) follow in ``apt.train.check_paths``, still before any work."""
+    need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
+    for check in (check_model, check_text, check_data, check_flow, check_optim, check_train, check_distill, check_apt, check_eval):
+        check(c)
+    check_perf(c.perf)
+
+
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def check_model(c: Config) -> None:
     from apt.models.registry import FLAVOURS
 
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
-
-    need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
     need(c.model.source in ("builtin", "diffusers"), f"model.source must be builtin or diffusers, got '{c.model.source}'")
     from apt.models.checkpointing import CHECKPOINT_POLICIES
 
@@ -383,76 +376,124 @@ def check_config(c: Config) -> None:
          f"model.checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, got '{c.model.checkpoint_policy}'")
     need(c.model.checkpoint_policy == "full" or c.model.source == "builtin",
          f"model.checkpoint_policy={c.model.checkpoint_policy} applies to the built-in DiT; diffusers models checkpoint their own way")
-    if c.model.source == "diffusers":
+    if c.model.source == "diffusers":  # shapes are checked against model.path when the model is built
         from apt.models.adapters import ADAPTERS
 
         need(c.model.family in ADAPTERS, f"model.family '{c.model.family}' unknown for model.source=diffusers; choose from {', '.join(sorted(ADAPTERS))}")
         need(bool(c.model.path), "model.path must name the local diffusers transformer directory (model.source=diffusers)")
-    else:
-        need(c.model.flavour in FLAVOURS, f"model.flavour '{c.model.flavour}' unknown; choose from {', '.join(sorted(FLAVOURS))}")
-    need(c.train.max_steps > 0, f"train.max_steps must be positive, got {c.train.max_steps}")
-    need(c.train.num_nodes >= 0, f"train.num_nodes must be >= 0, got {c.train.num_nodes}")
-    need(c.train.accumulate_grad_batches >= 1, f"train.accumulate_grad_batches must be >= 1, got {c.train.accumulate_grad_batches}")
-    from apt.distributed.strategies import check_strategy
+        return
+    need(c.model.flavour in FLAVOURS, f"model.flavour '{c.model.flavour}' unknown; choose from {', '.join(sorted(FLAVOURS))}")
+    flav = FLAVOURS[c.model.flavour]
+    pt, ph, pw = flav.patch_size
+    need(c.data.channels == flav.in_channels, f"data.channels={c.data.channels} but model '{c.model.flavour}' expects {flav.in_channels}")
+    need(c.data.height % ph == 0 and c.data.width % pw == 0,
+         f"resolution data.height x data.width = {c.data.height}x{c.data.width} is not divisible by the patch size {ph}x{pw} of model '{c.model.flavour}'")
+    need(c.data.frames == 1 or c.data.frames % pt == 0,
+         f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
 
-    check_strategy(c)
-    check_sequence_parallel_config(c)
-    for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
-        need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
+
+def check_text(c: Config) -> None:
+    need(0.0 <= c.text.dropout < 1.0, f"text.dropout must be in [0, 1), got {c.text.dropout}")
+
+
+def check_data(c: Config) -> None:
     need(c.data.batch_size > 0, f"data.batch_size must be positive, got {c.data.batch_size}")
     need(c.data.image_batch_size > 0, f"data.image_batch_size must be positive, got {c.data.image_batch_size}")
     need(c.data.frames > 0, f"data.frames must be positive, got {c.data.frames}")
+    need(not (c.data.image_shards and c.stage == "apt"),
+         f"data.image_shards={c.data.image_shards}: the APT stage trains on data.shards only (one modality per stage: "
+         "an image stage, then a video stage); set data.image_shards= (empty)")
+
+
+def check_flow(c: Config) -> None:
     need(c.flow.sample_steps > 0, f"flow.sample_steps must be positive, got {c.flow.sample_steps}")
-    need(0.0 <= c.text.dropout < 1.0, f"text.dropout must be in [0, 1), got {c.text.dropout}")
-    need(0.0 < c.train.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {c.train.ema_decay}")
-    need(0.0 < c.apt.ema_decay < 1.0, f"apt.ema_decay must be in (0, 1), got {c.apt.ema_decay}")
-    need(c.apt.optimizer in ("rmsprop", "adam"), f"apt.optimizer must be rmsprop or adam, got '{c.apt.optimizer}'")
-    need(c.apt.d_steps_per_g_step >= 1, f"apt.d_steps_per_g_step must be >= 1, got {c.apt.d_steps_per_g_step}")
+
+
+def check_optim(c: Config) -> None:
     need(c.optim.schedule in ("constant", "cosine"), f"optim.schedule must be constant or cosine, got '{c.optim.schedule}'")
     need(c.optim.decay_steps >= 0, f"optim.decay_steps must be >= 0, got {c.optim.decay_steps}")
-    need(c.distill.num_steps >= 1, f"distill.num_steps must be >= 1, got {c.distill.num_steps}")
-    need(len(c.apt.readout_fractions) > 0, "apt.readout_fractions must list at least one depth")
-    need(c.apt.mismatch_weight >= 0.0, f"apt.mismatch_weight must be >= 0, got {c.apt.mismatch_weight}")
-    need(c.apt.text_contrast_weight >= 0.0, f"apt.text_contrast_weight must be >= 0, got {c.apt.text_contrast_weight}")
-    need(c.apt.text_contrast_weight == 0.0 or c.apt.mismatch_weight > 0.0,
-         f"apt.text_contrast_weight={c.apt.text_contrast_weight} needs apt.mismatch_weight > 0 (a D that reads the text)")
-    if c.model.source == "builtin":  # diffusers shapes are checked against model.path when the model is built
-        flav = FLAVOURS[c.model.flavour]
-        pt, ph, pw = flav.patch_size
-        need(c.data.channels == flav.in_channels, f"data.channels={c.data.channels} but model '{c.model.flavour}' expects {flav.in_channels}")
-        need(c.data.height % ph == 0 and c.data.width % pw == 0,
-             f"resolution data.height x data.width = {c.data.height}x{c.data.width} is not divisible by the patch size {ph}x{pw} of model '{c.model.flavour}'")
-        need(c.data.frames == 1 or c.data.frames % pt == 0,
-             f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
-    if c.stage == "distill":
-        need(bool(c.distill.teacher), "distill.teacher must name the teacher checkpoint")
-    if c.stage == "apt":
-        need(bool(c.apt.generator), "apt.generator must name the stage-1 (distilled) checkpoint")
-        need(bool(c.apt.teacher), "apt.teacher must name the original diffusion checkpoint (D is initialised from it)")
+    need(c.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {c.optim.grad_clip}")
 
 
-def check_sequence_parallel_config(c: Config) -> None:
+def check_train(c: Config) -> None:
+    need(c.train.max_steps > 0, f"train.max_steps must be positive, got {c.train.max_steps}")
+    need(c.train.num_nodes >= 0, f"train.num_nodes must be >= 0, got {c.train.num_nodes}")
+    need(c.train.accumulate_grad_batches >= 1, f"train.accumulate_grad_batches must be >= 1, got {c.train.accumulate_grad_batches}")
+    need(0.0 < c.train.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {c.train.ema_decay}")
+    for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
+        need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
+    check_strategy(c)
+    check_sequence_parallel(c)
+
+
+def check_strategy(c: Config) -> None:
+    """A strategy this stage cannot run fails before any work."""
+    s = c.train.strategy
+    known = (*TRAINER_STRATEGIES, *DEEPSPEED_STAGES)
+    need(s in known, f"train.strategy '{s}' unknown; choose from {', '.join(known)}")
+    need(not (s == "fsdp2" and c.stage != "apt"),
+         f"train.strategy=fsdp2 shards the APT stage's G and D; stage '{c.stage}' runs with ddp or deepspeed_stage_*")
+    need(not (s in DEEPSPEED_STAGES and c.eval.every_steps),
+         f"eval.every_steps={c.eval.every_steps}: in-training evaluation runs on the Trainer path, not under train.strategy={s}; "
+         "set eval.every_steps=0 and evaluate the checkpoints afterwards")
+
+
+def check_sequence_parallel(c: Config) -> None:
     """``train.sequence_parallel``: what Ulysses needs, checked before any work (docs/distributed.md)."""
-    from apt.distributed.strategies import DEEPSPEED_STAGES
     from apt.models.registry import FLAVOURS
 
     P = c.train.sequence_parallel
-    if P < 1:
-        raise ConfigError(f"train.sequence_parallel must be >= 1, got {P}")
+    need(P >= 1, f"train.sequence_parallel must be >= 1, got {P}")
     if P == 1:
         return
     key = f"train.sequence_parallel={P}"
     strategies = ("ddp", "fsdp2", *DEEPSPEED_STAGES)  # one process per rank
-    if c.stage != "apt":
-        raise ConfigError(f"{key}: only the APT stage runs sequence-parallel; stage '{c.stage}' needs train.sequence_parallel=1")
-    if c.train.strategy not in strategies:
-        raise ConfigError(f"{key} runs under train.strategy {', '.join(strategies)}; got '{c.train.strategy}'")
-    if c.train.devices % P:
-        raise ConfigError(f"{key} must divide train.devices={c.train.devices}: a sequence-parallel group is {P} consecutive ranks of one node")
-    if c.model.source == "diffusers":
-        if c.model.family != "wan":  # the heads of a diffusers model are checked against model.path (apt.train.check_paths)
-            raise ConfigError(f"{key}: of the diffusers families only wan is wired (diffusers' context-parallel hooks); got model.family={c.model.family}")
+    need(c.stage == "apt", f"{key}: only the APT stage runs sequence-parallel; stage '{c.stage}' needs train.sequence_parallel=1")
+    need(c.train.strategy in strategies, f"{key} runs under train.strategy {', '.join(strategies)}; got '{c.train.strategy}'")
+    need(c.train.devices % P == 0, f"{key} must divide train.devices={c.train.devices}: a sequence-parallel group is {P} consecutive ranks of one node")
+    if c.model.source == "diffusers":  # the heads of a diffusers model are checked against model.path (apt.train.check_paths)
+        need(c.model.family == "wan", f"{key}: of the diffusers families only wan is wired (diffusers' context-parallel hooks); got model.family={c.model.family}")
         return
     heads = FLAVOURS[c.model.flavour].num_heads
-    if heads % P:
-        raise ConfigError(f"{key}: Ulysses splits attention heads over the group, and the {heads} heads of model '{c.model.flavour}' do not divide {P} ranks")
+    need(heads % P == 0, f"{key}: Ulysses splits attention heads over the group, and the {heads} heads of model '{c.model.flavour}' do not divide {P} ranks")
+
+
+def check_distill(c: Config) -> None:
+    need(c.distill.num_steps >= 1, f"distill.num_steps must be >= 1, got {c.distill.num_steps}")
+    if c.stage == "distill":
+        need(bool(c.distill.teacher), "distill.teacher must name the teacher checkpoint")
+
+
+def check_apt(c: Config) -> None:
+    a = c.apt
+    need(0.0 < a.ema_decay < 1.0, f"apt.ema_decay must be in (0, 1), got {a.ema_decay}")
+    need(a.optimizer in ("rmsprop", "adam"), f"apt.optimizer must be rmsprop or adam, got '{a.optimizer}'")
+    need(a.d_steps_per_g_step >= 1, f"apt.d_steps_per_g_step must be >= 1, got {a.d_steps_per_g_step}")
+    need(len(a.readout_fractions) > 0, "apt.readout_fractions must list at least one depth")
+    need(a.mismatch_weight >= 0.0, f"apt.mismatch_weight must be >= 0, got {a.mismatch_weight}")
+    need(a.text_contrast_weight >= 0.0, f"apt.text_contrast_weight must be >= 0, got {a.text_contrast_weight}")
+    need(a.text_contrast_weight == 0.0 or a.mismatch_weight > 0.0,
+         f"apt.text_contrast_weight={a.text_contrast_weight} needs apt.mismatch_weight > 0 (a D that reads the text)")
+    if c.stage == "apt":
+        need(bool(a.generator), "apt.generator must name the stage-1 (distilled) checkpoint")
+        need(bool(a.teacher), "apt.teacher must name the original diffusion checkpoint (D is initialised from it)")
+
+
+def check_eval(c: Config) -> None:
+    need(c.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {c.eval.every_steps}")
+
+
+def check_perf(p: PerfConfig) -> None:
+    """Also called by ``apt.perf.apply_perf``: a PerfConfig can be built in code, not only from a recipe."""
+    from apt.models.attention import ATTENTION_BACKENDS
+
+    need(p.attention_backend in ATTENTION_BACKENDS, f"perf.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got '{p.attention_backend}'")
+    need(p.vae_chunk_frames >= 0, f"perf.vae_chunk_frames must be >= 0, got {p.vae_chunk_frames}")
+    from apt.models.attention import KERNEL_BACKENDS, TEXT_PADDING_MODES
+
+    need(p.text_padding in TEXT_PADDING_MODES, f"perf.text_padding must be one of {', '.join(TEXT_PADDING_MODES)}, got '{p.text_padding}'")
+    need(not (p.attention_backend in KERNEL_BACKENDS and p.text_padding == "mask"),
+         f"perf.attention_backend={p.attention_backend} takes no dense mask: set perf.text_padding=trim or varlen")
+    need(p.fp8_scaling in ("tensor", "row"), f"perf.fp8_scaling must be tensor or row, got '{p.fp8_scaling}'")
+    need(p.fp8 or (p.fp8_scaling == "tensor" and not p.fp8_fast_accum),
+         "perf.fp8_scaling / perf.fp8_fast_accum are options of FP8 matmuls: set perf.fp8=true too")

@@ -120,7 +120,7 @@ def load_discriminator(checkpoint: str | Path) -> tuple[torch.nn.Module, TextEnc
     """An APT checkpoint's discriminator (eval mode) and text encoder, for probing what D has learned."""
     from safetensors.torch import load_file
 
-    from apt.lit.apt import build_discriminator
+    from apt.methods.apt import build_discriminator
 
     ckpt = resolve_checkpoint(checkpoint)
     if not (ckpt / "discriminator.safetensors").exists():

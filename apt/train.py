@@ -1,13 +1,14 @@
-"""Build and run one stage: config -> checks -> module + data + trainer -> fit.
+"""Build and run one stage: config -> checks -> the stage's runner -> its method.
 
-Order (fixed, documented): resolve config; check files (shards, init checkpoints) before any
-work; refuse to overwrite a run that has checkpoints unless resuming; write the resolved config;
-build module, data, callbacks, trainer; fit (resuming if asked).
+Order (fixed, documented): check the config and files (shards, init checkpoints) before any work;
+refuse to overwrite a run that has checkpoints unless resuming; write the resolved config; then the
+APT stage under DeepSpeed goes to ``apt.distributed.deepspeed_runner``, everything else to
+Lightning's Trainer with the stage's module (``STAGES``), whose ``training_step`` calls the method
+in ``apt.methods``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import warnings
 from pathlib import Path
@@ -16,21 +17,21 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from apt.checkpoint import SafetensorsCheckpointIO, latest_checkpoint
-from apt.config import Config, ConfigError, load_config, save_config, to_yaml
-from apt.distributed.strategies import check_strategy, make_strategy, num_nodes, uses_deepspeed
-from apt.lit.callbacks import PeriodicCheckpoint, SampleMedia, Throughput
+from apt.checkpoint import latest_checkpoint
+from apt.lit.checkpoint_io import SafetensorsCheckpointIO
+from apt.config import Config, ConfigError, check_config, load_config, save_config, to_yaml
+from apt.distributed.strategies import make_strategy, num_nodes, uses_deepspeed
+from apt.lit.apt import AptModule
+from apt.lit.callbacks import PeriodicCheckpoint, SampleMedia, Throughput, sample_prompts
+from apt.lit.distill import DistillModule
+from apt.lit.teacher import TeacherModule
 
-STAGE_MODULES = {
-    "teacher": "apt.lit.teacher:TeacherModule",
-    "distill": "apt.lit.distill:DistillModule",
-    "apt": "apt.lit.apt:AptModule",
+# Each stage's method (a plain-torch function) and the Lightning module that holds its networks and calls it.
+STAGES = {
+    "teacher": TeacherModule,  # apt.methods.flow_matching.teacher_loss
+    "distill": DistillModule,  # apt.methods.consistency.consistency_loss
+    "apt": AptModule,  # apt.methods.apt.apt_step (also run by apt.distributed.deepspeed_runner)
 }
-
-
-def stage_module_class(stage: str):
-    mod, _, cls = STAGE_MODULES[stage].partition(":")
-    return getattr(importlib.import_module(mod), cls)
 
 
 def check_paths(c: Config) -> None:
@@ -112,12 +113,6 @@ def resume_path(c: Config) -> str | None:
     return c.resume
 
 
-def sample_prompts(c: Config) -> list[str]:
-    from apt.data.toy import eval_prompts
-
-    return eval_prompts(c.train.num_sample_prompts, seed=c.eval.seed, frames=c.data.frames)
-
-
 def build_trainer(c: Config, module) -> L.Trainer:
     sample_steps = c.flow.sample_steps if c.stage == "teacher" else 1
     cfg_scale = c.flow.cfg_scale if c.stage == "teacher" else 1.0
@@ -145,7 +140,9 @@ def build_trainer(c: Config, module) -> L.Trainer:
         enable_progress_bar=c.train.progress_bar,
         enable_model_summary=False,
         log_every_n_steps=c.train.log_every_steps or 1,
+        # Automatic optimisation (teacher, distill): Lightning accumulates and clips; the APT step does both itself.
         gradient_clip_val=(c.optim.grad_clip or None) if module.automatic_optimization else None,
+        accumulate_grad_batches=c.train.accumulate_grad_batches if module.automatic_optimization else 1,
         default_root_dir=c.run_dir,
         num_sanity_val_steps=0,
     )
@@ -157,7 +154,7 @@ def fit(c: Config):
     warnings.filterwarnings("ignore", message=".*litlogger.*")
     from apt.lit.data import ShardDataModule
 
-    check_strategy(c)
+    check_config(c)  # load_config checked it; a Config built in code is checked here
     check_paths(c)
     ckpt = resume_path(c)
     if rank_zero_only.rank == 0:  # launched ranks (torchrun, SLURM) would race on the same file
@@ -167,7 +164,7 @@ def fit(c: Config):
         from apt.distributed.deepspeed_runner import fit_deepspeed
 
         return fit_deepspeed(c, ckpt)
-    module = stage_module_class(c.stage)(c)
+    module = STAGES[c.stage](c)
     trainer = build_trainer(c, module)
     trainer.fit(module, datamodule=ShardDataModule(c), ckpt_path=ckpt)
     return module

@@ -5,10 +5,11 @@
     # GPU: the production width at 720p/49f; a few layers fit one GPU without sharding
     python eval/benchmark_train_step.py --flavour apt-8b --device cuda --depth 8 --json reports/train_step_h100.json
 
-The step is ``apt.lit.apt.AptModule.training_step`` without Lightning: (1) D step: one-step fakes
-from G without grad, D on [real, real + sigma n, fake] (one batched forward), non-saturating loss +
-approximate R1, backward, RMSProp step; (2) G step: G forward, D frozen, non-saturating G loss,
-backward through D into G, RMSProp step. The EMA update is left out (memory-bound, < 1% of time).
+The step is the one training runs, ``apt.methods.apt.apt_step``, with plain torch optimisers: (1) D step:
+one-step fakes from G without grad, D on [real, real + sigma n, fake] (one batched forward),
+non-saturating loss + approximate R1, backward, RMSProp step; (2) G step: G forward, D frozen,
+non-saturating G loss, backward through D into G, RMSProp step; (3) the EMA update. The D step is
+timed alone (a step still in D's warm-up), the G step as the whole step's time minus it.
 Activation checkpointing is on for G and D (``--no-checkpointing`` to turn off). Networks are built
 from the flavour registry with random weights (16 latent channels, patch 1x2x2); real clips and
 text embeddings are random tensors of the right shapes (pre-encoded data, as training reads it).
@@ -23,6 +24,7 @@ recomputation. FlopCounterMode counts the same step once (untimed) as a check.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -34,8 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from apt.discriminator import Discriminator  # noqa: E402
-from apt.losses import approximate_r1, d_loss_nonsaturating, g_loss_nonsaturating  # noqa: E402
+from apt.config import AptConfig  # noqa: E402
+from apt.ema import ema_update  # noqa: E402
+from apt.methods.apt import AptProgress, apt_step, build_discriminator, make_optimizer  # noqa: E402
+from apt.methods.update import OptimizerUpdate  # noqa: E402
 from apt.models import TextCond, build_dit  # noqa: E402
 from apt.models.flops import apt_step_flops, count_flops, visual_tokens  # noqa: E402
 from apt.perf import apply_perf, perf_from_overrides  # noqa: E402
@@ -80,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def apt_config(a: argparse.Namespace) -> AptConfig:
+    """The paper's video-stage settings: RMSProp (alpha 0.9) at 3e-6, aR1 lambda 100, D's t-shift 12."""
+    return AptConfig(lr_g=3e-6, lr_d=3e-6, optimizer="rmsprop", r1_lambda=100.0, r1_sigma=a.r1_sigma, d_timestep_shift=12.0,
+                     readout_fractions=READOUT_FRACTIONS)
+
+
 def build(a: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """(G, D, optimiser G, optimiser D), random weights, paper optimiser (RMSProp alpha 0.9)."""
     overrides = dict(in_channels=16, patch_size=(1, 2, 2), text_dim=64 if a.flavour != "apt-8b" else 4096)
@@ -96,10 +106,9 @@ def build(a: argparse.Namespace, device: torch.device, dtype: torch.dtype):
         net.gradient_checkpointing, net.checkpoint_policy = not a.no_checkpointing, a.checkpoint_policy
         nets.append(apply_perf(net, perf))
     G, backbone = nets
-    D = Discriminator(backbone, fractions=READOUT_FRACTIONS, num_heads=backbone.config.num_heads, timestep_shift=12.0).to(device, dtype)
-    opt_g = torch.optim.RMSprop(G.parameters(), lr=3e-6, alpha=0.9)
-    opt_d = torch.optim.RMSprop(D.parameters(), lr=3e-6, alpha=0.9)
-    return G, D, opt_g, opt_d, perf
+    cfg = apt_config(a)
+    D = build_discriminator(backbone, cfg).to(device, dtype)
+    return G, D, make_optimizer(G.parameters(), cfg.lr_g, cfg), make_optimizer(D.parameters(), cfg.lr_d, cfg), perf
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,35 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device).manual_seed(a.seed)
     x_real = torch.randn(B, *latent, generator=gen, device=device, dtype=dtype)
     text = TextCond(torch.randn(B, a.text_tokens, G.config.text_dim, generator=gen, device=device, dtype=dtype), torch.ones(B, a.text_tokens, dtype=torch.bool, device=device))
-    ones = torch.ones(B, device=device)
-    times = {}
+    cfg, times = apt_config(a), {}
+    G_ema = copy.deepcopy(G).requires_grad_(False)  # training holds one too
+    seeds = iter(range(10**9))
 
-    def d_step():
-        # 1. D step: real vs detached one-step fakes + approximate R1 (same t and text), one batched forward.
-        with torch.no_grad():
-            z = torch.randn_like(x_real)
-            x_fake = z - G(z, ones, text)
-        t = D.sample_t(B, device=device)
-        x_perturbed = x_real + a.r1_sigma * torch.randn_like(x_real)
-        d_real, d_perturbed, d_fake = D(torch.cat([x_real, x_perturbed, x_fake]), t.repeat(3), text.repeat(3)).split(B)
-        loss_d = d_loss_nonsaturating(d_real, d_fake) + approximate_r1(d_real, d_perturbed, weight=100.0)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+    def run(progress: AptProgress) -> None:
+        """One ``apt_step`` on the fixed batch; ``progress`` decides whether it reaches the G step and the EMA."""
+        apt_step(G, D, [(x_real, text)], update_g=OptimizerUpdate(opt_g, G), update_d=OptimizerUpdate(opt_d, D),
+                 update_ema=lambda decay: ema_update(G_ema, G, decay), a=cfg, progress=progress, step_seed=next(seeds))
 
-    def g_step():
-        # 2. G step: D frozen, non-saturating loss on fresh one-step fakes.
-        D.requires_grad_(False)
-        z = torch.randn_like(x_real)
-        loss_g = g_loss_nonsaturating(D(z - G(z, ones, text), D.sample_t(B, device=device), text))
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        D.requires_grad_(True)
-
+    d_only = AptProgress()  # d_updates stays below the warm-up: D steps only
+    cfg.d_warmup_steps = 10**9
     reset_peak_memory(device)
-    times["d_step"] = time_call(d_step, device=device, warmup=a.warmup, repeats=a.repeats)[0]
-    times["g_step"] = time_call(g_step, device=device, warmup=a.warmup, repeats=a.repeats)[0]
+    times["d_step"] = time_call(lambda: run(d_only), device=device, warmup=a.warmup, repeats=a.repeats)[0]
+    cfg.d_warmup_steps = 0
+    full = time_call(lambda: run(AptProgress()), device=device, warmup=a.warmup, repeats=a.repeats)[0]
+    times["g_step"] = full - times["d_step"]
     step_seconds = times["d_step"] + times["g_step"]
     peak = peak_memory_bytes(device)
 
@@ -152,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_flop_counter:
         try:
             with torch.compiler.set_stance("force_eager"):
-                counted = float(count_flops(lambda: (d_step(), g_step()))[0])
+                counted = float(count_flops(lambda: run(AptProgress()))[0])
         except torch.OutOfMemoryError:  # the counting pass needs ~16 GiB more than the timed steps (H100, apt-8b depth 8)
             torch.cuda.empty_cache()
             print("FlopCounterMode pass skipped: out of GPU memory (the step timings are unaffected)", file=sys.stderr)

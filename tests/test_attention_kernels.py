@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import apt.models.attention as attention_module
-from apt.config import ConfigError
+from apt.config import ConfigError, check_perf
 from apt.models import TextCond, build_dit
 from apt.models.attention import TextKeyPadding, attention, attention_backend, pad_key_mask, text_key_layout
 from apt.models.attention_kernels import EMULATIONS, _int8_per_block, _online_softmax_pv, check_kernel
@@ -207,9 +207,9 @@ def test_kernel_backend_errors():
     with attention_backend("sage"), pytest.raises(RuntimeError, match="forward-only"):
         attention(q.requires_grad_(), q, q)
     with pytest.raises(ConfigError, match="text_padding=trim or varlen"):
-        PerfConfig(attention_backend="fa3")
+        check_perf(PerfConfig(attention_backend="fa3"))
     with pytest.raises(ConfigError, match="perf.text_padding"):
-        PerfConfig(text_padding="pack")
+        check_perf(PerfConfig(text_padding="pack"))
     try:
         import fa3_fwd_interface  # noqa: F401
     except ImportError:  # the extra is missing: a CUDA model gets a clear error naming it, before any work

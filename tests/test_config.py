@@ -1,4 +1,5 @@
 import glob
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +112,38 @@ def test_every_recipe_loads_with_tiny_overlay(recipe):
     from apt.models import build_dit
 
     build_dit(c.model.flavour).check_input_shape(shape)
+
+
+OVERLAYS = sorted(p.stem for p in Path("recipes/overlays").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_loads_on_a_recipe(overlay):
+    """Each overlay on top of the APT video recipe (the stage every strategy runs) resolves and validates,
+    and what it sets is in the resolved config."""
+    from omegaconf import OmegaConf
+
+    c = load_config("recipes/demo/apt_video.yaml", ["tiny", overlay], [])
+    resolved = OmegaConf.structured(c)
+    for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(f"recipes/overlays/{overlay}.yaml"))):
+        assert OmegaConf.select(resolved, key) == value, (overlay, key)
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_settings_that_a_stage_cannot_honour_are_refused():
+    with pytest.raises(ConfigError, match="data.image_shards"):
+        load_config("recipes/demo/apt_video.yaml", ["tiny"], ["data.image_shards=runs/x"])
+    with pytest.raises(ConfigError, match="eval.every_steps"):
+        load_config("recipes/demo/apt_video.yaml", ["tiny", "zero2"], ["eval.every_steps=10"])
+    with pytest.raises(ConfigError, match="optim.grad_clip"):
+        load_config("recipes/demo/distill.yaml", ["tiny"], ["optim.grad_clip=-1"])
 
 
 def test_shards_of_the_wrong_frame_count_are_rejected(toy_shards, capsys, tmp_path):

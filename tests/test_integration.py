@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from apt.checkpoint import SafetensorsCheckpointIO, latest_checkpoint, list_checkpoints
+from apt.checkpoint import latest_checkpoint, list_checkpoints
+from apt.lit.checkpoint_io import SafetensorsCheckpointIO
 from apt.cli import main
 from tests.conftest import fit_args
 
@@ -96,6 +97,24 @@ def test_distill_then_apt_resume_identically(tiny_teacher, tiny_distilled, toy_s
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
+def test_apt_accumulation_on_the_trainer_path_equals_one_big_batch(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
+    """train.accumulate_grad_batches=2 micro-batches of 2 clips give the losses and weights of one batch of 4: the
+    same 4 clips (the stream batches consecutive samples) and the same per-sample noise."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    v = toy_shards["video"]
+    assert main(apt_args(one, v, tiny_distilled, tiny_teacher, "train.max_steps=2", "data.batch_size=4")) == 0
+    assert main(apt_args(two, v, tiny_distilled, tiny_teacher, "train.max_steps=2", "data.batch_size=2", "train.accumulate_grad_batches=2")) == 0
+    for key in ("loss_d", "loss_g", "d_real", "d_fake", "r1"):
+        a, b = losses(one, key), losses(two, key)
+        assert a.keys() == b.keys() and a, key
+        assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a), key
+    for name in ("generator", "generator_ema", "discriminator"):
+        wa, wb = (load_file(str(latest_checkpoint(r) / f"{name}.safetensors")) for r in (one, two))
+        assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5) for k in wa), name
+    state = torch.load(latest_checkpoint(two) / "trainer_state.pt", weights_only=False)
+    assert state["apt"]["batches_consumed"] == 2 * 3  # warm-up + 2 updates, 2 micro-batches each
+
+
 def test_apt_video_stage_starts_from_image_stage_ema(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
     image_run = tmp_path / "image"
     assert main(fit_args("recipes/demo/apt_image.yaml", image_run, toy_shards["image"], f"apt.generator={tiny_distilled}", f"apt.teacher={tiny_teacher}", "apt.d_warmup_steps=0", "train.max_steps=1")) == 0
@@ -126,13 +145,13 @@ class _NoUpdate:
 def _step_metric_at_weights(m, batch, key: str, weights: tuple[float, ...], metric: str) -> tuple[dict, "SampleNoise"]:
     """`metric` of one apt_step (nothing updated) for each value of `apt.<key>`, all from the same rng state;
     also the step's noise streams, rewound to its start, to recompute its draws."""
-    from apt.lit.apt import SampleNoise
+    from apt.methods.apt import SampleNoise
 
     rng, out = m.rng.get_state(), {}
     for w in weights:
         setattr(m.config.apt, key, w)
         m.rng.set_state(rng)
-        out[w] = m.apt_step([batch], update_g=_NoUpdate(), update_d=_NoUpdate())[metric]
+        out[w] = m.run_step([batch], update_g=_NoUpdate(), update_d=_NoUpdate())[metric]
     m.rng.set_state(rng)
     return out, SampleNoise(int(torch.randint(0, 2**62, (1,), generator=m.rng)), range(batch["x"].shape[0]))
 
@@ -168,6 +187,7 @@ def test_text_contrast_term_adds_the_logit_gap_to_the_g_loss(tiny_teacher, tiny_
 
     from apt.config import load_config
     from apt.lit.apt import AptModule
+    from apt.methods.apt import one_step
 
     c = load_config("recipes/demo/apt_video.yaml", ["tiny"], [f"data.shards={toy_shards['video']}", f"apt.generator={tiny_distilled}",
                                                               f"apt.teacher={tiny_teacher}", "apt.d_warmup_steps=0", "apt.mismatch_weight=1.0"])
@@ -178,7 +198,7 @@ def test_text_contrast_term_adds_the_logit_gap_to_the_g_loss(tiny_teacher, tiny_
     noise.randn(x.shape[1:], "cpu"), noise.timesteps(m.discriminator, "cpu"), noise.randn(x.shape[1:], "cpu")  # the D step's draws
     text = m.encode(batch["caption"])
     with torch.no_grad():
-        x_fake = m.one_step(m.generator, noise.randn(x.shape[1:], "cpu"), text)
+        x_fake = one_step(m.generator, noise.randn(x.shape[1:], "cpu"), text)
         t = noise.timesteps(m.discriminator, "cpu")
         gap = m.discriminator(x_fake, t, text.nearest_other()) - m.discriminator(x_fake, t, text)
     torch.testing.assert_close(losses_g[3.0] - losses_g[0.0], 3.0 * F.softplus(gap).mean(), rtol=1e-5, atol=1e-6)

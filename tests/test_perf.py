@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apt.config import ConfigError, load_config
+from apt.config import ConfigError, check_perf, load_config
 from apt.models import TextCond, build_dit, readout_layers
 from apt.models.attention import attention, attention_backend, get_attention_backend
 from apt.models.dit import DiTConfig
@@ -138,7 +138,7 @@ def test_attention_backend_errors():
         with attention_backend("fastest"):
             pass
     with pytest.raises(ConfigError, match="perf.attention_backend"):
-        PerfConfig(attention_backend="fastest")
+        apply_perf(tiny_dit(), PerfConfig(attention_backend="fastest"))
     q = torch.randn(1, 2, 4, 8)
     with attention_backend("efficient"), pytest.raises(RuntimeError):
         attention(q, q, q)  # a CUDA-only kernel: SDPA refuses on CPU rather than silently falling back
@@ -530,9 +530,9 @@ def test_fp8_options_in_the_dit_and_config_checks():
             assert all(m.scaling == scaling and m.fast_accum == fast for m in net.modules() if isinstance(m, FP8Linear))
             assert 0 < relative_error(net(x, t, text), ref) < 0.05
     with pytest.raises(ConfigError, match="set perf.fp8=true"):
-        PerfConfig(fp8_scaling="row")
+        check_perf(PerfConfig(fp8_scaling="row"))
     with pytest.raises(ConfigError, match="perf.fp8_scaling"):
-        PerfConfig(fp8=True, fp8_scaling="block")
+        check_perf(PerfConfig(fp8=True, fp8_scaling="block"))
 
 
 # -- selective activation checkpointing --------------------------------------------------------------------

@@ -25,7 +25,7 @@ own context-parallel hooks instead (``apt.distributed.context_parallel``).
 
 Training (``train.sequence_parallel: P``): ``sequence_parallel_mesh`` groups P consecutive ranks; the
 ranks of a group read the same samples and draw the same noise (``data_parallel_rank``);
-``apply_sequence_parallel_apt`` runs after the engines / FSDP units exist; gradients are averaged
+``apt.distributed.parallelize`` applies it after the engines / FSDP units exist; gradients are averaged
 over the whole world as without SP, which gives the single-device gradient (the gathers' backward).
 """
 
@@ -36,7 +36,6 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -152,7 +151,7 @@ def _sequence_parallel_forward(forward, *, gather: bool, group, P: int, rank: in
 
 def data_parallel_rank(global_rank: int, world_size: int, sp_size: int) -> tuple[int, int]:
     """(rank, world size) of the data: the ``sp_size`` consecutive ranks of a sequence-parallel group
-    read the same samples and draw the same noise (``apt.lit.apt.SampleNoise``)."""
+    read the same samples and draw the same noise (``apt.methods.apt.SampleNoise``)."""
     assert world_size % sp_size == 0, (world_size, sp_size)  # checked with the config (train.sequence_parallel)
     return global_rank // sp_size, world_size // sp_size
 
@@ -162,20 +161,3 @@ def sequence_parallel_mesh(sp_size: int, device_type: str) -> DeviceMesh:
     ranks. The ring dimension (size 1) is what diffusers' ``ContextParallelConfig`` expects of a mesh."""
     world = dist.get_world_size()
     return init_device_mesh(device_type, (world // sp_size, 1, sp_size), mesh_dim_names=("data_parallel", "ring", "ulysses"))
-
-
-def apply_sequence_parallel_apt(generator: nn.Module, discriminator: nn.Module, mesh: DeviceMesh) -> None:
-    """G and D of an ``AptModule`` sequence-parallel over the mesh's ulysses groups (D's readout heads
-    read whole layers): the built-in DiT by patching its blocks (above), a diffusers adapter through
-    diffusers' context-parallel hooks. The EMA generator is left whole: rank 0 samples from it alone."""
-    from apt.distributed.context_parallel import apply_context_parallel
-    from apt.models.adapters import DiffusersAdapter
-
-    rank_zero_info(f"Ulysses sequence parallelism: {mesh['ulysses'].size()} ranks per group split G's and D's tokens; "
-                   f"{mesh['data_parallel'].size()} data-parallel group(s)")
-    group = mesh["ulysses"].get_group()
-    for backbone, readout_layers in ((generator, ()), (discriminator.backbone, discriminator.layers)):
-        if isinstance(backbone, DiffusersAdapter):
-            apply_context_parallel(backbone, mesh)
-        else:
-            apply_sequence_parallel(backbone, group, gather_after=readout_layers)

@@ -7,11 +7,9 @@
                              ``fully_shard_apt``: G and D are sharded separately, block by block
     deepspeed_stage_{1,2,3}  APT: the Fabric runner (``apt.distributed.deepspeed_runner``) with one
                              DeepSpeed engine per network; Lightning's Trainer strategy takes one
-                             optimiser and one engine, and refuses CPU (DESIGN.md §4)
+                             optimiser and one engine, and refuses CPU (docs/distributed.md)
 
-Order in which parallelism is applied (fixed): model built -> weights loaded -> (FSDP2) blocks then
-root sharded per network -> (DeepSpeed) one engine per network -> (Ulysses) attention wrapped
-(``apt.distributed.sequence_parallel``).
+The order in which parallelism is applied is fixed in ``apt.distributed.parallelize``.
 """
 
 from __future__ import annotations
@@ -20,11 +18,7 @@ import os
 
 import torch
 
-from apt.config import Config, ConfigError
-
-DEEPSPEED_STAGES = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
-TRAINER_STRATEGIES = ("auto", "single", "ddp", "fsdp2")
-
+from apt.config import DEEPSPEED_STAGES, Config, ConfigError, check_strategy
 
 def uses_deepspeed(config: Config) -> bool:
     return config.train.strategy.startswith("deepspeed")
@@ -40,16 +34,6 @@ def num_nodes(config: Config) -> int:
     if "WORLD_SIZE" in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
         return max(1, int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"]))
     return 1
-
-
-def check_strategy(config: Config) -> None:
-    """Fail before any work on a strategy this stage cannot run (ConfigError naming the key)."""
-    s = config.train.strategy
-    known = (*TRAINER_STRATEGIES, *DEEPSPEED_STAGES)
-    if s not in known:
-        raise ConfigError(f"train.strategy '{s}' unknown; choose from {', '.join(known)}")
-    if s == "fsdp2" and config.stage != "apt":
-        raise ConfigError(f"train.strategy=fsdp2 shards the APT stage's G and D; stage '{config.stage}' runs with ddp or deepspeed_stage_*")
 
 
 def make_strategy(config: Config):
@@ -77,8 +61,8 @@ def deepspeed_config(config: Config, *, accumulate: int = 1) -> dict:
     """DeepSpeed config of one APT engine, generated from the recipe (same for G and D).
 
     ZeRO stage from ``train.strategy``; bf16 from ``train.precision`` (set by Fabric's precision
-    plugin); no gradient clipping (APT §3.5); ``accumulate`` micro-batches per update, each engine
-    stepping only after its own accumulation (``AptModule.apt_step`` runs all D micro-batches, then
+    plugin); ``optim.grad_clip`` (0: the paper clips nothing); ``accumulate`` micro-batches per update, each engine
+    stepping only after its own accumulation (``apt.methods.apt.apt_step`` runs all D micro-batches, then
     all G micro-batches). Activation checkpointing is the model's own (``model.gradient_checkpointing``,
     non-reentrant torch checkpointing), identical under every strategy, so DeepSpeed's is not used.
     """
@@ -90,7 +74,7 @@ def deepspeed_config(config: Config, *, accumulate: int = 1) -> dict:
     return {
         "train_micro_batch_size_per_gpu": config.data.batch_size,
         "gradient_accumulation_steps": accumulate,
-        "gradient_clipping": 0.0,
+        "gradient_clipping": config.optim.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # RMSProp / Adam(0, 0.9) as the paper uses
         "steps_per_print": 2**31,
@@ -99,30 +83,6 @@ def deepspeed_config(config: Config, *, accumulate: int = 1) -> dict:
 
 
 # -- FSDP2 -----------------------------------------------------------------------------------------
-def fully_shard_apt(module, mesh) -> None:
-    """FSDP2 for the APT module: each backbone block, then the rest of G, of its EMA and of D, as separate units.
-
-    G and D are separate FSDP roots (they run and step separately). The EMA generator is sharded
-    exactly like G (same mesh, same units), so each rank's EMA shards match its G shards and the EMA
-    update is a local lerp (``apt.ema.ema_update``); sampling runs it on every rank, gathering block by
-    block. Logs the EMA elements each rank holds.
-    The text encoder is frozen and replicated. D's root unit owns its readout heads.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-    # reshard_after_forward: None is FSDP2's default (a root keeps its parameters gathered for the
-    # backward); the EMA has no backward, and its update needs the shards back after sampling.
-    nets = ((module.generator, module.generator, None), (module.generator_ema, module.generator_ema, True),
-            (module.discriminator, module.discriminator.backbone, None))
-    for net, backbone, reshard_root in nets:
-        for block in backbone.blocks:
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(net, mesh=dp_mesh, reshard_after_forward=reshard_root)
-    module.ema_sharded = True
-    module.log_ema_size()
-
-
 def _fsdp2_strategy_class():
     from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -20,6 +20,7 @@ from torch import nn
 from apt.config import Config, to_yaml
 from apt.ema import ema_update
 from apt.lit.data import batch_parts
+from apt.methods.update import check_finite
 from apt.models import TextCond, factory
 from apt.text import TextEncoder
 
@@ -86,7 +87,7 @@ class StageModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Counted before the step so a checkpoint written by any callback after it includes this batch.
-        self.batches_consumed += 1
+        self.batches_consumed += len(batch) if isinstance(batch, list) else 1  # a list: the APT step's micro-batches
 
     # -- sampling (EMA network; used by the sample callback and the CLI) ---------------------
     def sampling_network(self) -> nn.Module:
@@ -133,12 +134,7 @@ class StageModule(L.LightningModule):
         pass
 
     def check_finite(self, name: str, value: torch.Tensor) -> None:
-        """Stop with a clear message instead of training on (and checkpointing) NaN/Inf."""
-        if not torch.isfinite(value).all():
-            raise FloatingPointError(
-                f"{name} is not finite at step {self.progress_step} (batch {self.batches_consumed}); "
-                "check the input data and learning rate. No checkpoint was written for this step."
-            )
+        check_finite(name, value, f"step {self.progress_step} (batch {self.batches_consumed})")
 
     def trainer_max_steps(self) -> int:
         """Lightning's max_steps (it counts optimiser steps); APT overrides."""

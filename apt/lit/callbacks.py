@@ -10,7 +10,15 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from apt.checkpoint import list_checkpoints
+from apt.config import Config
 from apt.media import save_samples
+
+
+def sample_prompts(c: Config) -> list[str]:
+    """The prompts of a run's sample grids."""
+    from apt.data.toy import eval_prompts
+
+    return eval_prompts(c.train.num_sample_prompts, seed=c.eval.seed, frames=c.data.frames)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:

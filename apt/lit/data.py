@@ -1,7 +1,8 @@
 """LightningDataModule over WebDataset shards; rebuilt at resume to skip the batches already consumed.
 
 With ``data.image_shards`` set, every step gets a video batch and an image batch (joint image-video
-training: an image is a one-frame video), delivered as ``{"video": batch, "image": batch}``.
+training: an image is a one-frame video), delivered as ``{"video": batch, "image": batch}``. The APT stage
+with ``train.accumulate_grad_batches`` = k > 1 gets lists of k batches (its step accumulates over them).
 """
 
 from __future__ import annotations
@@ -41,10 +42,25 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self):
         c = self.config
         video = self._loader(self.shards, c.data.batch_size, c.train.seed)
+        if c.stage == "apt" and c.train.accumulate_grad_batches > 1:
+            # APT steps by hand (two networks): its step takes a list of micro-batches per update.
+            return MicroBatches(video, c.train.accumulate_grad_batches)
         if self.image_shards is None:
             return video
         image = self._loader(self.image_shards, c.data.image_batch_size, c.train.seed + 1)
         return CombinedLoader({"video": video, "image": image}, mode="min_size")
+
+
+class MicroBatches:
+    """Groups of ``k`` consecutive batches of a loader, one group per update (``train.accumulate_grad_batches``)."""
+
+    def __init__(self, loader, k: int):
+        self.loader, self.k = loader, k
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            yield [next(batches) for _ in range(self.k)]
 
 
 def batch_parts(batch: dict) -> list[dict]:

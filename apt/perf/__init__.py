@@ -52,6 +52,9 @@ def apply_perf(model: nn.Module, perf: PerfConfig) -> nn.Module:
     The return value is ``model`` itself unless ``cuda_graphs`` wraps it. Call it once per model,
     after moving the model to its device and dtype.
     """
+    from apt.config import check_perf
+
+    check_perf(perf)
     if getattr(model, "_apt_perf", None) is not None:
         raise ValueError("apply_perf was already applied to this model")
     blocks = getattr(model, "blocks", None)

@@ -3,7 +3,7 @@
     python tests/distributed_helpers/apt_steps.py --init DIR --out FILE.pt --mode single
     torchrun --nproc_per_node 2 tests/distributed_helpers/apt_steps.py --init DIR --out FILE.pt --mode deepspeed_stage_2
 
-``single`` runs the shared ``AptModule.apt_step`` with plain torch optimisers in one process (the
+``single`` runs the shared ``apt.methods.apt.apt_step`` (through ``AptModule.run_step``) with plain torch optimisers in one process (the
 single-device math); ``deepspeed_stage_*`` runs it through the DeepSpeed runner's engines on every
 rank; ``fsdp2`` shards G, its EMA and D with ``fully_shard_apt`` (plain torch optimisers, as the
 Trainer's FSDP2 path). The global batch is the same in every mode: rank r takes its contiguous slice,
@@ -30,26 +30,9 @@ import torch  # noqa: E402
 from apt.config import load_config  # noqa: E402
 from apt.data.shards import pixels_to_tensor  # noqa: E402
 from apt.data.toy import make_sample  # noqa: E402
-from apt.lit.apt import AptModule, _grad_norm  # noqa: E402
+from apt.lit.apt import AptModule  # noqa: E402
+from apt.methods.update import OptimizerUpdate  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
-
-
-class PlainUpdate:
-    """Single-device NetUpdate: loss.backward() and a torch optimiser step."""
-
-    def __init__(self, optimizer, net):
-        self.optimizer, self.net = optimizer, net
-
-    def zero_grad(self):
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        norm = _grad_norm(self.net.parameters())
-        self.optimizer.step()
-        return norm
 
 
 def global_batch(n: int, frames: int) -> dict:
@@ -73,7 +56,7 @@ def main() -> None:
     local_batch = args.global_batch // world
     overrides = [f"apt.generator={args.init}", f"apt.teacher={args.init}", "apt.d_warmup_steps=1", "train.accelerator=cpu",
                  f"train.strategy={'auto' if args.mode == 'single' else args.mode}", f"train.devices={world}",
-                 f"data.batch_size={local_batch // args.accumulate}", f"train.precision={args.precision}",
+                 f"data.batch_size={local_batch // args.accumulate}", f"train.accumulate_grad_batches={args.accumulate}", f"train.precision={args.precision}",
                  f"run_dir={Path(args.out).parent / ('run-' + args.mode)}", *args.extra]
     c = load_config("recipes/demo/apt_video.yaml", ["tiny"], overrides)
     torch.manual_seed(0)
@@ -81,28 +64,24 @@ def main() -> None:
         rank = 0
         module = AptModule(c)
         opt_g, opt_d = module.configure_optimizers()
-        update_g, update_d = PlainUpdate(opt_g, module.generator), PlainUpdate(opt_d, module.discriminator)
+        update_g, update_d = OptimizerUpdate(opt_g, module.generator), OptimizerUpdate(opt_d, module.discriminator)
         all_reduce = lambda t: t  # noqa: E731
     elif args.mode == "fsdp2":
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        from apt.distributed.strategies import fully_shard_apt
+        from apt.distributed.parallelize import fully_shard_apt
 
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         module = AptModule(c)
         fully_shard_apt(module, init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",)))
         opt_g, opt_d = module.configure_optimizers()
-        update_g, update_d = PlainUpdate(opt_g, module.generator), PlainUpdate(opt_d, module.discriminator)
+        update_g, update_d = OptimizerUpdate(opt_g, module.generator), OptimizerUpdate(opt_d, module.discriminator)
         all_reduce = lambda t: (dist.all_reduce(t), t / world)[1]  # noqa: E731
     else:
         from apt.distributed.deepspeed_runner import build_fabric, setup_apt
 
-        if args.accumulate > 1:
-            import apt.distributed.deepspeed_runner as runner
-
-            runner.accumulate_batches = lambda _c: args.accumulate
         fabric = build_fabric(c)
         fabric.launch()
         rank, world = fabric.global_rank, fabric.world_size
@@ -125,7 +104,7 @@ def main() -> None:
             for part in (module.ema_partitions.parts if module.ema_partitions else module.generator_ema.parameters()):
                 part.data.zero_()  # what the load must restore
             sharded_checkpoint.load(fabric, args.roundtrip, module)
-        metrics = module.apt_step(micro, update_g=update_g, update_d=update_d, rank=rank, world_size=world)
+        metrics = module.run_step(micro, update_g=update_g, update_d=update_d, rank=rank, world_size=world)
         keys = sorted(k for k in metrics if not k.startswith("grad_norm"))
         values = all_reduce(torch.stack([metrics[k].detach().float().reshape(()) for k in keys]))
         history.append({k: float(v) for k, v in zip(keys, values)} | {k: float(metrics[k]) for k in metrics if k.startswith("grad_norm")})

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from apt.discriminator import Discriminator  # noqa: E402
-from apt.distributed.sequence_parallel import apply_sequence_parallel_apt, sequence_parallel_mesh  # noqa: E402
+from apt.distributed.parallelize import apply_sequence_parallel_apt  # noqa: E402
+from apt.distributed.sequence_parallel import sequence_parallel_mesh  # noqa: E402
 from apt.models import TextCond  # noqa: E402
 from apt.models.adapters import WanAdapter  # noqa: E402
 from apt.models.adapters.tiny import TINY_TRANSFORMERS  # noqa: E402
