@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not integration and not multiprocess"
+	$(PY) -m pytest -q -m "not integration and not multiprocess and not experiments"
 
 demo: install
 	$(PY) -m apt demo

@@ -3,7 +3,7 @@
     fit RECIPE [OVERLAY ...] [key=value ...] [--dry-run]   train any stage from a recipe
     sample CHECKPOINT --prompt TEXT [--steps N] [--out DIR] generate images/clips
     demo [--quick] [--text-terms]                           teacher -> distill -> APT -> report
-    export CHECKPOINT --out DIR                             EMA generator -> diffusers save_pretrained dir
+    export CHECKPOINT --out DIR [--transformer-only]        EMA generator -> a diffusers pipeline dir (prompt= works)
     consolidate CHECKPOINT --out DIR                        sharded (DeepSpeed) checkpoint -> safetensors
 """
 
@@ -45,9 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--text-terms", action="store_true",
                       help="NOT the paper's objective: stage 1 at CFG 5 and two text-alignment terms in both APT stages (docs/demo.md)")
 
-    export = verbs.add_parser("export", help="save the EMA generator of a diffusers-based run in the diffusers format (save_pretrained)")
+    export = verbs.add_parser("export", help="write the EMA generator of a diffusers-based run as a complete diffusers pipeline (README: the exact call)")
     export.add_argument("checkpoint", help="checkpoint directory or run directory (latest checkpoint)")
-    export.add_argument("--out", required=True, help="output directory (loads with the stock diffusers class)")
+    export.add_argument("--out", required=True, help="output directory (loads with the stock pipeline class's from_pretrained)")
+    export.add_argument("--transformer-only", action="store_true", help="write the transformer alone (save_pretrained), not a pipeline")
+    export.add_argument("--weights", default=None, help="weights to export (default: the stage's EMA product)")
 
     consolidate = verbs.add_parser("consolidate", help="merge a sharded DeepSpeed checkpoint into single safetensors files")
     consolidate.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of apt.distributed.consolidate (see its --help)")
@@ -73,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "export":
             from apt.export import export_diffusers
 
-            print(export_diffusers(args.checkpoint, args.out))
+            print(export_diffusers(args.checkpoint, args.out, weights=args.weights, transformer_only=args.transformer_only))
             return 0
         if args.verb == "consolidate":
             from apt.distributed.consolidate import main as consolidate_main
 
             return consolidate_main(args.rest)
         if args.verb == "demo":
-            from apt.demo import run_demo
+            from apt.toy.demo import run_demo
 
             run_demo(args.out, quick=args.quick, text_terms=args.text_terms)
             return 0

@@ -86,7 +86,7 @@ class FlowConfig:
     sample_shift: float = 1.0
     """Shift of the sampling schedule."""
     cfg_scale: float = 2.0
-    """Classifier-free guidance scale of the teacher sampler (DESIGN.md §7: 1-2 best on the toy)."""
+    """Classifier-free guidance scale of the teacher sampler (docs/design.md §5: moderate CFG is best on the toy)."""
     negative_prompt: str = ""
     """Negative prompt for CFG (empty = unconditional)."""
 
@@ -135,8 +135,15 @@ class TrainConfig:
     """Save a checkpoint every N steps (and always at the end)."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep (the final one is always kept)."""
-    num_sample_prompts: int = 8
-    """Prompts in the sample grid."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts of the sample media (a PNG grid, and a GIF for clips) written to ``run_dir/samples`` every
+    ``sample_every_steps`` and at the end; prompt i uses noise seed i. With neither this nor
+    ``sample_prompts_file`` set the run writes no sample media (a warning says so once)."""
+    sample_prompts_file: str = ""
+    """A text file of sample prompts, one per line (blank lines skipped), instead of ``sample_prompts``
+    (set one of the two); a missing or empty file fails before training starts."""
+    num_sample_prompts: int = 0
+    """At most this many of the sample prompts go into the media (0 = all of them; the tiny overlay: 2)."""
     progress_bar: bool = True
 
 
@@ -178,7 +185,7 @@ class AptConfig:
     d_steps_per_g_step: int = 1
     """D updates per G update (paper 1:1)."""
     d_warmup_steps: int = 0
-    """D-only updates before the first G update (DESIGN.md §7: the toy needs ~60)."""
+    """D-only updates before the first G update (docs/design.md §5: the toy needs ~60)."""
     train_d_backbone: bool = True
     """Train all D parameters (paper); False freezes the backbone (ablation)."""
     use_r1: bool = True
@@ -186,12 +193,12 @@ class AptConfig:
     mismatch_weight: float = 0.0
     """Not in the paper (0 = APT as published). Weight of a matching-aware D term (GAN-INT-CLS, GigaGAN):
     real clips paired with the batch's most similar different text count as fake, so D must judge text
-    alignment too. docs/demo_tuning.md: on the toy it taught D the shape word; with the 14000-step teacher it
+    alignment too. docs/log/demo_tuning.md: on the toy it taught D the shape word; with the 14000-step teacher it
     kept improving over 350 video updates where the published objective stopped (validation 24.5 vs 25.4)."""
     text_contrast_weight: float = 0.0
     """Not in the paper (0 = off; needs mismatch_weight > 0 so D reads the text). G-step term
     softplus(D(G(z), c') - D(G(z), c)) with c' the nearest other text: G's sample must look more like
-    its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/demo_tuning.md
+    its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/log/demo_tuning.md
     (sixth round): on the toy, weights 3 and 10 lowered the best validation distance from 17.80 to 17.05;
     the attribute accuracy stayed where the stage-1 init put it."""
     ema_decay: float = 0.995
@@ -201,11 +208,18 @@ class AptConfig:
 
 @dataclass
 class EvalConfig:
+    """In-training evaluation on the toy world (``apt.toy.eval_callback``): the demo recipes' validation
+    distance and attribute accuracy. Other models are evaluated after training (eval/fid.py, eval/fvd.py)."""
+
     every_steps: int = 0
-    """In-training evaluation every N steps (0 = off)."""
+    """Toy evaluation every N stage steps (0 = off); needs ``classifier`` and a built-in (toy) model."""
     num_samples: int = 256
-    classifier: str = "assets/toy_classifier"
+    """Validation prompts (and real clips) per evaluation."""
+    classifier: str = ""
+    """Toy classifier directory (the demo recipes: assets/toy_classifier)."""
     seed: int = 1234
+    """Read by nothing: sample prompts come from ``train.sample_prompts`` now (this seeded the toy prompts
+    the sample grids used to draw); kept so that configs saved with earlier runs load."""
 
 
 @dataclass
@@ -422,6 +436,9 @@ def check_train(c: Config) -> None:
     need(0.0 < c.train.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {c.train.ema_decay}")
     for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
         need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
+    need(not (c.train.sample_prompts and c.train.sample_prompts_file),
+         f"train.sample_prompts ({len(c.train.sample_prompts)} prompts) and train.sample_prompts_file ({c.train.sample_prompts_file}) are both set; keep one")
+    need(c.train.num_sample_prompts >= 0, f"train.num_sample_prompts must be >= 0 (0 = every sample prompt), got {c.train.num_sample_prompts}")
     check_strategy(c)
     check_sequence_parallel(c)
 
@@ -480,7 +497,18 @@ def check_apt(c: Config) -> None:
 
 
 def check_eval(c: Config) -> None:
-    need(c.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {c.eval.every_steps}")
+    """Whether a run may run the in-training (toy) evaluation."""
+    e = c.eval
+    need(e.every_steps >= 0, f"eval.every_steps must be >= 0 (0 = off), got {e.every_steps}")
+    if e.every_steps == 0:
+        return
+    key = f"eval.every_steps={e.every_steps}"
+    need(c.model.source != "diffusers",
+         f"{key}: the in-training evaluation scores the toy world with the toy classifier, not the samples of "
+         f"model.source=diffusers (model.family={c.model.family}); set eval.every_steps=0 and evaluate checkpoints "
+         "with eval/fid.py, eval/fvd.py or eval/benchmark_images.py / benchmark_video.py")
+    need(bool(e.classifier), f"{key} needs eval.classifier, the toy classifier directory (the demo recipes: assets/toy_classifier)")
+    need(e.num_samples >= 1, f"{key} needs eval.num_samples >= 1, got {e.num_samples}")
 
 
 def check_perf(p: PerfConfig) -> None:

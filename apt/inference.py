@@ -84,7 +84,7 @@ class Generator:
         """Samples in [-1, 1], (B, C, T, H, W) (decoded to pixels when the run has a VAE).
 
         Runs under ``torch.inference_mode`` (no autograd bookkeeping at all: on the demo's 1.1M-parameter
-        DiT a batch-1 forward on CPU takes 4.0 ms against 4.5 ms under ``no_grad``, ``eval/batch1_timing.py``).
+        DiT a batch-1 forward on CPU takes 4.0 ms against 4.5 ms under ``no_grad``, ``experiments/batch1_timing.py``).
         The Generator owns its network, so the inference tensors it caches (position tables, text embeddings)
         never meet autograd; the result is cloned out of inference mode so callers may use it as any other
         tensor. The training modules sample under ``no_grad`` instead (``apt.lit.base``): their networks'

@@ -16,8 +16,9 @@ def to_uint8(x_BCTHW: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
-def _upscale(img: np.ndarray, scale: int) -> np.ndarray:
-    return img.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else img
+def enlarge(img_HWC: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest neighbour: every pixel becomes a scale x scale block."""
+    return img_HWC.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else img_HWC
 
 
 def grid_image(clips_BTHWC: np.ndarray, *, scale: int = 4, pad: int = 2) -> np.ndarray:
@@ -28,7 +29,7 @@ def grid_image(clips_BTHWC: np.ndarray, *, scale: int = 4, pad: int = 2) -> np.n
     for b in range(B):
         for t in range(T):
             y, x = pad + b * (h + pad), pad + t * (w + pad)
-            out[y : y + h, x : x + w] = _upscale(clips_BTHWC[b, t], scale)
+            out[y : y + h, x : x + w] = enlarge(clips_BTHWC[b, t], scale)
     return out
 
 
@@ -51,12 +52,18 @@ def save_gif(clips_BTHWC: np.ndarray, path: str | Path, *, fps: int = 8, scale: 
         canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, C), 255, np.uint8)
         for b in range(B):
             y, x = pad + (b // cols) * (h + pad), pad + (b % cols) * (w + pad)
-            canvas[y : y + h, x : x + w] = _upscale(clips_BTHWC[b, t], scale)
-        frames.append(Image.fromarray(canvas))
+            canvas[y : y + h, x : x + w] = enlarge(clips_BTHWC[b, t], scale)
+        frames.append(canvas)
+    save_animation(frames, path, fps=fps)
+
+
+def save_animation(frames_HWC: list[np.ndarray], path: str | Path, *, fps: int = 8) -> None:
+    """uint8 pictures (H, W, C), all of one size, as a looping GIF (written atomically)."""
+    images = [Image.fromarray(f) for f in frames_HWC]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.gif")
-    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    images[0].save(tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     os.replace(tmp, path)
 
 

@@ -18,13 +18,14 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from apt.checkpoint import latest_checkpoint
-from apt.lit.checkpoint_io import SafetensorsCheckpointIO
 from apt.config import Config, ConfigError, check_config, load_config, save_config, to_yaml
 from apt.distributed.strategies import make_strategy, num_nodes, uses_deepspeed
 from apt.lit.apt import AptModule
-from apt.lit.callbacks import PeriodicCheckpoint, SampleMedia, Throughput, sample_prompts
+from apt.lit.callbacks import PeriodicCheckpoint, SampleMedia, Throughput
+from apt.lit.checkpoint_io import SafetensorsCheckpointIO
 from apt.lit.distill import DistillModule
 from apt.lit.teacher import TeacherModule
+from apt.prompts import sample_prompts
 
 # Each stage's method (a plain-torch function) and the Lightning module that holds its networks and calls it.
 STAGES = {
@@ -47,6 +48,9 @@ def check_paths(c: Config) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.{key}: {e}") from None
         check_manifest(c, key, value)
+        check_shard_text(c, key, value)
+    if c.train.sample_prompts_file:
+        sample_prompts(c)  # a missing or empty prompts file fails here, before any work
     from apt.models.factory import weights_available
 
     needs = {"distill": [("distill.teacher", c.distill.teacher, ["net_ema"])],
@@ -99,6 +103,17 @@ def check_manifest(c: Config, key: str, path: str) -> None:
             raise ConfigError(f"data.{key}: {path} holds clips with {field}={m[field]} but the config expects {expected}")
 
 
+def check_shard_text(c: Config, key: str, path: str) -> None:
+    """Latent shards with text embeddings must have been encoded under the run's text convention."""
+    from apt.data.latent_shards import check_text_convention
+    from apt.text import text_convention
+
+    try:
+        check_text_convention(path, text_convention(c.text.encoder, c.text.max_length))
+    except ValueError as e:
+        raise ConfigError(f"data.{key}: {e}") from None
+
+
 def resume_path(c: Config) -> str | None:
     run_dir = Path(c.run_dir)
     if not c.resume:
@@ -122,7 +137,7 @@ def build_trainer(c: Config, module) -> L.Trainer:
         Throughput(),
     ]
     if c.eval.every_steps:
-        from apt.lit.eval_callback import ToyEvalCallback
+        from apt.toy.eval_callback import ToyEvalCallback
 
         callbacks.append(ToyEvalCallback(c))
     return L.Trainer(

@@ -1,4 +1,4 @@
-"""Write the toy world (apt.data.toy) as WebDataset shards plus a manifest.json.
+"""Write the toy world (apt.toy.world) as WebDataset shards plus a manifest.json.
 
     python data/make_toy_shards.py --out data/toy8 --num-samples 20000 --frames 8 --seed 0
     python data/make_toy_shards.py --out data/toy_img --num-samples 20000 --seed 0 --image
@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from apt.data.shards import write_toy_shards  # noqa: E402
+from apt.toy.shards import write_toy_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

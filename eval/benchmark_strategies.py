@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for f in out.glob("*.rank*.json"):
         f.unlink()
     sys.path.insert(0, str(REPO))
-    from apt.data.shards import write_toy_shards
+    from apt.toy.shards import write_toy_shards
 
     shards = out / "shards"
     if not (shards / "manifest.json").exists():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -18,7 +20,7 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.fixture(scope="session")
 def toy_shards(tmp_path_factory):
     """{'video': dir, 'image': dir} of small toy shards (4-frame clips, 1-frame images)."""
-    from apt.data.shards import write_toy_shards
+    from apt.toy.shards import write_toy_shards
 
     root = tmp_path_factory.mktemp("shards")
     write_toy_shards(str(root / "video"), num_samples=64, frames=4, seed=0, samples_per_shard=32)
@@ -38,6 +40,30 @@ def tiny_teacher(tmp_path_factory, toy_shards):
     run = tmp_path_factory.mktemp("teacher")
     assert main(fit_args("recipes/demo/teacher.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}")) == 0
     return run
+
+
+def apt_args(run, shards, generator, teacher, *extra):
+    return fit_args("recipes/demo/apt_video.yaml", run, shards, f"apt.generator={generator}", f"apt.teacher={teacher}", "apt.d_warmup_steps=1", *extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_distilled(tiny_teacher, toy_shards, tmp_path_factory):
+    """Run dir of a tiny stage-1 (consistency-distilled) run from ``tiny_teacher``, 2 steps through the CLI."""
+    from apt.cli import main
+
+    run = tmp_path_factory.mktemp("distill")
+    assert main(fit_args("recipes/demo/distill.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}", f"distill.teacher={tiny_teacher}")) == 0
+    return run
+
+
+def losses(run_dir, key) -> dict[int, float]:
+    """{step: value} over every logger version of a run (a resumed run writes a new version)."""
+    out = {}
+    for f in sorted(Path(run_dir, "logs").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(open(f)):
+            if row.get(key):
+                out[int(row["step"])] = float(row[key])
+    return out
 
 
 def random_text(B: int, L: int, D: int, *, pad_from: int | None = None) -> TextCond:

@@ -107,7 +107,9 @@ def test_every_recipe_loads_with_tiny_overlay(recipe):
     if c.model.source == "diffusers":  # the recipe's latent shape against the production architecture (meta device)
         from apt.models.adapters.sizes import production_adapter
 
-        production_adapter(c.model.family).check_input_shape(shape)
+        net = production_adapter(c.model.family)
+        net.check_input_shape(shape)
+        assert c.text.max_length == net.text.max_length  # the teacher's own text length (its pipeline's max_sequence_length)
         return
     from apt.models import build_dit
 
@@ -154,7 +156,7 @@ def test_shards_of_the_wrong_frame_count_are_rejected(toy_shards, capsys, tmp_pa
 
 def test_demo_text_terms_overrides_are_valid_config_for_their_stages():
     """``python -m apt demo --text-terms`` passes these per-stage overrides; each must load and land."""
-    from apt.demo import TEXT_TERMS_OVERRIDES
+    from apt.toy.demo import TEXT_TERMS_OVERRIDES
 
     distill = load_config("recipes/demo/distill.yaml", [], TEXT_TERMS_OVERRIDES["distill"])
     assert distill.distill.cfg_scale == 5.0
@@ -165,3 +167,80 @@ def test_demo_text_terms_overrides_are_valid_config_for_their_stages():
         assert (c.apt.mismatch_weight, c.apt.text_contrast_weight, c.apt.d_warmup_steps) == (2.0, 10.0, 150)
     plain = load_config("recipes/demo/apt_video.yaml")
     assert plain.apt.mismatch_weight == plain.apt.text_contrast_weight == 0.0  # the default demo is the paper's objective
+
+
+WAN = "recipes/video/wan-1280x720-24fps.yaml"
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, message",
+    [
+        (WAN, ["eval.every_steps=50"], "eval.every_steps=50: the in-training evaluation scores the toy world with the toy classifier, "
+                                       "not the samples of model.source=diffusers"),
+        (WAN, ["eval.every_steps=50", "eval.classifier=assets/toy_classifier"], "not the samples of model.source=diffusers"),
+        ("recipes/demo/apt_video.yaml", ["eval.every_steps=50", "eval.classifier=''"], "eval.every_steps=50 needs eval.classifier"),
+        ("recipes/demo/apt_video.yaml", ["eval.every_steps=-1"], "eval.every_steps must be >= 0"),
+        ("recipes/demo/teacher.yaml", ["train.sample_prompts_file=prompts.txt"],
+         "train.sample_prompts (8 prompts) and train.sample_prompts_file (prompts.txt) are both set"),
+        ("recipes/demo/teacher.yaml", ["train.num_sample_prompts=-1"], "train.num_sample_prompts must be >= 0"),
+    ],
+)
+def test_sample_prompt_and_eval_errors_name_the_key(recipe, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(recipe, ["tiny"], overrides)
+
+
+def test_only_the_demo_recipes_ask_for_the_toy_classifier():
+    assert load_config(None).eval.classifier == ""
+    for recipe in RECIPES:
+        c = load_config(recipe)
+        assert c.eval.classifier == ("assets/toy_classifier" if recipe.startswith("recipes/demo/") else ""), recipe
+    assert load_config("recipes/demo/apt_video.yaml", [], ["eval.every_steps=50"]).eval.every_steps == 50
+
+
+def test_sample_prompts_come_from_the_recipe():
+    """The demo recipes list the toy prompts their sample grids always showed; the others real-world prompts."""
+    from apt.prompts import sample_prompts
+    from apt.toy.world import eval_prompts
+
+    for recipe in RECIPES:
+        c = load_config(recipe)
+        prompts = sample_prompts(c)
+        assert len(prompts) >= 4 and all(p.strip() for p in prompts), recipe
+        if recipe.startswith("recipes/demo/"):
+            assert prompts == eval_prompts(8, seed=1234, frames=c.data.frames), recipe
+        else:
+            assert not any(" background" in p for p in prompts), recipe  # no toy caption in a production recipe
+        assert sample_prompts(load_config(recipe, ["tiny"])) == prompts[:2]  # the tiny overlay caps them
+
+
+def test_sample_prompts_file_one_per_line(tmp_path):
+    from apt.prompts import sample_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat on a sofa\n\n  a dog in the park  \n")
+    c = load_config(WAN, [], ["train.sample_prompts=[]", f"train.sample_prompts_file={path}"])
+    assert sample_prompts(c) == ["a cat on a sofa", "a dog in the park"]
+    path.write_text("\n \n")
+    with pytest.raises(ConfigError, match=f"train.sample_prompts_file: {path} holds no prompt"):
+        sample_prompts(c)
+    c.train.sample_prompts_file = str(tmp_path / "missing.txt")
+    with pytest.raises(ConfigError, match=f"train.sample_prompts_file: {tmp_path / 'missing.txt'} is not a file"):
+        sample_prompts(c)
+
+
+def test_no_sample_prompts_means_no_sample_media_and_a_warning():
+    from apt.prompts import sample_prompts
+
+    c = load_config(None)
+    with pytest.warns(UserWarning, match="train.sample_prompts and train.sample_prompts_file are not set: this run writes no sample media"):
+        assert sample_prompts(c) == []
+
+
+def test_a_missing_prompts_file_fails_before_training(toy_shards, capsys, tmp_path):
+    missing = tmp_path / "nope.txt"
+    rc = main(["fit", "recipes/demo/teacher.yaml", "tiny", f"run_dir={tmp_path / 'run'}", f"data.shards={toy_shards['video']}",
+               f"data.image_shards={toy_shards['image']}", "train.sample_prompts=[]", f"train.sample_prompts_file={missing}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"error: train.sample_prompts_file: {missing} is not a file (a text file, one prompt per line)"
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,8 +1,7 @@
-"""apt.inference: the Generator samples under inference mode and hands back ordinary tensors; eval/batch1_timing.py."""
+"""apt.inference: the Generator samples under inference mode and hands back ordinary tensors."""
 
 import pytest
 import torch
-from eval_helpers import load_eval_script
 
 from apt.inference import load_generator, sample
 
@@ -21,10 +20,3 @@ def test_generate_tensor_matches_no_grad_sampling_and_returns_an_ordinary_tensor
     (y * x).sum().backward()  # and could not be saved for backward
     torch.testing.assert_close(y.grad, x)
 
-
-@pytest.mark.integration
-def test_batch1_timing_script_reports_both_modes_and_both_estimators(tiny_teacher):
-    out = load_eval_script("batch1_timing").main([str(tiny_teacher), str(tiny_teacher), "--repeats", "1", "--rounds", "1"])
-    assert set(out["forward"]) == {"batch1_ms", "batch2_ms"} and all(v > 0 for m in out["forward"].values() for v in m.values())
-    (speedup,) = out["measurements"][0]["speedups"].values()
-    assert speedup["median_call"] > 1 and speedup["median_turn_mean"] > 1  # the teacher's 25 CFG steps vs one step

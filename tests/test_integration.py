@@ -1,9 +1,9 @@
 """Tiny end-to-end runs on CPU through the CLI: artifacts, step counts, exact resume, clear failures."""
 
-import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -11,19 +11,9 @@ from safetensors.torch import load_file, save_file
 from apt.checkpoint import latest_checkpoint, list_checkpoints
 from apt.lit.checkpoint_io import SafetensorsCheckpointIO
 from apt.cli import main
-from tests.conftest import fit_args
+from tests.conftest import apt_args, fit_args, losses
 
 pytestmark = pytest.mark.integration
-
-
-def losses(run_dir, key) -> dict[int, float]:
-    """{step: value} over every logger version of a run (a resumed run writes a new version)."""
-    out = {}
-    for f in sorted(Path(run_dir, "logs").glob("version_*/metrics.csv")):
-        for row in csv.DictReader(open(f)):
-            if row.get(key):
-                out[int(row["step"])] = float(row[key])
-    return out
 
 
 def test_teacher_artifacts(tiny_teacher):
@@ -53,11 +43,20 @@ def test_teacher_resume_continues_identically(toy_shards, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.fixture(scope="module")
-def tiny_distilled(tiny_teacher, toy_shards, tmp_path_factory):
-    run = tmp_path_factory.mktemp("distill")
-    assert main(fit_args("recipes/demo/distill.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}", f"distill.teacher={tiny_teacher}")) == 0
-    return run
+def test_teacher_accumulates_micro_batches_and_clips(toy_shards, tmp_path):
+    """train.accumulate_grad_batches=2: each optimiser step consumes two batches (the checkpoint's data position
+    says so); optim.grad_clip reaches Lightning's clipping (a tiny clip moves the weights less than none)."""
+    from apt.checkpoint import STATE_FILE
+
+    runs = {}
+    for clip in ("0", "1e-9"):
+        run = tmp_path / f"clip{clip}"
+        assert main(fit_args("recipes/demo/teacher.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}",
+                         "train.accumulate_grad_batches=2", f"optim.grad_clip={clip}")) == 0
+        state = torch.load(latest_checkpoint(run) / STATE_FILE, weights_only=False)
+        assert state["global_step"] == 2 and state["apt"]["batches_consumed"] == 4  # a step: 2 x (video + image) batches
+        runs[clip] = load_file(str(latest_checkpoint(run) / "net.safetensors"))
+    assert any(not torch.equal(runs["0"][k], runs["1e-9"][k]) for k in runs["0"])  # the clip changed the updates (AdamW's eps)
 
 
 def test_distillation_lr_follows_the_cosine_schedule(tiny_distilled):
@@ -73,10 +72,6 @@ def test_distillation_lr_follows_the_cosine_schedule(tiny_distilled):
         lr = torch.load(ckpt / STATE_FILE, weights_only=False)["optimizer_states"][0]["param_groups"][0]["lr"]
         assert lr == pytest.approx(c.optim.lr * lr_factor(step, c.optim.warmup_steps, c.train.max_steps, "cosine"))
     assert lr == pytest.approx(0.0, abs=1e-12)  # the last checkpoint: the schedule's end
-
-
-def apt_args(run, shards, generator, teacher, *extra):
-    return fit_args("recipes/demo/apt_video.yaml", run, shards, f"apt.generator={generator}", f"apt.teacher={teacher}", "apt.d_warmup_steps=1", *extra)
 
 
 def test_distill_then_apt_resume_identically(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
@@ -204,81 +199,6 @@ def test_text_contrast_term_adds_the_logit_gap_to_the_g_loss(tiny_teacher, tiny_
     torch.testing.assert_close(losses_g[3.0] - losses_g[0.0], 3.0 * F.softplus(gap).mean(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def tiny_apt_run(tiny_teacher, tiny_distilled, toy_shards, tmp_path_factory):
-    """One APT update of the tiny chain: a checkpoint with a discriminator to probe."""
-    run = tmp_path_factory.mktemp("apt_probe")
-    assert main(apt_args(run, toy_shards["video"], tiny_distilled, tiny_teacher, "train.max_steps=1")) == 0
-    return run
-
-
-def test_d_text_probe_scores_true_against_swapped_captions(tiny_apt_run):
-    from eval_helpers import load_eval_script
-
-    from apt.data.toy import parse_caption
-
-    probe = load_eval_script("d_text_probe")
-    prompts = ["a red circle moving left on a black background", "a blue square moving up on a gray background"]
-    for attribute in ("shape", "colour", "direction", "background"):
-        for p, q in zip(prompts, probe.swapped_captions(prompts, attribute)):
-            a, b = parse_caption(p).to_dict(), parse_caption(q).to_dict()
-            assert [k for k in a if a[k] != b[k]] == [attribute], (p, q)
-    rows = probe.main([str(tiny_apt_run), "--num-samples", "8"])
-    assert [r["t"] for r in rows] == [0.05, 0.2, 0.4, 0.6, 0.8]
-    for r in rows:
-        assert 0.0 <= r["share_true_higher"] <= 1.0 and math.isfinite(r["d_true_caption"]) and math.isfinite(r["d_swapped_caption"]), r
-
-
-def test_d_probe_splits_the_samples_logits_by_what_they_show(tiny_apt_run):
-    """eval/d_probe.py: the logit is the checkpoint's D averaged over the timesteps; each property's two group
-    means recombine to the mean over all samples; the AUCs are probabilities."""
-    from eval_helpers import load_eval_script
-
-    from apt.data.toy import eval_prompts
-    from apt.eval.toy_report import generate_seeded
-    from apt.inference import load_discriminator, load_generator
-
-    probe = load_eval_script("d_probe")
-    row = probe.main([str(tiny_apt_run), "--num-samples", "24", "--num-real", "12", "--timesteps", "0.3", "0.7"])
-    D, text_encoder = load_discriminator(tiny_apt_run)
-    gen = load_generator(tiny_apt_run)
-    prompts = eval_prompts(24, seed=777, frames=gen.num_frames)
-    x = generate_seeded(gen, prompts, [50_000 + i for i in range(24)], steps=1)
-    with torch.no_grad():
-        logits = torch.stack([D(x, torch.full((24,), t), text_encoder.encode(prompts)) for t in (0.3, 0.7)]).mean(0)
-    assert row["d_fake"] == pytest.approx(logits.mean().item(), abs=2e-3)
-    shares = {"ambiguous_shape": row["ambiguous_shape"], "distractor_visible": 1 - row["distractor_visible"], "misaligned": row["misaligned"]}
-    for name, share in shares.items():
-        more, less = row["d_fake_by"][name]["more_real"], row["d_fake_by"][name]["less_real"]
-        recombined = (more or 0.0) * (1 - share) + (less or 0.0) * share
-        assert recombined == pytest.approx(row["d_fake"], abs=2e-3), (name, row)
-        assert row["auc_logit"][name] is None or 0.0 <= row["auc_logit"][name] <= 1.0
-        assert len(row["auc_logit_per_t"][name]) == 2
-
-
-def test_ablations_script_trains_each_variant_with_its_one_change(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
-    from eval_helpers import load_eval_script
-
-    from apt.config import load_config
-
-    ablations = load_eval_script("ablations")
-    out = tmp_path / "ablations"
-    results = ablations.main(["--distilled", str(tiny_distilled), "--teacher", str(tiny_teacher), "--shards", toy_shards["video"],
-                              "--out", str(out), "--steps", "2", "--num-samples", "16", "--overlay", "tiny"])
-    assert [r["variant"] for r in results] == list(ablations.VARIANTS)
-    changed = {"full": {}, "aR1_off": {"use_r1": False}, "heads_at_last_layer_only": {"readout_fractions": [1.0]},
-               "D_backbone_frozen": {"train_d_backbone": False}}
-    for name, change in changed.items():
-        a = load_config(str(out / name / "config.yaml")).apt
-        assert (a.use_r1, list(a.readout_fractions), a.train_d_backbone) == (
-            change.get("use_r1", True), change.get("readout_fractions", [16 / 36, 26 / 36, 1.0]), change.get("train_d_backbone", True)), name
-        d_losses = losses(out / name, "loss_d")
-        assert len(d_losses) == a.d_warmup_steps + 2, name  # every iteration logged: D-only warm-up + 2 generator updates
-    for r in results:
-        assert math.isfinite(r["distance"]) and 0.0 <= r["attribute_accuracy"] <= 1.0 and math.isfinite(r["d_gap_last20"]), r
-    assert (out / "ablations.md").read_text().count("\n|") == len(results) + 1
-
-
 def test_nan_input_fails_clearly_without_checkpoint(tiny_teacher, toy_shards, tmp_path, capsys):
     bad = tmp_path / "bad_teacher"
     bad.mkdir()
@@ -325,7 +245,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tiny_teacher, tmp_path):
 
 
 def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
-    """`python -m apt demo --quick`: every stage at tiny size, then the four-row report of issue 3's format."""
+    """`python -m apt demo --quick`: every stage at tiny size, then the four-row report and its bar."""
     import json
 
     out = tmp_path / "demo"
@@ -343,7 +263,7 @@ def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
         assert min(1.0, r["speedup_batch1"]) <= r["speedup_batch1_with_text"] <= max(1.0, r["speedup_batch1"])
     assert report["real_vs_real_floor"] > 0 and report["num_samples"] == 64
     assert report["apt_checkpoint"] in [str(p) for p in list_checkpoints(out / "apt_video")]
-    bar = {x["line"]: x for x in report["bar"]}  # issue 3's lines, checked on this run's figures
+    bar = {x["line"]: x for x in report["bar"]}  # the bar's lines, checked on this run's figures
     assert len(bar) == 9 and all(isinstance(x["met"], bool) for x in bar.values())
     assert bar["apt-1step distance / teacher's"]["value"] == round(rows["apt-1step"]["distance"] / rows["teacher-25step-cfg"]["distance"], 4)
     assert bar["demo wall time, seconds"]["value"] == report["total_seconds"]
@@ -355,3 +275,16 @@ def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
     assert again["stage_seconds"]["evaluation"] > 0 and all(again["stage_seconds"][k] is None for k in list(stages)[:-1])
     assert again["rows"][2]["distance"] == report["rows"][2]["distance"]  # the same checkpoints, the same samples
     assert (out / "side_by_side.png").stat().st_size > 0 and (out / "side_by_side.gif").stat().st_size > 0
+    from PIL import Image
+
+    from apt.toy import side_by_side as sbs
+
+    png = np.asarray(Image.open(out / "side_by_side.png"))
+    tile = 16 * sbs.SCALE  # 8 prompts in 2 columns of 4 groups; 4 rows of 4 frames each
+    group_w, group_h = sbs.LABEL_MIN_WIDTH + 4 * (tile + sbs.PAD), sbs.TITLE_HEIGHT + 4 * (tile + sbs.PAD)
+    assert png.shape == (2 * sbs.GAP + 4 * group_h + 3 * sbs.GAP, 2 * sbs.GAP + 2 * group_w + sbs.GAP, 3)
+    y, x = sbs.GAP + sbs.TITLE_HEIGHT, sbs.GAP + sbs.LABEL_MIN_WIDTH  # the first prompt's teacher clip, frame 1
+    for by in range(0, tile, sbs.SCALE):
+        for bx in range(0, tile, sbs.SCALE):  # every source pixel an 8x8 square of one colour
+            block = png[y + by : y + by + sbs.SCALE, x + bx : x + bx + sbs.SCALE]
+            assert (block == block[0, 0]).all()

@@ -13,7 +13,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from apt.data import shards, toy
+from apt.data import shards
+from apt.toy import world
+from apt.toy.shards import write_toy_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, PER_SHARD = 50, 20
@@ -22,7 +24,7 @@ N, PER_SHARD = 50, 20
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("toy_shards"))
-    shards.write_toy_shards(out, N, frames=4, seed=5, samples_per_shard=PER_SHARD, progress=False)
+    write_toy_shards(out, N, frames=4, seed=5, samples_per_shard=PER_SHARD, progress=False)
     return out
 
 
@@ -41,7 +43,7 @@ def test_written_and_read_back(shard_dir: str) -> None:
     assert b["x"].shape == (16, 3, 4, 16, 16) and b["x"].dtype == torch.float32
     assert -1.0 <= b["x"].min() and b["x"].max() <= 1.0
     assert _keys(batches) == [f"{i:09d}" for i in range(N)]
-    ref = toy.make_sample(3, seed=5, frames=4)
+    ref = world.make_sample(3, seed=5, frames=4)
     assert b["caption"][3] == ref["caption"]
     assert b["labels"][3] == ref["attributes"].to_dict()
     assert np.array_equal(shards.tensor_to_pixels(b["x"][3]), ref["pixels"])
@@ -158,7 +160,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path) -> None:
 
 def test_writer_refuses_a_used_directory(shard_dir: str) -> None:
     with pytest.raises(FileExistsError, match=shard_dir):
-        shards.write_toy_shards(shard_dir, 5, frames=4, seed=0, progress=False)
+        write_toy_shards(shard_dir, 5, frames=4, seed=0, progress=False)
 
 
 def test_script_writes_image_shards(tmp_path) -> None:

@@ -1,18 +1,18 @@
-"""Pixel statistics of toy clips (apt.eval.toy_content) on real clips with and without what they measure."""
+"""Pixel statistics of toy clips (apt.toy.content) on real clips with and without what they measure."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from apt.data import toy
-from apt.eval.toy_content import distractor_visible, high_frequency_share
+from apt.toy import world
+from apt.toy.content import distractor_visible, high_frequency_share
 
 
 def real_clips(n: int, monkeypatch=None, distractor_radius=None):
     if distractor_radius is not None:
-        monkeypatch.setattr(toy, "DISTRACTOR_RADIUS", distractor_radius)
-    samples = [toy.make_sample(i, 5, 4) for i in range(n)]
+        monkeypatch.setattr(world, "DISTRACTOR_RADIUS", distractor_radius)
+    samples = [world.make_sample(i, 5, 4) for i in range(n)]
     x = torch.from_numpy(np.stack([s["pixels"] for s in samples])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
     return x, [s["caption"] for s in samples]
 

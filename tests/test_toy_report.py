@@ -1,8 +1,8 @@
-"""The demo report's batch-1 timing (apt.eval.toy_report.batch1_seconds, text_encode_seconds)."""
+"""The demo report's batch-1 timing (apt.toy.report.batch1_seconds, text_encode_seconds)."""
 
 import time
 
-from apt.eval.toy_report import batch1_seconds, text_encode_seconds
+from apt.toy.report import batch1_seconds, text_encode_seconds
 
 
 class _FakeEncoder:

@@ -1,37 +1,6 @@
-"""Data: the procedural toy world (embedded default dataset), WebDataset shards and loaders."""
+"""Data: WebDataset shards and loaders (pixel, media and latent shards). The toy world, the demo's dataset,
+is ``apt.toy.world``; its shard writer ``apt.toy.shards.write_toy_shards``."""
 
-from apt.data.shards import (
-    eval_loader,
-    pixels_to_tensor,
-    resolve_shards,
-    tensor_to_pixels,
-    train_loader,
-    write_toy_shards,
-)
-from apt.data.toy import (
-    TOY_WORDS,
-    ToyAttributes,
-    caption,
-    eval_prompts,
-    make_sample,
-    parse_caption,
-    render_clip,
-    sample_attributes,
-)
+from apt.data.shards import eval_loader, pixels_to_tensor, resolve_shards, tensor_to_pixels, train_loader
 
-__all__ = [
-    "TOY_WORDS",
-    "ToyAttributes",
-    "caption",
-    "eval_loader",
-    "eval_prompts",
-    "make_sample",
-    "parse_caption",
-    "pixels_to_tensor",
-    "render_clip",
-    "resolve_shards",
-    "sample_attributes",
-    "tensor_to_pixels",
-    "train_loader",
-    "write_toy_shards",
-]
+__all__ = ["eval_loader", "pixels_to_tensor", "resolve_shards", "tensor_to_pixels", "train_loader"]

@@ -1,4 +1,4 @@
-"""WebDataset shards: the sample schema, the toy-shard writer, and the train / eval loaders.
+"""WebDataset shards: the sample schema and the train / eval loaders (the toy-shard writer is ``apt.toy.shards``).
 
 Schema (one tar member group per sample, key = zero-padded sample index):
     pixels.npy   uint8 (T, H, W, C) clip (T = 1 for images)
@@ -8,7 +8,7 @@ Schema (one tar member group per sample, key = zero-padded sample index):
 Loaders yield dicts: x float32 (B, C, T, H, W) in [-1, 1], caption list[str], labels list[dict],
 key list[str]. The train loader is an infinite resampled stream that is a pure function of
 (shards, seed, rank, batch size, workers), so resume is exact: rebuild it with `skip_batches=k`
-and it yields the batches k, k+1, ... of the uninterrupted stream (DESIGN.md section 3, "Data").
+and it yields the batches k, k+1, ... of the uninterrupted stream (docs/design.md §2, "Data and exact resume").
 Corrupt samples are skipped with a warning that carries the running count; an empty caption is a
 user error and raises.
 
@@ -22,7 +22,6 @@ import glob
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
@@ -31,12 +30,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
-from apt.data import toy
-
-SHARD_PATTERN = "toy-%06d.tar"
-MANIFEST = "manifest.json"
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -62,77 +56,6 @@ def tensor_to_pixels(x: torch.Tensor) -> np.ndarray:
         raise ValueError(f"x must be (C, T, H, W) or (B, C, T, H, W), got {tuple(x.shape)}")
     p = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return (p.permute(1, 2, 3, 0) if x.ndim == 4 else p.permute(0, 2, 3, 4, 1)).numpy()
-
-
-# ---------------------------------------------------------------- writing
-
-
-def write_toy_shards(
-    out_dir: str,
-    num_samples: int,
-    frames: int = 8,
-    seed: int = 0,
-    samples_per_shard: int = 1000,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Render `num_samples` toy clips into WebDataset shards under `out_dir`; returns the manifest.
-
-    Each shard is written under a ".part" name and renamed when complete; `manifest.json` is
-    written last (atomically), so a directory with a manifest is complete.
-    """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    os.makedirs(out_dir, exist_ok=True)
-    stale = sorted(glob.glob(os.path.join(out_dir, "*.tar")) + glob.glob(os.path.join(out_dir, MANIFEST)))
-    if stale and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} already holds {len(stale)} shard/manifest files; "
-            "choose an empty directory or pass overwrite=True (--overwrite)"
-        )
-    for path in stale:
-        os.remove(path)
-
-    def _finish(part_name: str) -> None:
-        os.replace(part_name, part_name[: -len(".part")])
-
-    pattern = os.path.join(out_dir, SHARD_PATTERN + ".part")
-    with wds.ShardWriter(pattern, maxcount=samples_per_shard, post=_finish, verbose=0, mtime=0.0) as sink:
-        for index in tqdm(range(num_samples), desc=f"toy shards -> {out_dir}", disable=not progress):
-            s = toy.make_sample(index, seed, frames)
-            pixels_THWC = s["pixels"]
-            meta = {
-                "caption": s["caption"],
-                "labels": s["attributes"].to_dict(),
-                "frames": frames,
-                "height": pixels_THWC.shape[1],
-                "width": pixels_THWC.shape[2],
-                "fps": toy.FPS,
-                "index": index,
-                "seed": seed,
-            }
-            sink.write({"__key__": f"{index:09d}", "pixels.npy": pixels_THWC, "json": meta})
-        num_shards = sink.shard
-    manifest = {
-        "num_samples": num_samples,
-        "num_shards": num_shards,
-        "samples_per_shard": samples_per_shard,
-        "frames": frames,
-        "height": toy.SIZE,
-        "width": toy.SIZE,
-        "fps": toy.FPS,
-        "seed": seed,
-        "shards": [SHARD_PATTERN % i for i in range(num_shards)],
-    }
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.part")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; shards are meant to be shared
-    os.replace(tmp, os.path.join(out_dir, MANIFEST))
-    return manifest
 
 
 # ---------------------------------------------------------------- reading

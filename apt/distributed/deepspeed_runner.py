@@ -1,6 +1,6 @@
 """APT under DeepSpeed ZeRO 1/2/3: G and D as two engines, driven by Lightning Fabric.
 
-Why not Lightning's Trainer (DESIGN.md §4, measured): its DeepSpeed strategy takes one optimiser and
+Why not Lightning's Trainer (docs/design.md §3, measured): its DeepSpeed strategy takes one optimiser and
 wraps the whole LightningModule in ONE engine, and it refuses CPU. APT has two networks with their
 own optimisers, so each gets its own engine (``fabric.setup(net, optimizer)`` twice). The algorithm
 stays in ``apt.methods.apt.apt_step`` (through ``AptModule.run_step``), shared with the Trainer path;
@@ -35,7 +35,7 @@ from apt.distributed.strategies import deepspeed_config, num_nodes
 
 
 class DeepSpeedAnyDeviceStrategy(FabricDeepSpeedStrategy):
-    """Fabric's DeepSpeed strategy, also on CPU (gloo): the three overrides measured in DESIGN.md §4."""
+    """Fabric's DeepSpeed strategy, also on CPU (gloo): the three overrides of docs/design.md §3."""
 
     def setup_environment(self) -> None:
         if isinstance(self.accelerator, CUDAAccelerator):
@@ -102,7 +102,8 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None):
     from apt.data.latent_shards import is_latent_shards, latent_train_loader
     from apt.data.shards import resolve_shards, train_loader
     from apt.lit.apt import AptModule
-    from apt.lit.callbacks import SampleMedia, checkpoint_path, sample_prompts
+    from apt.lit.callbacks import SampleMedia, checkpoint_path
+    from apt.prompts import sample_prompts
 
     if c.stage != "apt":
         raise ConfigError(f"the DeepSpeed runner trains the APT stage; stage '{c.stage}' uses Lightning's strategies")

@@ -1,1 +1,1 @@
-"""Evaluation: Fréchet distances, toy metrics, FVD/FID/CLIP protocols."""
+"""Evaluation: Fréchet distances, FVD/FID/CLIP protocols (the toy demo's metrics are apt.toy)."""

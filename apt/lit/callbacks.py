@@ -10,15 +10,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from apt.checkpoint import list_checkpoints
-from apt.config import Config
 from apt.media import save_samples
-
-
-def sample_prompts(c: Config) -> list[str]:
-    """The prompts of a run's sample grids."""
-    from apt.data.toy import eval_prompts
-
-    return eval_prompts(c.train.num_sample_prompts, seed=c.eval.seed, frames=c.data.frames)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -52,7 +44,8 @@ class PeriodicCheckpoint(L.Callback):
 
 
 class SampleMedia(L.Callback):
-    """Every N stage steps (and at the end) write a PNG grid + GIF of the EMA network's samples."""
+    """Every N stage steps (and at the end) write a PNG grid + GIF of the EMA network's samples of ``prompts``
+    (none: nothing is written)."""
 
     def __init__(self, run_dir: str, every: int, prompts: list[str], *, steps: int, cfg_scale: float, fps: int = 8):
         self.dir = Path(run_dir) / "samples"
@@ -62,8 +55,8 @@ class SampleMedia(L.Callback):
     def write(self, module) -> None:
         """Rank 0 writes; the other ranks sample along only when the EMA is sharded (collective gathers)."""
         step = module.progress_step
-        if step == self._last or not (rank_zero_only.rank == 0 or module.samples_on_every_rank):
-            return
+        if not self.prompts or step == self._last or not (rank_zero_only.rank == 0 or module.samples_on_every_rank):
+            return  # no prompts: the recipe names none (apt.train.sample_prompts warned)
         self._last = step
         x = module.generate(self.prompts, list(range(len(self.prompts))), steps=self.steps, cfg_scale=self.cfg_scale)
         if rank_zero_only.rank == 0:

@@ -1,7 +1,7 @@
 """The backbone protocol: what the teacher, generator and discriminator need from a transformer.
 
 Every network in apt (the built-in DiT, each diffusers adapter, a user's in-house model) is used
-through this one interface (DESIGN.md §3):
+through this one interface (docs/design.md §2):
 
 - ``forward(x_BCTHW, t_B, text) -> v_BCTHW``: predict the rectified-flow velocity ``eps - x0``.
 - ``blocks``: the ordered list of transformer blocks, so readout heads can tap hidden states.

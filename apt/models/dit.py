@@ -41,7 +41,7 @@ class DiTConfig:
     text_dim: int = 64
     prediction: str = "velocity"  # "velocity" or "x0" (v derived as (x_t - x0_hat) / max(t, min_t))
     min_t: float = 0.05
-    abs_pos_embed: bool = True  # fixed 3D sin-cos table at unit scale (DESIGN.md §7)
+    abs_pos_embed: bool = True  # fixed 3D sin-cos table at unit scale (docs/design.md §5)
     rope_theta: float = 10000.0
 
     def __post_init__(self):

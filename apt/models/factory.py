@@ -13,6 +13,8 @@ Two sources (``model.source``):
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from apt.checkpoint import load_weights
@@ -28,11 +30,36 @@ def _check_text_dim(net, config: Config, text_dim: int) -> None:
         )
 
 
+def check_text_source(config: Config, net) -> None:
+    """A diffusers teacher is conditioned as its pipeline encodes prompts: ``text.encoder`` must be that
+    pipeline's directory (``toy-t5`` stays allowed for tiny smoke models: apt's own convention)."""
+    from apt.text import TOY_ENCODER
+    from apt.text_pipeline import pipeline_family
+
+    enc, fam = config.text.encoder, config.model.family
+    if enc == TOY_ENCODER:
+        return
+    family = pipeline_family(enc) if os.path.isdir(enc) else None
+    if family is None:
+        raise ConfigError(
+            f"text.encoder {enc!r} is not a diffusers pipeline directory; model.family {fam} is conditioned as its "
+            f"{net.pipeline_class} encodes prompts ({net.text.summary}): set text.encoder to the pipeline directory "
+            f"(model_index.json beside {', '.join(net.text.encoders)}/ and their tokenizers)"
+        )
+    if family != fam:
+        raise ConfigError(f"text.encoder {enc!r} is a {family} pipeline but model.family is {fam}")
+    mc = net.model.config
+    if fam == "cogvideox" and config.text.max_length != mc.max_text_seq_length:
+        raise ConfigError(f"text.max_length={config.text.max_length} but the {net.model_class} in model.path={config.model.path} "
+                          f"takes exactly max_text_seq_length={mc.max_text_seq_length} text tokens")
+
+
 def _diffusers_backbone(config: Config, *, text_dim: int, weights_dir: str | None) -> nn.Module:
     from apt.models.adapters import adapter_class
 
     cls = adapter_class(config.model.family)
     net = cls.from_pretrained(weights_dir) if weights_dir else cls.from_config_dir(config.model.path)
+    check_text_source(config, net)
     _check_text_dim(net, config, text_dim)
     if config.model.gradient_checkpointing:
         net.enable_gradient_checkpointing()

@@ -29,9 +29,9 @@ import torch  # noqa: E402
 
 from apt.config import load_config  # noqa: E402
 from apt.data.shards import pixels_to_tensor  # noqa: E402
-from apt.data.toy import make_sample  # noqa: E402
 from apt.lit.apt import AptModule  # noqa: E402
 from apt.methods.update import OptimizerUpdate  # noqa: E402
+from apt.toy.world import make_sample  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 

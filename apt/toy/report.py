@@ -4,11 +4,11 @@ Protocol (every number in the report comes from this one run):
 - Evaluation prompts: ``eval_prompts(N, seed=EVAL_SEED)`` (balanced over attributes), noise seeds
   10_000 + i; N = ``REPORT_SAMPLES`` (5000) in the demo. The APT checkpoint is chosen on a disjoint
   validation set (``validation_metrics``: VAL_PROMPT_SEED prompts, noise seeds VAL_NOISE_SEED + i, 256
-  samples) among the checkpoints of the video-stage run, as DESIGN.md §7 recommends (the raw APT
+  samples) among the checkpoints of the video-stage run, as docs/design.md §5 explains (the raw APT
   trajectory oscillates).
 - ``distance``: Fréchet distance to N real toy clips in the toy classifier's feature space;
   ``attribute_accuracy``: share of samples whose shape, colour, direction and background all match
-  the prompt (``apt.eval.toy_metrics``). The real-vs-real floor (two disjoint real sets of size N)
+  the prompt (``apt.toy.metrics``). The real-vs-real floor (two disjoint real sets of size N)
   is reported alongside.
 - ``seconds_per_sample``: batch-1 wall time per sample, one torch thread: the median latency of a call, over
   five turns per row taken in turn after a warm-up (each turn >= 3 calls and >= 0.4 s);
@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apt.data.toy import eval_prompts
-from apt.eval.toy_bar import check_bar, format_bar
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED, evaluate_samples, real_stats, real_vs_real_floor
 from apt.inference import Generator, load_generator
-from apt.media import grid_image, save_gif, save_png, to_uint8
+from apt.media import to_uint8
+from apt.toy.bar import check_bar, format_bar
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED, evaluate_samples, real_stats, real_vs_real_floor
+from apt.toy.side_by_side import save_side_by_side
+from apt.toy.world import eval_prompts
 
 EVAL_SEED = 1234
 EVAL_NOISE_SEED = 10_000
@@ -48,7 +49,7 @@ BATCH = 250
 REPORT_SAMPLES = 5000
 """N of the demo's report. At N = 1000 (until 2026-12-05) the real-vs-real floor was 5.0 against the teacher's 6.2 and
 the rows' small-sample biases differed enough to move the bar's ratios by 0.06 and 0.30 between two draws of the prompts
-and seeds; at 5000 the floor is 0.8-1.1 (``eval/toy_distance_vs_n.py``, docs/demo_tuning.md fifteenth round)."""
+and seeds; at 5000 the floor is 0.8-1.1 (``experiments/toy_distance_vs_n.py``, docs/log/demo_tuning.md fifteenth round)."""
 
 
 def generate_seeded(gen: Generator, prompts: list[str], seeds: list[int], *, steps: int, cfg_scale: float | None = None, frames: int | None = None) -> torch.Tensor:
@@ -88,7 +89,7 @@ def generate_all(gen: Generator, prompts: list[str], seed0: int, *, steps: int, 
 
 
 def add_validation_arguments(ap: argparse.ArgumentParser) -> None:
-    """The command-line arguments of the scripts that score checkpoints on the validation split (eval/toy_validate.py, eval/toy_gap.py)."""
+    """The command-line arguments of the scripts that score checkpoints on the validation split (experiments/toy_validate.py, experiments/toy_gap.py)."""
     ap.add_argument("checkpoints", nargs="+", help="checkpoint or run directories")
     ap.add_argument("--steps", type=int, default=1, help="sampling steps (1 = the one-step generator)")
     ap.add_argument("--cfg", type=float, default=1.0, help="CFG scale (the demo's teacher row: 3)")
@@ -109,7 +110,7 @@ def split_metrics(gen: Generator, classifier, real, *, split: str, n: int, steps
 
 
 def validation_metrics(gen: Generator, classifier, val_real, *, n: int = 256, steps: int = 1, cfg_scale: float | None = None, frames: int | None = None) -> dict:
-    """``split_metrics`` on the validation split (``apt.eval.toy_metrics.VAL_PROMPT_SEED``)."""
+    """``split_metrics`` on the validation split (``apt.toy.metrics.VAL_PROMPT_SEED``)."""
     return split_metrics(gen, classifier, val_real, split="validation", n=n, steps=steps, cfg_scale=cfg_scale, frames=frames)
 
 
@@ -134,7 +135,7 @@ def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: lis
     """Batch-1 latency of each (generator, steps, cfg_scale) row, on one torch thread: the median of its calls'
     times (``batch1_call_times``). The median of single calls ignores the short stalls of a shared machine: in four
     measurements, two rows of the same network differed by up to 9% with the median of each turn's mean call and
-    by up to 3.4% with the median call (``eval/batch1_timing.py``, docs/demo_tuning.md, thirteenth round)."""
+    by up to 3.4% with the median call (``experiments/batch1_timing.py``, docs/log/demo_tuning.md, thirteenth round)."""
     times = batch1_call_times(rows, prompts, rounds=rounds, min_calls=min_calls, min_seconds=min_seconds)
     return [float(np.median([t for turn in row for t in turn])) for row in times]
 
@@ -225,10 +226,8 @@ def evaluate_rows(*, teacher, distilled, apt_candidates: list, out_dir, num_samp
         r["speedup_batch1"] = teacher_row["seconds_per_sample"] / r["seconds_per_sample"]
         r["speedup_batched"] = teacher_row["seconds_per_sample_batched"] / r["seconds_per_sample_batched"]
         r["speedup_batch1_with_text"] = (teacher_row["seconds_per_sample"] + seconds_text) / (r["seconds_per_sample"] + seconds_text)
-    # Side by side: for each prompt, the four rows one under the other.
-    stacked = np.stack(side, axis=1).reshape(-1, *side[0].shape[1:])  # (8 prompts * 4 rows, T, H, W, C)
-    save_png(grid_image(stacked), out_dir / "side_by_side.png")
-    save_gif(stacked, out_dir / "side_by_side.gif", columns=4)
+    # Side by side: for each prompt, the four rows one under the other, labelled.
+    save_side_by_side(np.stack(side, axis=1), [r["name"] for r in rows], prompts[:8], out_dir)  # (8 prompts, 4 rows, T, H, W, C)
     (out_dir / "side_by_side_prompts.txt").write_text("rows per prompt: " + ", ".join(r["name"] for r in rows) + "\n" + "\n".join(prompts[:8]) + "\n")
     return {
         "rows": rows,

@@ -3,7 +3,7 @@
 It reads clips x (B, 3, T, 16, 16) in [-1, 1] for any T >= 1 (T = 1 is the image variant; it is
 trained on T in {1, 4, 8}): four heads predict shape, colour, direction and background, and the
 penultimate embedding `features(x)` (B, F) is the feature space for Fréchet distances, as
-Inception pool3 / I3D logits are for FID / FVD (DESIGN.md section 5, "Toy benchmark").
+Inception pool3 / I3D logits are for FID / FVD (docs/design.md §4, "The toy benchmark").
 
 Architecture (61k parameters): four convolutions, each GroupNorm + SiLU: 1x3x3 at 16x16, 3x3x3
 (the only temporal one: motion) with stride 2 in space, 1x3x3 at 8x8, 1x3x3 with stride 2 to 4x4;
@@ -28,20 +28,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from apt.data import toy
+from apt.toy import world
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": toy.SHAPES,
-    "colour": tuple(toy.COLOURS),
-    "direction": tuple(toy.DIRECTIONS),
-    "background": tuple(toy.BACKGROUNDS),
+    "shape": world.SHAPES,
+    "colour": tuple(world.COLOURS),
+    "direction": tuple(world.DIRECTIONS),
+    "background": tuple(world.BACKGROUNDS),
 }
 """Head name -> class names, in logit order."""
 
 DEFAULT_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "assets", "toy_classifier"
 )
-"""The checkpoint shipped in the repository (trained by eval/train_toy_classifier.py)."""
+"""The checkpoint shipped in the repository (trained by experiments/train_toy_classifier.py)."""
 
 _WEIGHTS, _CONFIG = "model.safetensors", "config.json"
 
@@ -82,8 +82,8 @@ class ToyClassifier(nn.Module):
 
     def features(self, x_BCTHW: torch.Tensor) -> torch.Tensor:
         """Penultimate embedding (B, F) of clips in [-1, 1]."""
-        if x_BCTHW.ndim != 5 or x_BCTHW.shape[1] != 3 or x_BCTHW.shape[-2:] != (toy.SIZE, toy.SIZE):
-            raise ValueError(f"expected x (B, 3, T, {toy.SIZE}, {toy.SIZE}), got {tuple(x_BCTHW.shape)}")
+        if x_BCTHW.ndim != 5 or x_BCTHW.shape[1] != 3 or x_BCTHW.shape[-2:] != (world.SIZE, world.SIZE):
+            raise ValueError(f"expected x (B, 3, T, {world.SIZE}, {world.SIZE}), got {tuple(x_BCTHW.shape)}")
         h = x_BCTHW.float()
         for conv, norm in zip(self.convs, self.norms, strict=True):
             h = F.silu(norm(conv(h)))
@@ -127,12 +127,12 @@ def load_toy_classifier(path: str = DEFAULT_PATH, device: str | torch.device = "
     for p in (weights, config_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(
-                f"toy classifier file missing: {p} (train one with eval/train_toy_classifier.py)"
+                f"toy classifier file missing: {p} (train one with experiments/train_toy_classifier.py)"
             )
     with open(config_path) as f:
         meta = json.load(f)
     if meta.get("attributes") != {k: list(v) for k, v in ATTRIBUTES.items()}:
-        raise ValueError(f"{config_path}: attribute classes differ from apt.data.toy; retrain the classifier")
+        raise ValueError(f"{config_path}: attribute classes differ from apt.toy.world; retrain the classifier")
     cfg = meta["config"]
     model = ToyClassifier(
         ToyClassifierConfig(widths=tuple(cfg["widths"]), feature_dim=cfg["feature_dim"], groups=cfg["groups"])
@@ -150,8 +150,8 @@ def toy_training_batch(
     """Fresh toy clips x (B, 3, T, 16, 16) in [-1, 1] and label indices {head: (B,)}.
 
     Images (frames == 1) get direction label -1 (ignored by the loss)."""
-    attrs = [toy.sample_attributes(rng, frames) for _ in range(batch_size)]
-    pixels_BTHWC = np.stack([toy.render_clip(a, rng, frames) for a in attrs])
+    attrs = [world.sample_attributes(rng, frames) for _ in range(batch_size)]
+    pixels_BTHWC = np.stack([world.render_clip(a, rng, frames) for a in attrs])
     x_BCTHW = torch.from_numpy(pixels_BTHWC).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
     labels = {
         name: torch.tensor(
@@ -166,11 +166,11 @@ def toy_training_batch(
 def heldout_accuracy(
     model: ToyClassifier, frames: int, n: int = 2000, seed: int = 10_000, batch_size: int = 250
 ) -> dict[str, float]:
-    """Per-head accuracy on `n` real clips `toy.make_sample(i, seed, frames)`; no direction for images."""
+    """Per-head accuracy on `n` real clips `world.make_sample(i, seed, frames)`; no direction for images."""
     model.eval()
     correct = {name: 0 for name in ATTRIBUTES}
     for start in range(0, n, batch_size):
-        samples = [toy.make_sample(i, seed, frames) for i in range(start, min(start + batch_size, n))]
+        samples = [world.make_sample(i, seed, frames) for i in range(start, min(start + batch_size, n))]
         x_BCTHW = (
             torch.from_numpy(np.stack([s["pixels"] for s in samples])).permute(0, 4, 1, 2, 3).float() / 127.5
             - 1.0

@@ -1,12 +1,12 @@
 """A one-step checkpoint sampled from scaled noise: the truncation trick of GANs (not in the APT paper).
 
-    python eval/toy_noise_scale.py runs/demo/apt_video/checkpoints/step-000175 --scales 1.0 0.9 0.8 0.7
+    python experiments/toy_noise_scale.py runs/demo/apt_video/checkpoints/step-000175 --scales 1.0 0.9 0.8 0.7
 
 For noise scale s the sample of noise z is the one-step sample of s z: G(s z, c) = s z - G^(s z, c, T).
 Prints one JSON line per scale with the toy metrics on the validation set (the set of
-``eval/toy_validate.py``) and on the demo report's set (its prompts and noise seeds), so that a scale
+``experiments/toy_validate.py``) and on the demo report's set (its prompts and noise seeds), so that a scale
 picked on validation can be checked on the report's samples. Scale 1 is the plain one-step generator.
-docs/demo_tuning.md (tenth round) has what it measured.
+docs/log/demo_tuning.md (tenth round) has what it measured.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import VAL_PROMPT_SEED, real_stats
-from apt.eval.toy_report import EVAL_SEED, noise_scaled, report_set_metrics, validation_metrics
 from apt.inference import load_generator
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.metrics import VAL_PROMPT_SEED, real_stats
+from apt.toy.report import EVAL_SEED, noise_scaled, report_set_metrics, validation_metrics
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

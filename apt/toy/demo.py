@@ -21,7 +21,7 @@ from apt.config import load_config
 TEACHER_ASSET = "assets/demo_teacher"
 # ``--text-terms``: NOT the paper's objective. Stage 1 at CFG 5, and both APT stages with a matching-aware D
 # term and a G-side text term (apt.mismatch_weight, apt.text_contrast_weight in apt/config.py), the image stage
-# 300 updates; docs/demo_tuning.md, twelfth round. The video stage stops at 100 updates: with these terms
+# 300 updates; docs/log/demo_tuning.md, twelfth round. The video stage stops at 100 updates: with these terms
 # validation is best at update 50 and worse after 100 (thirteenth round). Per stage: extra overrides.
 TEXT_TERMS = ["apt.mismatch_weight=2.0", "apt.d_warmup_steps=150", "apt.text_contrast_weight=10.0"]
 TEXT_TERMS_OVERRIDES = {
@@ -33,7 +33,7 @@ DATA = {"video": ("runs/data/toy-video", 4, 20000, 0), "image": ("runs/data/toy-
 
 
 def ensure_shards(quick: bool) -> dict[str, str]:
-    from apt.data.shards import write_toy_shards
+    from apt.toy.shards import write_toy_shards
 
     out = {}
     for key, (path, frames, n, seed) in DATA.items():
@@ -68,8 +68,8 @@ def run_stage(recipe: str, run_dir: Path, overrides: list[str], overlays: list[s
 def run_demo(out: str | None = None, *, quick: bool = False, text_terms: bool = False) -> dict:
     """The chain and its report; ``text_terms`` runs it with ``TEXT_TERMS_OVERRIDES`` (not the paper's objective),
     by default into its own folder so that neither variant resumes the other's finished stages."""
-    from apt.eval.toy_bar import check_bar
-    from apt.eval.toy_report import REPORT_SAMPLES, evaluate_rows, print_table
+    from apt.toy.bar import check_bar
+    from apt.toy.report import REPORT_SAMPLES, evaluate_rows, print_table
 
     out = out or ("runs/demo-text-terms" if text_terms else "runs/demo")
 

@@ -1,15 +1,15 @@
 """Toy metrics of checkpoints on the validation set that training logs (``eval.every_steps``).
 
-    python eval/toy_validate.py runs/tune/img400/checkpoints/step-000150 runs/demo/distill [--steps 1] [--cfg 1]
-    python eval/toy_validate.py assets/demo_teacher --steps 25 --cfg 2
-    python eval/toy_validate.py runs/demo/apt_video/checkpoints/step-* --split report --num-samples 1000
+    python experiments/toy_validate.py runs/tune/img400/checkpoints/step-000150 runs/demo/distill [--steps 1] [--cfg 1]
+    python experiments/toy_validate.py assets/demo_teacher --steps 25 --cfg 2
+    python experiments/toy_validate.py runs/demo/apt_video/checkpoints/step-* --split report --num-samples 1000
 
 Samples each checkpoint's product network (EMA) on the validation prompts and noise seeds of
-``apt.eval.toy_metrics`` (disjoint from the demo report's set; ``--split report``: the report's prompts
-and seeds, ``apt.eval.toy_report.SPLITS``) and prints one JSON line each: the
+``apt.toy.metrics`` (disjoint from the demo report's set; ``--split report``: the report's prompts
+and seeds, ``apt.toy.report.SPLITS``) and prints one JSON line each: the
 Fréchet distance to real clips in the toy classifier's feature space and the attribute accuracies.
 It scores checkpoints that ran without in-training evaluation (an image stage, a distillation) on the
-same scale as the ``val_distance`` of ``eval/history.jsonl`` (docs/demo_tuning.md uses both).
+same scale as the ``val_distance`` of ``eval/history.jsonl`` (docs/log/demo_tuning.md uses both).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import real_stats
-from apt.eval.toy_report import SPLITS, add_validation_arguments, split_metrics
 from apt.inference import load_generator
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.metrics import real_stats
+from apt.toy.report import SPLITS, add_validation_arguments, split_metrics
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

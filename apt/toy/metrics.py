@@ -1,7 +1,7 @@
 """Toy benchmark metrics: a Fréchet distance in the toy classifier's feature space + attribute accuracy.
 
     distance            Fréchet distance between Gaussians fitted to classifier features of the
-                        samples and of real toy clips (FID/FVD-style, DESIGN.md section 5).
+                        samples and of real toy clips (FID/FVD-style, docs/design.md §4).
     attribute_accuracy  share of samples whose predicted shape AND colour AND background AND
                         (clips only, frames > 1) direction all match the prompt's parsed caption:
                         an exact text-alignment score.
@@ -9,7 +9,7 @@
 
 Report the real-vs-real floor (`real_vs_real_floor`, two disjoint real sets of the same size n)
 next to every distance, with n and the seeds: at n = 1000 the demo's distances move by 0.4-1.4 between two draws of the
-prompts and seeds and the floor is 3.7-6.2, near the teacher's distance (docs/demo_tuning.md, fifteenth round).
+prompts and seeds and the floor is 3.7-6.2, near the teacher's distance (docs/log/demo_tuning.md, fifteenth round).
 
 Results do not depend on how the caller batches the samples: clips are re-chunked into fixed
 chunks of `chunk` clips before the classifier sees them, and statistics accumulate in float64.
@@ -25,13 +25,13 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from apt.data import toy
 from apt.eval.frechet import FeatureStats, stats_distance
-from apt.eval.toy_classifier import ATTRIBUTES, ToyClassifier
+from apt.toy import world
+from apt.toy.classifier import ATTRIBUTES, ToyClassifier
 
 DEFAULT_CHUNK = 250
 VAL_PROMPT_SEED, VAL_NOISE_SEED = 4321, 20_000
-"""The validation split (prompts ``toy.eval_prompts(n, seed=VAL_PROMPT_SEED)``, noise seeds VAL_NOISE_SEED + i):
+"""The validation split (prompts ``world.eval_prompts(n, seed=VAL_PROMPT_SEED)``, noise seeds VAL_NOISE_SEED + i):
 what training logs (``eval.every_steps``) and what the demo picks its APT checkpoint on; disjoint from
 the demo report's prompts and seeds."""
 
@@ -41,7 +41,7 @@ def real_batches(
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Real clips `make_sample(i, seed, frames)`, i in [start, start + n): (x_BCTHW in [-1, 1], captions)."""
     for lo in range(start, start + n, batch_size):
-        samples = [toy.make_sample(i, seed, frames) for i in range(lo, min(lo + batch_size, start + n))]
+        samples = [world.make_sample(i, seed, frames) for i in range(lo, min(lo + batch_size, start + n))]
         pixels_BTHWC = torch.from_numpy(np.stack([s["pixels"] for s in samples]))
         yield pixels_BTHWC.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0, [s["caption"] for s in samples]
 
@@ -114,7 +114,7 @@ def real_stats(
 def correct_mask(predictions: dict[str, list[str]], prompts: list[str]) -> tuple[np.ndarray, dict[str, float]]:
     """Per-sample joint correctness (N,) of predicted class names against parsed prompts, and the
     per-attribute accuracy (attributes the prompts leave unset, e.g. an image's direction, are skipped)."""
-    targets = [toy.parse_caption(p) for p in prompts]
+    targets = [world.parse_caption(p) for p in prompts]
     correct_N = np.ones(len(targets), dtype=bool)
     per_attribute: dict[str, float] = {}
     for name in ATTRIBUTES:
@@ -129,7 +129,7 @@ def correct_mask(predictions: dict[str, list[str]], prompts: list[str]) -> tuple
 
 AMBIGUOUS_SHAPE = 0.9
 """A sample's shape is ambiguous when the classifier's shape head gives no shape this probability (a blob
-between two shapes; docs/demo_tuning.md, eleventh round)."""
+between two shapes; docs/log/demo_tuning.md, eleventh round)."""
 
 
 @torch.no_grad()

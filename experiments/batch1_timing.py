@@ -1,12 +1,12 @@
 """How steady the demo report's batch-1 timing is on this machine, and what inference mode buys.
 
-    python eval/batch1_timing.py assets/demo_teacher runs/demo/distill runs/demo/apt_video/checkpoints/step-000200
+    python experiments/batch1_timing.py assets/demo_teacher runs/demo/distill runs/demo/apt_video/checkpoints/step-000200
 
 1. The first one-step checkpoint's network, one forward at batch 1 and at batch 2 (two prompts: the size of
    the teacher's CFG batch), under ``torch.no_grad`` and under ``torch.inference_mode`` (what
    ``apt.inference.Generator`` uses), interleaved: ``--rounds`` rounds of 30 calls each, the median call of
    each round, the median over rounds.
-2. ``--repeats`` measurements of the report's batch-1 timing (``apt.eval.toy_report.batch1_call_times``,
+2. ``--repeats`` measurements of the report's batch-1 timing (``apt.toy.report.batch1_call_times``,
    the report's settings) of the teacher (25 steps + CFG) and each one-step checkpoint, with two estimators
    of a row's latency: the median call (the report's) and the median of each turn's mean call (the
    report's before 2026-11-22). Give two one-step checkpoints of the same network: they should time alike,
@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
-from apt.data.toy import eval_prompts
-from apt.eval.toy_report import EVAL_SEED, batch1_call_times, one_torch_thread
 from apt.inference import load_generator
+from apt.toy.report import EVAL_SEED, batch1_call_times, one_torch_thread
+from apt.toy.world import eval_prompts
 
 
 def forward_modes(checkpoint: str, *, rounds: int) -> dict:

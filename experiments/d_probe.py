@@ -1,6 +1,6 @@
 """What an APT discriminator's logit follows among its generator's samples: shape, distractor, alignment.
 
-    python eval/d_probe.py runs/demo/apt_video/checkpoints/step-000200 [--num-samples 2000] [--num-real 1000]
+    python experiments/d_probe.py runs/demo/apt_video/checkpoints/step-000200 [--num-samples 2000] [--num-real 1000]
 
 Draws one-step samples of the checkpoint's EMA generator (prompts ``eval_prompts(n, seed=--seed)``, noise
 seeds --noise-seed + i) and real clips (``make_sample(i, --seed)``), scores both with the checkpoint's D at
@@ -8,8 +8,8 @@ each --timesteps value (one t for the whole set; the logit is the mean over them
 
     d_real, d_fake                 mean logits (the training logs' margin is their difference)
     ambiguous_shape, distractor_visible, misaligned
-                                   shares of the samples (``apt.eval.toy_metrics.judge``,
-                                   ``apt.eval.toy_content.distractor_shown``), the real clips' next to them
+                                   shares of the samples (``apt.toy.metrics.judge``,
+                                   ``apt.toy.content.distractor_shown``), the real clips' next to them
     d_fake_by                      the samples' mean logit with and without each property
     auc_logit                      per property, P(logit of a sample without it > logit of one with it) (for
                                    the distractor, with > without): 0.5 means D's logit does not see it
@@ -18,7 +18,7 @@ each --timesteps value (one t for the whole set; the logit is the mean over them
                                    outputs, mean over the timesteps), 5-fold cross-validated: whether the
                                    information is in D's features even where the logit does not use it
 
-docs/demo_tuning.md (fourteenth round) uses it: the demo's D follows the distractor, not the ambiguous shapes
+docs/log/demo_tuning.md (fourteenth round) uses it: the demo's D follows the distractor, not the ambiguous shapes
 that hold most of the one-step row's remaining distance.
 """
 
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from apt.data.toy import eval_prompts
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_content import distractor_shown
-from apt.eval.toy_metrics import judge, real_batches
-from apt.eval.toy_report import generate_seeded
 from apt.inference import load_discriminator, load_generator
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.content import distractor_shown
+from apt.toy.metrics import judge, real_batches
+from apt.toy.report import generate_seeded
+from apt.toy.world import eval_prompts
 
 FOLDS = 5
 

@@ -1,12 +1,12 @@
 """Does an APT discriminator judge text alignment? A probe on the toy world.
 
-    python eval/d_text_probe.py runs/demo/apt_video/checkpoints/step-000200 [--attribute shape] [--num-samples 256]
+    python experiments/d_text_probe.py runs/demo/apt_video/checkpoints/step-000200 [--attribute shape] [--num-samples 256]
 
-Scores real validation clips (the prompts of ``apt.eval.toy_metrics``' validation split) under their
+Scores real validation clips (the prompts of ``apt.toy.metrics``' validation split) under their
 true caption and under the same caption with one attribute swapped (shape by default: "a red circle ..."
 -> "a red square ..."), at several timesteps of D's ensemble, and prints one JSON line per timestep:
 the mean logits and the share of clips whose true caption scores higher. 0.5 means D ignores that
-attribute of the text; docs/demo_tuning.md (third round) uses it to show why the toy's one-step shapes stay wrong.
+attribute of the text; docs/log/demo_tuning.md (third round) uses it to show why the toy's one-step shapes stay wrong.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import json
 
 import torch
 
-from apt.data.toy import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, caption, eval_prompts, parse_caption, render_batch
-from apt.eval.toy_metrics import VAL_PROMPT_SEED
 from apt.inference import load_discriminator
+from apt.toy.metrics import VAL_PROMPT_SEED
+from apt.toy.world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, caption, eval_prompts, parse_caption, render_batch
 
 CHOICES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "direction": tuple(DIRECTIONS), "background": tuple(BACKGROUNDS)}
 

@@ -2,7 +2,7 @@
 validation prompt set and log the toy metrics (Fréchet distance, attribute accuracy) with media.
 
 The prompts and noise seeds are disjoint from the demo report's evaluation set, so choosing a
-checkpoint by this number does not peek at the reported one (DESIGN.md §7).
+checkpoint by this number does not peek at the reported one (docs/design.md §5).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from apt.config import Config
-from apt.eval.toy_metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED
 from apt.media import save_samples
+from apt.toy.metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED
 
 
 class ToyEvalCallback(L.Callback):
     def __init__(self, config: Config):
-        from apt.data.toy import eval_prompts
+        from apt.toy.world import eval_prompts
 
         self.config = config
         self.every = config.eval.every_steps
@@ -32,8 +32,8 @@ class ToyEvalCallback(L.Callback):
         self._last = -1
 
     def _setup(self) -> None:
-        from apt.eval.toy_classifier import load_toy_classifier
-        from apt.eval.toy_metrics import real_stats
+        from apt.toy.classifier import load_toy_classifier
+        from apt.toy.metrics import real_stats
 
         if self._classifier is None:
             self._classifier = load_toy_classifier(self.config.eval.classifier)
@@ -42,7 +42,7 @@ class ToyEvalCallback(L.Callback):
 
     def evaluate(self, module) -> dict:
         """Rank 0 evaluates; the other ranks sample along only when the EMA is sharded (collective gathers)."""
-        from apt.eval.toy_metrics import evaluate_samples
+        from apt.toy.metrics import evaluate_samples
 
         step = module.progress_step
         if step == self._last or not (rank_zero_only.rank == 0 or module.samples_on_every_rank):

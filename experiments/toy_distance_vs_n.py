@@ -1,13 +1,13 @@
 """How the demo report's distances and bar ratios depend on the sample size N, and their N -> infinity limit.
 
-    python eval/toy_distance_vs_n.py --teacher assets/demo_teacher --distilled runs/demo/distill \
+    python experiments/toy_distance_vs_n.py --teacher assets/demo_teacher --distilled runs/demo/distill \
         --apt runs/demo/apt_video/checkpoints/step-000200 [--sizes 1000 2000 5000]
 
 A Fréchet distance from N samples is biased upward by roughly k / N, with k different for every model
 (Chong & Forsyth, "Effectively Unbiased FID and Inception Score and where to find them", CVPR 2020). Until
 2026-12-05 the demo's report used N = 1000, where the real-vs-real floor (5.0) is most of the teacher's
 distance (6.2), so every ratio the bar takes between rows carried that bias; this script showed it, and the
-report now uses 5000 (``apt.eval.toy_report.REPORT_SAMPLES``; docs/demo_tuning.md, fifteenth round).
+report now uses 5000 (``apt.toy.report.REPORT_SAMPLES``; docs/log/demo_tuning.md, fifteenth round).
 
 It draws the report's rows (the teacher at its own steps and CFG, the distilled and APT models at one step,
 APT at two) on the report's prompts and noise seeds up to the largest N (``eval_prompts`` and the noise seeds
@@ -29,12 +29,12 @@ import json
 import numpy as np
 import torch
 
-from apt.data.toy import eval_prompts
 from apt.eval.frechet import FeatureStats, stats_distance
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import DEFAULT_CHUNK, rechunk, real_batches
-from apt.eval.toy_report import SPLITS, generate_seeded
 from apt.inference import load_generator
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.metrics import DEFAULT_CHUNK, rechunk, real_batches
+from apt.toy.report import SPLITS, generate_seeded
+from apt.toy.world import eval_prompts
 
 
 @torch.no_grad()

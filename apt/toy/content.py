@@ -1,4 +1,4 @@
-"""Pixel statistics that say what a generator's toy clips look like, next to real ones (eval/toy_gap.py).
+"""Pixel statistics that say what a generator's toy clips look like, next to real ones (experiments/toy_gap.py).
 
 - ``high_frequency_share``: sharpness. A one-step regression averages the modes the caption leaves
   open and blurs; the paper's claim is that APT removes that blur.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from apt.data.toy import COLOURS, parse_caption
+from apt.toy.world import COLOURS, parse_caption
 
 HIGH_FREQUENCY = 0.25
 """Spatial frequencies at or above this many cycles per pixel (in either axis) count as high."""

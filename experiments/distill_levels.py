@@ -1,16 +1,16 @@
 """Where a consistency-distilled student's one-step error lives: k teacher steps first, then the student.
 
-    python eval/distill_levels.py assets/demo_teacher runs/demo/distill [--cfg 4] [--steps 8] [--split report]
+    python experiments/distill_levels.py assets/demo_teacher runs/demo/distill [--cfg 4] [--steps 8] [--split report]
 
 For k = 0 .. steps - 1 the sampler takes k Euler steps of the teacher with CFG on the stage-1 grid
 (``apt.flow.timestep_schedule(steps)``, the discrete timesteps ``distill.num_steps`` distils over) and
 then the student's clean-sample estimate from there, x_hat = x_k - t_k v_student(x_k, t_k). Row k = 0 is
 the one-step generator G(z, c) = z - G^(z, c, T); row k is the student's estimate from level t_k of the
 teacher's own trajectory, i.e. the target the student regresses onto one level up. A row far better
-than the one above it says the student does not fit that level's map (docs/demo_tuning.md, fourteenth
+than the one above it says the student does not fit that level's map (docs/log/demo_tuning.md, fourteenth
 round: the demo's student scores 13.7 from pure noise and 8.6 after one teacher step). Prints one JSON
 line per k: the split's Fréchet distance in the toy classifier's feature space, the attribute accuracy
-and the share of samples with an ambiguous shape (``apt.eval.toy_metrics.judge``).
+and the share of samples with an ambiguous shape (``apt.toy.metrics.judge``).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import json
 import numpy as np
 import torch
 
-from apt.data.toy import eval_prompts
 from apt.eval.frechet import stats_distance
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import judge, real_stats
-from apt.eval.toy_report import BATCH, SPLITS
 from apt.flow import guided_velocity, timestep_schedule
 from apt.inference import Generator, load_generator, seeded_noise
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.metrics import judge, real_stats
+from apt.toy.report import BATCH, SPLITS
+from apt.toy.world import eval_prompts
 
 
 @torch.inference_mode()

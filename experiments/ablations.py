@@ -1,12 +1,12 @@
 """APT ablations on the toy world (APT paper §4.4): aR1 off, readout heads at the last layer only,
 frozen discriminator backbone — each against the full method, from the same distilled generator.
 
-    python eval/ablations.py --distilled runs/demo/distill --teacher assets/demo_teacher \
+    python experiments/ablations.py --distilled runs/demo/distill --teacher assets/demo_teacher \
         --out runs/ablations [--steps 150] [--num-samples N]
 
 Each variant trains the video APT stage (recipes/demo/apt_video.yaml) with one change, then the
 EMA generator of its last checkpoint is evaluated on the demo report's prompts and seeds (its N by
-default, ``apt.eval.toy_report.REPORT_SAMPLES``). Every iteration is
+default, ``apt.toy.report.REPORT_SAMPLES``). Every iteration is
 logged. Prints a markdown table (final D loss, mean D(real) - D(fake) over the last 20 iterations,
 distance, attribute accuracy) and writes it to OUT/ablations.md and OUT/ablations.json.
 """
@@ -41,16 +41,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--shards", default="runs/data/toy-video")
     ap.add_argument("--out", default="runs/ablations")
     ap.add_argument("--steps", type=int, default=150, help="generator updates per variant")
-    ap.add_argument("--num-samples", type=int, default=None, help="default: the demo report's N (apt.eval.toy_report.REPORT_SAMPLES)")
+    ap.add_argument("--num-samples", type=int, default=None, help="default: the demo report's N (apt.toy.report.REPORT_SAMPLES)")
     ap.add_argument("--overlay", action="append", default=[], help="e.g. tiny (smoke test)")
     args = ap.parse_args(argv)
 
     from apt.checkpoint import latest_checkpoint
     from apt.config import load_config
-    from apt.eval.toy_classifier import load_toy_classifier
-    from apt.eval.toy_metrics import real_stats
-    from apt.eval.toy_report import EVAL_SEED, REPORT_SAMPLES, report_set_metrics
     from apt.inference import load_generator
+    from apt.toy.classifier import load_toy_classifier
+    from apt.toy.metrics import real_stats
+    from apt.toy.report import EVAL_SEED, REPORT_SAMPLES, report_set_metrics
     from apt.train import fit
 
     n = args.num_samples or REPORT_SAMPLES
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablations.md").write_text(f"{table}\n\ncommand: python eval/ablations.py {' '.join(argv or [])}\n")
+    (out / "ablations.md").write_text(f"{table}\n\ncommand: python experiments/ablations.py {' '.join(argv or [])}\n")
     (out / "ablations.json").write_text(json.dumps(results, indent=1))
     return results
 

@@ -1,13 +1,13 @@
-"""Train the toy-world classifier used by the toy benchmark (apt.eval.toy_classifier / toy_metrics).
+"""Train the toy-world classifier used by the toy benchmark (apt.toy.classifier, apt.toy.metrics).
 
-Clips are rendered on the fly from apt.data.toy (no shards), cycling clip lengths T = 8, 1, 8, 4
+Clips are rendered on the fly from apt.toy.world (no shards), cycling clip lengths T = 8, 1, 8, 4
 per step; accuracy is measured on 2000 held-out real clips per length (`make_sample(i, 10000, T)`;
 training draws from a separate RNG stream). The checkpoint is written only if every head reaches
 --min-accuracy on every clip length.
 
 The shipped checkpoint (assets/toy_classifier/, 61k parameters, 246 kB) was made on the 2-core CPU
 dev box with
-    python eval/train_toy_classifier.py
+    python experiments/train_toy_classifier.py
 800 steps of batch 64: 604 s training wall time (10 min 14 s with the evaluation), measured while
 other jobs kept the load average near 6; the training used 301 s of CPU time, so expect roughly
 2.5-3 minutes on an idle 2-core machine. Held-out accuracy:
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from apt.eval.toy_classifier import (  # noqa: E402
+from apt.toy.classifier import (  # noqa: E402
     DEFAULT_PATH,
     ToyClassifierConfig,
     heldout_accuracy,

@@ -1,7 +1,7 @@
 """Effect of the quantised speed switches (FP8 linears, quantised attention kernels) on the toy benchmark's quality.
 
-    python eval/fp8_toy_quality.py [--demo runs/demo] [--num-samples 1000] [--rows teacher,apt] [--variants plain,fp8]
-    python eval/fp8_toy_quality.py --rows apt --variants plain,fp8,fa3_fp8,sage,fa3,fa3_fp8+fp8
+    python experiments/fp8_toy_quality.py [--demo runs/demo] [--num-samples 1000] [--rows teacher,apt] [--variants plain,fp8]
+    python experiments/fp8_toy_quality.py --rows apt --variants plain,fp8,fa3_fp8,sage,fa3,fa3_fp8+fp8
 
 Evaluates the demo's teacher (25 steps, CFG 2) and APT one-step generator (the checkpoint the demo
 report chose) under each variant, on the demo report's prompts, seeds and real statistics. On CPU
@@ -19,11 +19,11 @@ import warnings
 from pathlib import Path
 
 from apt.config import PerfConfig
-from apt.data.toy import eval_prompts
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_metrics import evaluate_samples, real_stats
-from apt.eval.toy_report import EVAL_SEED, generate_all
 from apt.inference import load_generator
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.metrics import evaluate_samples, real_stats
+from apt.toy.report import EVAL_SEED, generate_all
+from apt.toy.world import eval_prompts
 
 VARIANTS = {
     "plain": {},

@@ -1,12 +1,12 @@
 """Where a checkpoint's toy distance comes from: the floor, the mean and covariance terms, and text alignment.
 
-    python eval/toy_gap.py runs/tune5/v1500_mm/checkpoints/step-000175 [--steps 1] [--cfg 1]
-    python eval/toy_gap.py assets/demo_teacher --steps 25 --cfg 3
-    python eval/toy_gap.py runs/demo/apt_video/checkpoints/step-000175 --noise-scale 0.7
+    python experiments/toy_gap.py runs/tune5/v1500_mm/checkpoints/step-000175 [--steps 1] [--cfg 1]
+    python experiments/toy_gap.py assets/demo_teacher --steps 25 --cfg 3
+    python experiments/toy_gap.py runs/demo/apt_video/checkpoints/step-000175 --noise-scale 0.7
 
-On the validation split of ``apt.eval.toy_metrics`` (the set ``eval/toy_validate.py`` and training's
+On the validation split of ``apt.toy.metrics`` (the set ``experiments/toy_validate.py`` and training's
 ``eval.every_steps`` score), or with ``--split report`` on the demo report's prompts and noise seeds
-(``apt.eval.toy_report``; pass ``--num-samples 1000`` for the report's N), prints one JSON line per
+(``apt.toy.report``; pass ``--num-samples 1000`` for the report's N), prints one JSON line per
 checkpoint with
     floor                the real-vs-real distance at the same n (two disjoint real sets): what a perfect
                          generator can expect, so ``distance - floor`` is the part a model can still remove;
@@ -17,9 +17,9 @@ checkpoint with
                          until it does: ``distance - aligned_distance`` is what text misalignment costs, the
                          rest is fidelity and diversity;
     ambiguous_shape      the share of samples whose shape the classifier calls with top probability below
-                         ``apt.eval.toy_metrics.AMBIGUOUS_SHAPE`` (a blob between two shapes), next to the real set's;
+                         ``apt.toy.metrics.AMBIGUOUS_SHAPE`` (a blob between two shapes), next to the real set's;
     confident_distance   the distance after every misaligned or ambiguous-shape sample is re-drawn likewise;
-    high_frequency_share sharpness (``apt.eval.toy_content``), next to the real set's;
+    high_frequency_share sharpness (``apt.toy.content``), next to the real set's;
     distractor_visible   the share of samples showing the uncaptioned distractor, next to the real set's.
 """
 
@@ -31,13 +31,13 @@ import json
 import numpy as np
 import torch
 
-from apt.data.toy import eval_prompts
 from apt.eval.frechet import stats_distance
-from apt.eval.toy_classifier import load_toy_classifier
-from apt.eval.toy_content import distractor_visible, high_frequency_share
-from apt.eval.toy_metrics import features_and_predictions, judge, real_batches, real_stats, real_vs_real_floor
-from apt.eval.toy_report import SPLITS, add_validation_arguments, generate_seeded, noise_scaled
 from apt.inference import load_generator
+from apt.toy.classifier import load_toy_classifier
+from apt.toy.content import distractor_visible, high_frequency_share
+from apt.toy.metrics import features_and_predictions, judge, real_batches, real_stats, real_vs_real_floor
+from apt.toy.report import SPLITS, add_validation_arguments, generate_seeded, noise_scaled
+from apt.toy.world import eval_prompts
 
 REDRAW_SEED_STRIDE = 100_003
 """Re-draw k of sample i uses noise seed NOISE_SEED + k * REDRAW_SEED_STRIDE + i (disjoint from the split's seeds)."""
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_validation_arguments(ap)
     ap.add_argument("--redraws", type=int, default=20, help="most re-draws of a misaligned or ambiguous-shape sample")
-    ap.add_argument("--noise-scale", type=float, default=1.0, help="one step from scaled noise s z (eval/toy_noise_scale.py)")
+    ap.add_argument("--noise-scale", type=float, default=1.0, help="one step from scaled noise s z (experiments/toy_noise_scale.py)")
     args = ap.parse_args(argv)
     if args.noise_scale != 1.0 and args.steps != 1:
         ap.error(f"--noise-scale {args.noise_scale} needs --steps 1 (it scales the one-step generator's noise), got --steps {args.steps}")
