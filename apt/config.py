@@ -33,6 +33,9 @@ class ModelConfig:
     """Built-in DiT flavour (``apt.models.registry.FLAVOURS``): tiny | demo | apt-8b."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward (saves memory, same math)."""
+    checkpoint_policy: str = "full"
+    """With gradient_checkpointing, what the built-in DiT's blocks recompute: full (everything) | attention
+    (keep SDPA outputs) | attention_and_matmul (keep SDPA and matmul outputs) (``apt.models.checkpointing``)."""
     source: str = "builtin"
     """builtin (the DiT named by flavour) | diffusers (a diffusers transformer through ``apt.models.adapters``)."""
     family: str = ""
@@ -233,7 +236,13 @@ class PerfConfig:
     an equivalence test against the plain path (tests/test_perf.py); the defaults are the plain path."""
 
     attention_backend: str = "auto"
-    """SDPA kernel: auto (PyTorch picks) | math | flash | efficient | cudnn (``torch.nn.attention.sdpa_kernel``)."""
+    """SDPA kernel: auto (PyTorch picks) | math | flash | efficient | cudnn (``torch.nn.attention.sdpa_kernel``); or an
+    optional forward-only kernel, emulated on CPU: fa3 (FlashAttention-3 bf16) | fa3_fp8 (FlashAttention-3 FP8) | sage
+    (SageAttention INT8 QK) (``apt.models.attention_kernels``; these need text_padding trim or varlen)."""
+    text_padding: str = "mask"
+    """Padded text tokens in the built-in DiT's attention: mask (a dense key mask, always) | trim (no mask when no token
+    is padding; columns padded in every sample dropped, so batch 1 runs unmasked) | varlen (as trim; mixed lengths
+    grouped into runs of one length, no dense mask) (``apt.models.attention.text_key_layout``)."""
     compile: bool = False
     """torch.compile each DiT block in place (parameter names unchanged)."""
     compile_backend: str = "inductor"
@@ -244,8 +253,20 @@ class PerfConfig:
     """QK RMSNorm + RoPE in one float32 pass (one kernel under ``compile``)."""
     fp8: bool = False
     """FP8 e4m3 matmuls in the blocks' linear layers: torch._scaled_mm on Hopper/Ada, emulated elsewhere."""
+    fp8_scaling: str = "tensor"
+    """With fp8: tensor (one scale per activation and per weight) | row (one per token and per output channel)."""
+    fp8_fast_accum: bool = False
+    """With fp8: torch._scaled_mm(use_fast_accum=True), Hopper's faster, lower-precision FP8 accumulation
+    (emulated on CPU by a model of it: ``apt.perf.fp8``)."""
     vae_chunk_frames: int = 0
     """Wan-VAE decode in chunks of this many latent frames after the first (0 = the VAE's own decode)."""
+    vae_fold_padding: bool = False
+    """Wan-VAE causal convs: spatial zero padding done by the convolution itself and the fp32 round trip of the
+    nearest upsampling removed (fewer full-size copies; ``apt.perf.vae``)."""
+    vae_channels_last: bool = False
+    """Wan-VAE weights and activations in channels-last 3D layout (NDHWC convolution kernels)."""
+    vae_compile: bool = False
+    """torch.compile the Wan-VAE decoder's residual blocks (``compile_backend``)."""
 
 
 @dataclass
@@ -418,6 +439,12 @@ def check_model(c: Config) -> None:
     from apt.models.registry import FLAVOURS
 
     need(c.model.source in ("builtin", "diffusers"), f"model.source must be builtin or diffusers, got '{c.model.source}'")
+    from apt.models.checkpointing import CHECKPOINT_POLICIES
+
+    need(c.model.checkpoint_policy in CHECKPOINT_POLICIES,
+         f"model.checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, got '{c.model.checkpoint_policy}'")
+    need(c.model.checkpoint_policy == "full" or c.model.source == "builtin",
+         f"model.checkpoint_policy={c.model.checkpoint_policy} applies to the built-in DiT; diffusers models checkpoint their own way")
     if c.model.source == "diffusers":  # shapes are checked against model.path when the model is built
         from apt.models.adapters import ADAPTERS
 
@@ -563,3 +590,11 @@ def check_perf(p: PerfConfig) -> None:
 
     need(p.attention_backend in ATTENTION_BACKENDS, f"perf.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got '{p.attention_backend}'")
     at_least(p, 0, "perf.vae_chunk_frames")
+    from apt.models.attention import KERNEL_BACKENDS, TEXT_PADDING_MODES
+
+    need(p.text_padding in TEXT_PADDING_MODES, f"perf.text_padding must be one of {', '.join(TEXT_PADDING_MODES)}, got '{p.text_padding}'")
+    need(not (p.attention_backend in KERNEL_BACKENDS and p.text_padding == "mask"),
+         f"perf.attention_backend={p.attention_backend} takes no dense mask: set perf.text_padding=trim or varlen")
+    need(p.fp8_scaling in ("tensor", "row"), f"perf.fp8_scaling must be tensor or row, got '{p.fp8_scaling}'")
+    need(p.fp8 or (p.fp8_scaling == "tensor" and not p.fp8_fast_accum),
+         "perf.fp8_scaling / perf.fp8_fast_accum are options of FP8 matmuls: set perf.fp8=true too")

@@ -70,8 +70,9 @@ def verified(ckpt: Path) -> Path:
 class Generator:
     """A stage's sampling network plus its text encoder, ready to generate clips."""
 
-    def __init__(self, config: Config, net: torch.nn.Module, text_encoder: TextEncoder, device: str = "cpu"):
+    def __init__(self, config: Config, net: torch.nn.Module, text_encoder: TextEncoder, device: str = "cpu", perf: PerfConfig | None = None):
         self.config, self.net, self.text_encoder, self.device = config, net.to(device).eval(), text_encoder, device
+        self.perf = perf or config.perf  # the VAE's switches (perf.vae_*) apply when the codec is loaded
         self._codec = None
 
     @property
@@ -111,6 +112,7 @@ class Generator:
                     from apt.codecs import LatentCodec
 
                     self._codec = LatentCodec.load(self.config.model.vae)
+                    self._codec.apply_perf(self.perf)
                 x = self._codec.to(x.device).decode(x, batch_size=1)
         return x.clone()
 
@@ -126,7 +128,7 @@ def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str 
     text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
     net = factory.load_backbone(config, str(ckpt), weights or PRODUCT[config.stage], text_dim=text_encoder.dim)
     net = apply_perf(net.to(device).eval(), perf or config.perf)
-    return Generator(config, net, text_encoder, device)
+    return Generator(config, net, text_encoder, device, perf=perf or config.perf)
 
 
 def load_discriminator(checkpoint: str | Path) -> tuple[torch.nn.Module, TextEncoder]:

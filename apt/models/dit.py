@@ -22,8 +22,9 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from apt.models.attention import attention
+from apt.models.attention import TextLayoutCache, attention, text_key_layout
 from apt.models.backbone import TextCond
+from apt.models.checkpointing import checkpoint_kwargs
 from apt.models.layers import RMSNorm, apply_rope, rms_norm_rope, rope_3d, sincos_3d, timestep_embedding
 
 
@@ -117,6 +118,9 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.gradient_checkpointing = False
+        self.checkpoint_policy = "full"  # full | attention | attention_and_matmul (apt.models.checkpointing)
+        self.text_padding = "mask"  # perf switch (apt.perf.apply_perf): mask | trim | varlen (apt.models.attention.text_key_layout)
+        self._text_layout = TextLayoutCache()
         self._num_text_tokens = 0  # set per forward; lets visual_tokens() slice block outputs
         self._table_cache: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -168,20 +172,20 @@ class DiT(nn.Module):
         if c.abs_pos_embed:
             h_BND = h_BND + self._tables("sincos", Tp, Hp, Wp, 0, h_BND)
 
-        text_BLD = self.text_proj(text.emb_BLD.to(h_BND.dtype))
+        N = h_BND.shape[1]
+        keep, mask_B11S = text_key_layout(text.mask_BL, N, self.text_padding, cache=self._text_layout)  # padded text trimmed / unmasked
+        emb_BLD, mask_BL = text.emb_BLD[:, keep], text.mask_BL.bool()[:, keep]
+        text_BLD = self.text_proj(emb_BLD.to(h_BND.dtype))
         L = text_BLD.shape[1]
         self._num_text_tokens = L
-        mask_BL = text.mask_BL.bool()
-        pooled_BD = (text.emb_BLD * mask_BL[..., None]).sum(1) / mask_BL.sum(1, keepdim=True).clamp(min=1)
+        pooled_BD = (emb_BLD * mask_BL[..., None]).sum(1) / mask_BL.sum(1, keepdim=True).clamp(min=1)
         c_BD = self.time_mlp(timestep_embedding(t_B * 1000.0, 256).to(h_BND.dtype)) + self.pooled_text_mlp(pooled_BD.to(h_BND.dtype))
 
         x_BSD = torch.cat([text_BLD, h_BND], dim=1)
-        N = h_BND.shape[1]
-        mask_B11S = torch.cat([mask_BL, mask_BL.new_ones(B, N)], dim=1)[:, None, None, :]
         rope = self._tables("rope", Tp, Hp, Wp, L, h_BND)
         for block in self._blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask_B11S, use_reentrant=False)
+                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask_B11S, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
             else:
                 x_BSD = block(x_BSD, c_BD, rope, mask_B11S)
 

@@ -72,6 +72,7 @@ def build_backbone(config: Config, *, text_dim: int) -> nn.Module:
         return _diffusers_backbone(config, text_dim=text_dim, weights_dir=config.model.path)
     net = build_dit(config.model.flavour, text_dim=text_dim)
     net.gradient_checkpointing = config.model.gradient_checkpointing
+    net.checkpoint_policy = config.model.checkpoint_policy
     return net
 
 
