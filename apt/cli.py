@@ -3,7 +3,9 @@
     fit RECIPE [OVERLAY ...] [key=value ...] [--dry-run]   train any stage from a recipe
     sample CHECKPOINT --prompt TEXT [--steps N] [--out DIR] generate images/clips
     demo [--quick] [--text-terms]                           teacher -> distill -> APT -> report
-    export CHECKPOINT --out DIR                             EMA generator -> diffusers save_pretrained dir
+    export CHECKPOINT --out DIR [--lora | --merge]          EMA generator -> diffusers save_pretrained dir (in-house
+                                                            networks: safetensors + target/kwargs; LoRA runs: adapters
+                                                            for load_lora_weights, or --merge into a full model)
     consolidate CHECKPOINT --out DIR                        sharded (DeepSpeed) checkpoint -> safetensors
 """
 
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     export = verbs.add_parser("export", help="save the EMA generator of a diffusers-based run in the diffusers format (save_pretrained)")
     export.add_argument("checkpoint", help="checkpoint directory or run directory (latest checkpoint)")
     export.add_argument("--out", required=True, help="output directory (loads with the stock diffusers class)")
+    export.add_argument("--lora", action="store_true", help="LoRA run: write the EMA adapters (diffusers: for the pipeline's load_lora_weights)")
+    export.add_argument("--merge", action="store_true", help="LoRA run: fold the EMA adapters into the base and write a full model")
 
     consolidate = verbs.add_parser("consolidate", help="merge a sharded DeepSpeed checkpoint into single safetensors files")
     consolidate.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of apt.distributed.consolidate (see its --help)")
@@ -71,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(p)
             return 0
         if args.verb == "export":
-            from apt.export import export_diffusers
+            from apt.export_lora import export_route
 
-            print(export_diffusers(args.checkpoint, args.out))
+            print(export_route(args.checkpoint, args.out, lora=args.lora, merge=args.merge))
             return 0
         if args.verb == "consolidate":
             from apt.distributed.consolidate import main as consolidate_main
