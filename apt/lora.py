@@ -72,7 +72,7 @@ def add_adapters(net: nn.Module, c: LoraConfig, source: str, *, adapters: tuple[
             try:
                 inject_adapter_in_model(config, net, adapter_name=name)
             except ValueError as e:
-                raise ConfigError(f"lora.target_modules {config.target_modules}: {str(e).splitlines()[0]}") from None
+                raise ConfigError(f"lora.target_modules {target_modules(c, source)}: {str(e).splitlines()[0]}") from None
     if EMA in adapters:
         copy_adapter(net, TRAINED, EMA)  # the EMA starts synced (as apt.ema's copies do)
     set_adapter(net, adapters[0])  # TRAINED active and trainable, EMA frozen
@@ -199,10 +199,12 @@ def merge(net: nn.Module, adapter: str = TRAINED) -> nn.Module:
 # -- LoRA runs on disk -------------------------------------------------------------------------------
 def run_config(path: str | Path) -> Config | None:
     """The config of the checkpoint at ``path`` (a checkpoint dir, or a run dir's latest) when it is a LoRA run, else None."""
-    from apt.checkpoint import STATE_FILE, latest_checkpoint
+    from apt.checkpoint import latest_checkpoint
 
     p = Path(path)
-    ckpt = p if (p / STATE_FILE).exists() else latest_checkpoint(p) if p.is_dir() else None
+    if not p.is_dir():
+        return None
+    ckpt = p if (p / "config.yaml").exists() and any(p.glob("*.safetensors")) else latest_checkpoint(p)  # as apt.inference.resolve_checkpoint
     if ckpt is None or not (ckpt / "config.yaml").exists():
         return None
     config = config_from_yaml(ckpt / "config.yaml")
