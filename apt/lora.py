@@ -48,7 +48,15 @@ def target_modules(c: LoraConfig, source: str) -> list[str]:
     return DEFAULT_TARGETS[source]
 
 
+def require_peft() -> None:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError("lora.rank > 0 needs the peft package: pip install 'apt-toolkit[lora]' (or pip install peft)") from None
+
+
 def peft_config(c: LoraConfig, source: str):
+    require_peft()
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(r=c.rank, lora_alpha=c.alpha or c.rank, target_modules=target_modules(c, source), lora_dropout=0.0, bias="none")
@@ -62,10 +70,10 @@ def tuner_layers(net: nn.Module) -> list[nn.Module]:
 
 def add_adapters(net: nn.Module, c: LoraConfig, source: str, *, adapters: tuple[str, ...] = (TRAINED, EMA)) -> nn.Module:
     """Freeze ``net`` and inject the adapters (in place): ``TRAINED`` trainable, ``EMA`` a frozen copy of it."""
+    config = peft_config(c, source)
     from peft.functional import inject_adapter_in_model, set_adapter
 
     net.requires_grad_(False)
-    config = peft_config(c, source)
     for name in adapters:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
@@ -207,8 +215,12 @@ def run_config(path: str | Path) -> Config | None:
     ckpt = p if (p / "config.yaml").exists() and any(p.glob("*.safetensors")) else latest_checkpoint(p)  # as apt.inference.resolve_checkpoint
     if ckpt is None or not (ckpt / "config.yaml").exists():
         return None
-    config = config_from_yaml(ckpt / "config.yaml")
-    return config if config.lora.rank > 0 else None
+    from omegaconf import OmegaConf
+
+    # Only a LoRA run's config is parsed: a full checkpoint loads as before, whatever keys its config.yaml holds.
+    if not OmegaConf.select(OmegaConf.load(ckpt / "config.yaml"), "lora.rank", default=0):
+        return None
+    return config_from_yaml(ckpt / "config.yaml")
 
 
 def product_file(name: str) -> tuple[str, str]:

@@ -166,12 +166,18 @@ def main() -> int:
     if args.recipes:
         results["recipes"] = print_recipes(args.rank)
     if args.toy:
+        done = json.loads(Path(args.out).read_text()).get("toy", []) if args.out and Path(args.out).exists() else []
         toy = []
         for stage in ("distill", "apt"):
             for rank in (0, *args.ranks):
-                cmd = [sys.executable, __file__, "--one", stage, str(rank), "--init", args.init, "--teacher", args.teacher]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                toy.append(json.loads(out.strip().splitlines()[-1]))
+                prior = [r for r in done if (r["stage"], r["rank"]) == (stage, rank)]  # an interrupted run continues
+                if not prior:
+                    cmd = [sys.executable, __file__, "--one", stage, str(rank), "--init", args.init, "--teacher", args.teacher]
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                    prior = [json.loads(out.strip().splitlines()[-1])]
+                toy.append(prior[0])
+                if args.out:
+                    Path(args.out).write_text(json.dumps({**results, "toy": toy}, indent=1))
         print("\n| stage | generator | trained params (generator / D) | held per network (params + grads + optimiser state) | peak RSS |")
         print("| --- | --- | --- | --- | --- |")
         for r in toy:

@@ -122,3 +122,68 @@ def test_teacher_distill_apt_sample_export_for_an_in_house_network(in_house, toy
     assert torch.equal(gen.generate_tensor(PROMPTS, [0]), x)
     assert main(["export", str(run), "--out", str(tmp_path / "export-cli")]) == 0
     assert (tmp_path / "export-cli" / "apt_model.json").exists()
+    # a LoRA generator on the in-house network (its own layer names), merged into an export that rebuilds alike
+    pytest.importorskip("peft")
+    lora_run = tmp_path / "apt-lora"
+    assert main(["fit", "recipes/demo/apt_video.yaml", *common, f"run_dir={lora_run}", f"apt.generator={distill}", f"apt.teacher={teacher}",
+                 "apt.d_warmup_steps=1", "lora.rank=2", "lora.target_modules=[q,kv,out]"]) == 0
+    assert main(["export", str(lora_run), "--merge", "--out", str(tmp_path / "lora-merged")]) == 0
+    gen = load_generator(lora_run)
+    x = gen.generate_tensor(PROMPTS, [0])
+    gen.net = load_exported(tmp_path / "lora-merged").eval()
+    assert torch.equal(gen.generate_tensor(PROMPTS, [0]), x)
+
+
+DOC = "docs/byo_model.md"
+BROKEN = '''
+
+class NoBlocks(MyBackbone):
+    blocks = None
+
+
+class AllTokens(MyBackbone):
+    def visual_tokens(self, block_output):
+        return block_output.transpose(1, 2)
+
+
+class Downsampled(MyBackbone):
+    def forward(self, x_BCTHW, t_B, text):
+        return super().forward(x_BCTHW, t_B, text)[..., ::2, ::2]
+
+
+def six_heads(**kwargs):
+    net = MyBackbone(**kwargs)
+    net.config.num_heads = 6
+    return net
+'''
+
+
+def test_the_docs_example_runs_from_a_recipe_and_its_error_table_is_exact(tmp_path, monkeypatch):
+    """docs/byo_model.md §1: its ``my_pkg/nets.py`` code block, written outside apt, builds from a recipe; every
+    error in its table is what the broken variants (named in the table) raise, word for word."""
+    import re
+    from pathlib import Path
+
+    text = Path(DOC).read_text()
+    code = re.search(r"```python\n(# my_pkg/nets\.py.*?)```", text, re.S).group(1)
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "nets.py").write_text(code + BROKEN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    section = text[text.index("**The errors a user meets**"):]
+    documented = re.findall(r"^\| [^|]+ \| `((?:ConfigError|ValueError): .*)` \|$", section, re.M)
+    assert len(documented) == 9
+    base = ["model.source=python", "data.channels=4", "data.frames=1", "data.height=8", "data.width=8", "model.kwargs.text_dim=64", "distill.teacher=x"]
+    got = []
+    net = build_backbone(load_config("recipes/demo/distill.yaml", [], [*base, "model.target=my_pkg.nets:build"]), text_dim=TEXT_DIM)
+    assert type(net).__name__ == "MyBackbone"
+    for target, extra in [("my_pkg.netz:build", []), ("my_pkg.nets", []), ("my_pkg.nets:biuld", []), ("my_pkg.nets:build", ["model.kwargs.dims=8"]),
+                          ("my_pkg.nets:NoBlocks", []), ("my_pkg.nets:AllTokens", []), ("my_pkg.nets:Downsampled", []), ("my_pkg.nets:six_heads", []),
+                          ("my_pkg.nets:build", ["model.kwargs.text_dim=16"])]:
+        try:
+            build_backbone(load_config("recipes/demo/distill.yaml", [], [*base, f"model.target={target}", *extra]), text_dim=TEXT_DIM)
+        except ValueError as e:  # ConfigError is a ValueError
+            got.append(f"{'ConfigError' if isinstance(e, ConfigError) else 'ValueError'}: {e}")
+    assert got == [d.replace("\\|", "|") for d in documented]
+    for name in [m for m in sys.modules if m == "my_pkg" or m.startswith("my_pkg.")]:
+        del sys.modules[name]

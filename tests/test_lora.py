@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from apt import lora
-from apt.checkpoint import latest_checkpoint, list_checkpoints, save_weights
+from apt.checkpoint import latest_checkpoint, save_weights
 from apt.cli import main
 from apt.config import ConfigError, LoraConfig, config_from_yaml, load_config, save_config
 from apt.export_lora import export_lora
@@ -25,6 +25,7 @@ from apt.models.factory import build_backbone
 from apt.text import TextEncoder
 from tests.conftest import fit_args
 
+pytest.importorskip("peft")  # the `lora` extra (setup.cfg)
 torch.set_num_threads(1)
 PROMPT = "a red circle moving left on a black background"
 
@@ -135,6 +136,18 @@ def test_lora_config_errors_name_the_key(overrides, message, tmp_path):
 def test_unknown_target_modules_fail_naming_the_key():
     with pytest.raises(ConfigError, match=r"lora.target_modules \['to_q'\]: Target modules \{'to_q'\} not found"):
         lora.add_adapters(perturbed_dit(), LoraConfig(rank=4, target_modules=["to_q"]), "builtin")
+
+
+def test_lora_and_its_exports_import_no_training_stack():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; import apt.lora, apt.export_lora, apt.export_python, apt.models.in_house; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'deepspeed'}))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "LOCAL_RANK", "MASTER_"))} | {"HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
 # ---------------------------------------------------------------- the chain, resume, export (built-in DiT)
