@@ -306,3 +306,44 @@ def test_exported_lora_loads_through_the_wan_pipeline(tmp_path):
     with lora.ema_adapters(net) as ema:
         expected = one_step(ema, z, text)
     torch.testing.assert_close(one_step(ADAPTERS["wan"](pipe.transformer).eval(), z, text), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_wan_lora_chain_exports_a_lora_the_stock_pipeline_loads(tmp_path):
+    """Tiny Wan, trained for real: latent shards -> LoRA distillation from the diffusers teacher (gradient
+    checkpointing on) -> LoRA APT continuing its adapters -> ``apt export --lora`` -> ``WanPipeline.load_lora_weights``
+    on the stock base transformer gives apt's one-step output."""
+    import diffusers
+
+    from apt.codecs import LatentCodec
+    from apt.data.latent_shards import encode_latent_shards
+    from apt.data.media_shards import MediaPolicy, write_media_shards
+    from tests.test_byo_chain import make_media
+
+    tiny = write_tiny_family("wan", tmp_path / "model")
+    make_media(tmp_path / "media", 5)
+    write_media_shards(tmp_path / "media", tmp_path / "px", MediaPolicy(frames=5, fps=12, height=32, width=32), samples_per_shard=2, progress=False)
+    encode_latent_shards(str(tmp_path / "px"), str(tmp_path / "lat"), LatentCodec.load(tiny["vae"]), TextEncoder.load("toy-t5"), progress=False)
+    recipe = "recipes/video/wan-1280x720-24fps.yaml"
+    common = ["tiny", "cpu", f"model.path={tiny['transformer']}", f"model.vae={tiny['vae']}", "text.encoder=toy-t5", "text.max_length=32",
+              f"data.shards={tmp_path / 'lat'}", "data.batch_size=2", "data.channels=4", "data.frames=2", "data.height=4", "data.width=4",
+              "lora.rank=4", "lora.alpha=8", "model.gradient_checkpointing=true"]
+    distill, run = tmp_path / "distill", tmp_path / "apt"
+    assert main(["fit", recipe, *common, "stage=distill", f"run_dir={distill}", f"distill.teacher={tiny['transformer']}", "distill.num_steps=4",
+                 "optim.lr=1e-2"]) == 0
+    assert main(["fit", recipe, *common, "stage=apt", f"run_dir={run}", f"apt.generator={distill}", f"apt.teacher={tiny['transformer']}",
+                 "apt.d_warmup_steps=1", "apt.lr_g=1e-2"]) == 0
+    last = latest_checkpoint(run)
+    assert all(k.startswith("model.") and lora.is_adapter_key(k) for k in adapters_only(last / "generator.safetensors"))
+    assert config_from_yaml(last / "config.yaml").lora.base == tiny["transformer"]  # a LoRA over the stock model
+
+    gen = load_generator(run)
+    text = gen.text_encoder.encode([PROMPT])
+    z = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = one_step(gen.net, z, text)
+    assert (expected - one_step(ADAPTERS["wan"].from_pretrained(tiny["transformer"]).eval(), z, text)).abs().max() > 1e-5  # trained away from the base
+    assert main(["export", str(run), "--lora", "--out", str(tmp_path / "lora")]) == 0
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                                 transformer=diffusers.WanTransformer3DModel.from_pretrained(tiny["transformer"]))
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(one_step(ADAPTERS["wan"](pipe.transformer).eval(), z, text), expected, rtol=0, atol=1e-5)

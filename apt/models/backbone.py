@@ -8,6 +8,11 @@ through this one interface (DESIGN.md §3):
 - ``visual_tokens(block_output) -> h_BND``: the visual-token part of one block's output (joint
   attention models carry text tokens in the same sequence; diffusers blocks return tuples).
 - ``hidden_dim``: width D of the tapped hidden states.
+- ``config.num_heads`` (heads of the discriminator's readout attention, dividing ``hidden_dim``) and
+  ``config.prediction`` (velocity | x0, what the teacher stage's loss compares).
+
+``check_backbone`` verifies all of it on a network (an in-house one, ``apt.models.in_house``) and fails
+in one line naming what is missing or wrong.
 
 Legend: B batch, C channels, T frames, H/W height/width, N tokens, L text tokens, D width.
 """
