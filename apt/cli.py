@@ -3,7 +3,9 @@
     fit RECIPE [OVERLAY ...] [key=value ...] [--dry-run]   train any stage from a recipe
     sample CHECKPOINT --prompt TEXT [--steps N] [--out DIR] generate images/clips
     demo [--quick] [--text-terms]                           teacher -> distill -> APT -> report
-    export CHECKPOINT --out DIR [--transformer-only]        EMA generator -> a diffusers pipeline dir (prompt= works)
+    export CHECKPOINT --out DIR [--transformer-only]        EMA generator -> a diffusers pipeline dir (prompt= works);
+            [--lora | --merge]                              in-house networks: safetensors + target/kwargs; LoRA runs:
+                                                            adapters for load_lora_weights, or --merge into a full model
     consolidate CHECKPOINT --out DIR                        sharded (DeepSpeed) checkpoint -> safetensors
 """
 
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="output directory (loads with the stock pipeline class's from_pretrained)")
     export.add_argument("--transformer-only", action="store_true", help="write the transformer alone (save_pretrained), not a pipeline")
     export.add_argument("--weights", default=None, help="weights to export (default: the stage's EMA product)")
+    export.add_argument("--lora", action="store_true", help="LoRA run: write the EMA adapters (diffusers: for the pipeline's load_lora_weights)")
+    export.add_argument("--merge", action="store_true", help="LoRA run: fold the EMA adapters into the base and write a full model")
 
     consolidate = verbs.add_parser("consolidate", help="merge a sharded DeepSpeed checkpoint into single safetensors files")
     consolidate.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of apt.distributed.consolidate (see its --help)")
@@ -91,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(p)
             return 0
         if args.verb == "export":
-            from apt.export import export_diffusers
+            from apt.export_lora import export_route
 
-            print(export_diffusers(args.checkpoint, args.out, weights=args.weights, transformer_only=args.transformer_only))
+            print(export_route(args.checkpoint, args.out, lora=args.lora, merge=args.merge, weights=args.weights,
+                               transformer_only=args.transformer_only))
             return 0
         if args.verb == "consolidate":
             from apt.distributed.consolidate import main as consolidate_main

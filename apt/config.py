@@ -11,6 +11,7 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OVERLAY_DIR = REPO_ROOT / "recipes" / "overlays"
 STAGES = ("teacher", "distill", "apt")
+MODEL_SOURCES = ("builtin", "diffusers", "python")
 TRAINER_STRATEGIES = ("auto", "single", "ddp", "fsdp2")
 DEEPSPEED_STAGES = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
 
@@ -37,14 +39,42 @@ class ModelConfig:
     """With gradient_checkpointing, what the built-in DiT's blocks recompute: full (everything) | attention
     (keep SDPA outputs) | attention_and_matmul (keep SDPA and matmul outputs) (``apt.models.checkpointing``)."""
     source: str = "builtin"
-    """builtin (the DiT named by flavour) | diffusers (a diffusers transformer through ``apt.models.adapters``)."""
+    """builtin (the DiT named by flavour) | diffusers (a diffusers transformer through ``apt.models.adapters``) |
+    python (an in-house network built by ``model.target``, no change to apt: docs/byo_model.md §1)."""
     family: str = ""
     """Diffusers family when source=diffusers: sd3 | flux | wan | cogvideox | ltx | hunyuan."""
     path: str = ""
-    """Local diffusers transformer directory (config.json + weights, or a pipeline dir with transformer/);
-    its weights are the teacher's, its config the architecture of G and D."""
+    """source=diffusers: local diffusers transformer directory (config.json + weights, or a pipeline dir with
+    transformer/); its weights are the teacher's, its config the architecture of G and D.
+    source=python (optional): the teacher's weights, a .safetensors file, a directory of them, or a torch
+    file read with ``weights_only=True``; empty = random init (a teacher stage trains it)."""
+    target: str = ""
+    """source=python: the callable that builds the network, ``"package.module:function"`` (a class works too),
+    imported from sys.path / PYTHONPATH and called as ``function(**model.kwargs)``."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """source=python: keyword arguments of ``model.target``; saved with every checkpoint, so sampling and
+    export rebuild the same network."""
     vae: str = ""
     """Local diffusers VAE directory (source=diffusers): decodes latent samples; data/encode_latents.py uses it."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA generator (distill and apt stages, ``apt.lora``): the generator is the frozen base network plus
+    low-rank adapters (peft) on the named linear layers; only the adapters train, and the distillation
+    teacher is the same module with its adapters off. The discriminator stays a fully trained copy."""
+
+    rank: int = 0
+    """Rank r of each adapter; 0 = off (the generator is fine-tuned in full)."""
+    alpha: float = 0.0
+    """LoRA alpha: the update is (alpha / rank) B A; 0 = alpha equal to the rank (scale 1)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Names (or dotted suffixes) of the nn.Linear layers that get adapters; empty = the attention projections:
+    built-in DiT qkv, proj; diffusers to_q, to_k, to_v, to_out.0 (model.source=python must name them)."""
+    base: str = ""
+    """The full weights the adapters sit on. Empty = the stage's own: distill.teacher for distillation;
+    for APT, apt.generator when it is a full checkpoint, or the base of apt.generator's LoRA run (its adapters
+    then continue). Every checkpoint's config.yaml records the resolved value (sampling and export read it)."""
 
 
 @dataclass
@@ -278,6 +308,7 @@ class Config:
     resume: str = ""
     """'' = fresh run (refuses a run_dir with checkpoints), 'auto' = latest checkpoint in run_dir, or a path."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -400,7 +431,7 @@ def check_config(c: Config) -> None:
     field has a range (tests/test_config.py walks them all). File checks (shards, checkpoints) follow in
     ``apt.train.check_paths``, still before any work."""
     need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
-    for check in (check_text, check_data, check_model, check_flow, check_optim, check_train, check_distill, check_apt, check_eval):
+    for check in (check_text, check_data, check_model, check_lora, check_flow, check_optim, check_train, check_distill, check_apt, check_eval):
         check(c)
     check_perf(c.perf)
 
@@ -438,13 +469,21 @@ def within(section, key: str, lo: float, hi: float, *, lo_open: bool = False, hi
 def check_model(c: Config) -> None:
     from apt.models.registry import FLAVOURS
 
-    need(c.model.source in ("builtin", "diffusers"), f"model.source must be builtin or diffusers, got '{c.model.source}'")
+    need(c.model.source in MODEL_SOURCES, f"model.source must be one of {', '.join(MODEL_SOURCES)}, got '{c.model.source}'")
     from apt.models.checkpointing import CHECKPOINT_POLICIES
 
     need(c.model.checkpoint_policy in CHECKPOINT_POLICIES,
          f"model.checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, got '{c.model.checkpoint_policy}'")
     need(c.model.checkpoint_policy == "full" or c.model.source == "builtin",
          f"model.checkpoint_policy={c.model.checkpoint_policy} applies to the built-in DiT; diffusers models checkpoint their own way")
+    if c.model.source == "python":  # the network's shapes are checked when it is built (apt.models.backbone.check_backbone)
+        from apt.models.in_house import resolve_target
+
+        try:
+            resolve_target(c.model.target)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return
     if c.model.source == "diffusers":  # shapes are checked against model.path when the model is built
         from apt.models.adapters import ADAPTERS
 
@@ -459,6 +498,22 @@ def check_model(c: Config) -> None:
          f"resolution data.height x data.width = {c.data.height}x{c.data.width} is not divisible by the patch size {ph}x{pw} of model '{c.model.flavour}'")
     need(c.data.frames == 1 or c.data.frames % pt == 0,
          f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
+
+
+def check_lora(c: Config) -> None:
+    """A LoRA generator: distill and apt stages, on one device, DDP or FSDP2 (``apt.lora``)."""
+    r = c.lora
+    need(r.rank >= 0, f"lora.rank must be >= 0 (0 = off), got {r.rank}")
+    need(r.alpha >= 0, f"lora.alpha must be >= 0 (0 = the rank), got {r.alpha}")
+    if r.rank == 0:
+        return
+    key = f"lora.rank={r.rank}"
+    need(c.stage in ("distill", "apt"), f"{key}: LoRA trains the generator of the distill and apt stages; stage '{c.stage}' trains "
+         "the full network (set lora.rank=0)")
+    need(c.train.strategy in TRAINER_STRATEGIES, f"{key} runs under train.strategy {', '.join(TRAINER_STRATEGIES)}; got '{c.train.strategy}'")
+    need(c.train.sequence_parallel == 1, f"{key}: a LoRA generator is not wired for sequence parallelism; set train.sequence_parallel=1")
+    need(bool(r.target_modules) or c.model.source != "python",
+         f"{key}: lora.target_modules must name the linear layers to adapt in model.target {c.model.target} (model.source=python has no default)")
 
 
 def check_text(c: Config) -> None:
@@ -532,6 +587,7 @@ def check_sequence_parallel(c: Config) -> None:
     need(c.stage == "apt", f"{key}: only the APT stage runs sequence-parallel; stage '{c.stage}' needs train.sequence_parallel=1")
     need(c.train.strategy in strategies, f"{key} runs under train.strategy {', '.join(strategies)}; got '{c.train.strategy}'")
     need(c.train.devices % P == 0, f"{key} must divide train.devices={c.train.devices}: a sequence-parallel group is {P} consecutive ranks of one node")
+    need(c.model.source != "python", f"{key}: model.source=python is not wired for sequence parallelism (built-in DiT and diffusers wan are)")
     if c.model.source == "diffusers":  # the heads of a diffusers model are checked against model.path (apt.train.check_paths)
         need(c.model.family == "wan", f"{key}: of the diffusers families only wan is wired (diffusers' context-parallel hooks); got model.family={c.model.family}")
         return
