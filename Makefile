@@ -7,7 +7,7 @@ VENV_FLAGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast demo demo-quick clean
+.PHONY: install test test-fast demo demo-quick clean gpu-wheels
 
 $(VENV)/.installed: setup.cfg constraints.txt
 	python3 -m venv $(VENV_FLAGS) $(VENV)
@@ -31,3 +31,10 @@ demo-quick: install
 
 clean:
 	rm -rf runs/demo-quick .pytest_cache
+
+# Wheels for an offline GPU machine (no package registry there): the optional attention kernels and the
+# pure-Python packages the GPU sweep needs beyond torch. eval/gpu_sweep.sh installs them from .whl/ (gitignored).
+GPU_WHEELS := fa3-fwd==0.0.3 sageattention==1.0.6 diffusers==0.42.1 omegaconf==2.4.0 einops==0.8.2
+gpu-wheels:
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --dest .whl $(GPU_WHEELS)
+	du -sh .whl

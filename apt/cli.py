@@ -4,7 +4,9 @@
     sample CHECKPOINT --prompt TEXT [--steps N] [--out DIR] generate images/clips
     stream CHECKPOINT --prompt TEXT --frames N [--out DIR]  stream a causal run's video chunk by chunk
     demo [--quick] [--text-terms] [--stream]                teacher -> distill -> APT -> report (--stream: the streaming demo)
-    export CHECKPOINT --out DIR                             EMA generator -> diffusers save_pretrained dir
+    export CHECKPOINT --out DIR [--transformer-only]        EMA generator -> a diffusers pipeline dir (prompt= works);
+            [--lora | --merge]                              in-house networks: safetensors + target/kwargs; LoRA runs:
+                                                            adapters for load_lora_weights, or --merge into a full model
     consolidate CHECKPOINT --out DIR                        sharded (DeepSpeed) checkpoint -> safetensors
 """
 
@@ -14,12 +16,29 @@ import argparse
 import sys
 
 from apt.config import ConfigError
+from apt.errors import RunFailure
+from apt.preemption import Preempted
 
 
 def _split_fit_args(items: list[str]) -> tuple[list[str], list[str]]:
     overlays = [a for a in items if "=" not in a]
     overrides = [a for a in items if "=" in a]
     return overlays, overrides
+
+
+def _flags_last(argv: list[str]) -> list[str]:
+    """``fit``: ``--dry-run`` may come anywhere (argparse would stop collecting key=value pairs at it)."""
+    if argv[:1] == ["fit"] and "--dry-run" in argv:
+        return [a for a in argv if a != "--dry-run"] + ["--dry-run"]
+    return argv
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues a stopped run: the same arguments with resume=auto."""
+    import shlex
+
+    args = [a for a in argv if not a.startswith("resume=")] + ["resume=auto"]
+    return "python -m apt " + " ".join(shlex.quote(a) for a in args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,14 +78,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--text-terms", action="store_true",
                       help="NOT the paper's objective: stage 1 at CFG 5 and two text-alignment terms in both APT stages (docs/demo.md)")
 
-    export = verbs.add_parser("export", help="save the EMA generator of a diffusers-based run in the diffusers format (save_pretrained)")
+    export = verbs.add_parser("export", help="write the EMA generator of a diffusers-based run as a complete diffusers pipeline (README: the exact call)")
     export.add_argument("checkpoint", help="checkpoint directory or run directory (latest checkpoint)")
-    export.add_argument("--out", required=True, help="output directory (loads with the stock diffusers class)")
+    export.add_argument("--out", required=True, help="output directory (loads with the stock pipeline class's from_pretrained)")
+    export.add_argument("--transformer-only", action="store_true", help="write the transformer alone (save_pretrained), not a pipeline")
+    export.add_argument("--weights", default=None, help="weights to export (default: the stage's EMA product)")
+    export.add_argument("--lora", action="store_true", help="LoRA run: write the EMA adapters (diffusers: for the pipeline's load_lora_weights)")
+    export.add_argument("--merge", action="store_true", help="LoRA run: fold the EMA adapters into the base and write a full model")
 
     consolidate = verbs.add_parser("consolidate", help="merge a sharded DeepSpeed checkpoint into single safetensors files")
     consolidate.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of apt.distributed.consolidate (see its --help)")
 
-    args, unknown = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(_flags_last(argv))
     if args.verb is None:
         parser.print_help()
         return 0
@@ -93,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"latency to the first frame {r['first_frame_seconds'] * 1e3:.1f} ms; {r['fps']:.1f} frames per second (PNG writing included)")
             return 0
         if args.verb == "export":
-            from apt.export import export_diffusers
+            from apt.export_lora import export_route
 
-            print(export_diffusers(args.checkpoint, args.out))
+            print(export_route(args.checkpoint, args.out, lora=args.lora, merge=args.merge, weights=args.weights,
+                               transformer_only=args.transformer_only))
             return 0
         if args.verb == "consolidate":
             from apt.distributed.consolidate import main as consolidate_main
@@ -113,13 +138,23 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.out, quick=args.quick, text_terms=args.text_terms)
             return 0
+    except Preempted as e:
+        print(f"{e}; resume with: {resume_command(argv)}", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FloatingPointError, RunFailure) as e:  # not finite; corrupt data (apt.data.faults); a checkpoint not written
+        print(f"error: {_last_line(e)}", file=sys.stderr)
         return 1
     return 1
+
+
+def _last_line(e: Exception) -> str:
+    """An error raised in a DataLoader worker arrives with the worker's traceback in its message; its last line is ours."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    return last.split(f"{type(e).__name__}: ", 1)[-1]
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ class LatentCodec(nn.Module):
             raise ValueError(f"unsupported VAE class {self.kind} ({name}); supported: {', '.join(CODEC_FAMILIES)}")
         self.vae = vae.eval().requires_grad_(False)
         self.name = name or self.kind
+        self.chunk_frames = 0  # Wan: decode in chunks of this many latent frames (perf.vae_chunk_frames; apply_perf)
         cfg = vae.config
         self.latent_channels = cfg.latent_channels if "latent_channels" in cfg else cfg.z_dim
         if self.kind == "AutoencoderKL":
@@ -149,6 +150,18 @@ class LatentCodec(nn.Module):
             )
 
     # -- encode / decode ------------------------------------------------------------------------
+    def apply_perf(self, perf) -> None:
+        """The decode speed switches of a ``PerfConfig`` (``perf.vae_*``, ``apt.perf.vae``): chunked decode,
+        folded conv padding, channels-last layout, compile. Wan VAEs only; elsewhere they warn and do nothing."""
+        from apt.perf.vae import apply_vae_perf
+
+        apply_vae_perf(self.vae, perf)
+        if perf.vae_chunk_frames and self.kind != "AutoencoderKLWan":
+            import warnings
+
+            warnings.warn(f"perf.vae_chunk_frames ignored: the {self.kind} is not a Wan VAE", stacklevel=2)
+        self.chunk_frames = perf.vae_chunk_frames if self.kind == "AutoencoderKLWan" else 0
+
     def enable_tiling(self) -> None:
         if hasattr(self.vae, "enable_tiling"):
             self.vae.enable_tiling()
@@ -183,6 +196,10 @@ class LatentCodec(nn.Module):
             kwargs["temb"] = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)  # decode_timestep 0
         if self.kind == "AutoencoderKL":
             x = self.vae.decode(z[:, :, 0], return_dict=False)[0].unsqueeze(2)
+        elif self.chunk_frames:
+            from apt.perf.vae import decode_latents
+
+            x = decode_latents(self.vae, z, chunk_frames=self.chunk_frames)
         else:
             x = self.vae.decode(z, return_dict=False, **kwargs)[0]
         return x.float().clamp(-1, 1)

@@ -11,7 +11,9 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -23,6 +25,7 @@ STREAM_STAGES = ("stream_teacher", "stream_distill", "stream_apt")
 ADVERSARIAL_STAGES = ("apt", "stream_apt")
 MANY_STEP_STAGES = ("teacher", "stream_teacher")
 """Stages whose product samples in flow.sample_steps Euler steps with CFG; the others make one-step generators."""
+MODEL_SOURCES = ("builtin", "diffusers", "python")
 TRAINER_STRATEGIES = ("auto", "single", "ddp", "fsdp2")
 DEEPSPEED_STAGES = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
 
@@ -37,13 +40,25 @@ class ModelConfig:
     """Built-in DiT flavour (``apt.models.registry.FLAVOURS``): tiny | demo | apt-8b."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward (saves memory, same math)."""
+    checkpoint_policy: str = "full"
+    """With gradient_checkpointing, what the built-in DiT's blocks recompute: full (everything) | attention
+    (keep SDPA outputs) | attention_and_matmul (keep SDPA and matmul outputs) (``apt.models.checkpointing``)."""
     source: str = "builtin"
-    """builtin (the DiT named by flavour) | diffusers (a diffusers transformer through ``apt.models.adapters``)."""
+    """builtin (the DiT named by flavour) | diffusers (a diffusers transformer through ``apt.models.adapters``) |
+    python (an in-house network built by ``model.target``, no change to apt: docs/byo_model.md §1)."""
     family: str = ""
     """Diffusers family when source=diffusers: sd3 | flux | wan | cogvideox | ltx | hunyuan."""
     path: str = ""
-    """Local diffusers transformer directory (config.json + weights, or a pipeline dir with transformer/);
-    its weights are the teacher's, its config the architecture of G and D."""
+    """source=diffusers: local diffusers transformer directory (config.json + weights, or a pipeline dir with
+    transformer/); its weights are the teacher's, its config the architecture of G and D.
+    source=python (optional): the teacher's weights, a .safetensors file, a directory of them, or a torch
+    file read with ``weights_only=True``; empty = random init (a teacher stage trains it)."""
+    target: str = ""
+    """source=python: the callable that builds the network, ``"package.module:function"`` (a class works too),
+    imported from sys.path / PYTHONPATH and called as ``function(**model.kwargs)``."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """source=python: keyword arguments of ``model.target``; saved with every checkpoint, so sampling and
+    export rebuild the same network."""
     vae: str = ""
     """Local diffusers VAE directory (source=diffusers): decodes latent samples; data/encode_latents.py uses it."""
     causal_chunk_frames: int = 0
@@ -54,6 +69,25 @@ class ModelConfig:
     """Causal mode: the first chunks every later chunk attends to (the attention sink)."""
     window_chunks: int = 2
     """Causal mode: past chunks each chunk attends to besides the sink (the rolling window)."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA generator (distill and apt stages, ``apt.lora``): the generator is the frozen base network plus
+    low-rank adapters (peft) on the named linear layers; only the adapters train, and the distillation
+    teacher is the same module with its adapters off. The discriminator stays a fully trained copy."""
+
+    rank: int = 0
+    """Rank r of each adapter; 0 = off (the generator is fine-tuned in full)."""
+    alpha: float = 0.0
+    """LoRA alpha: the update is (alpha / rank) B A; 0 = alpha equal to the rank (scale 1)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Names (or dotted suffixes) of the nn.Linear layers that get adapters; empty = the attention projections:
+    built-in DiT qkv, proj; diffusers to_q, to_k, to_v, to_out.0 (model.source=python must name them)."""
+    base: str = ""
+    """The full weights the adapters sit on. Empty = the stage's own: distill.teacher for distillation;
+    for APT, apt.generator when it is a full checkpoint, or the base of apt.generator's LoRA run (its adapters
+    then continue). Every checkpoint's config.yaml records the resolved value (sampling and export read it)."""
 
 
 @dataclass
@@ -83,6 +117,10 @@ class DataConfig:
     """Optional one-frame (image) shards mixed into every step for joint image-video training ('' = off)."""
     image_batch_size: int = 64
     """Per-device batch size of the image shards."""
+    max_consecutive_skipped: int = 10000
+    """Stop when this many samples in a row were corrupt (no valid sample arrives; ``apt.data.faults``)."""
+    max_skipped_fraction: float = 0.1
+    """Stop when more than this share of the samples read were corrupt (checked after 1000 samples per loader worker)."""
 
 
 @dataclass
@@ -96,7 +134,7 @@ class FlowConfig:
     sample_shift: float = 1.0
     """Shift of the sampling schedule."""
     cfg_scale: float = 2.0
-    """Classifier-free guidance scale of the teacher sampler (DESIGN.md §7: 1-2 best on the toy)."""
+    """Classifier-free guidance scale of the teacher sampler (docs/design.md §5: moderate CFG is best on the toy)."""
     negative_prompt: str = ""
     """Negative prompt for CFG (empty = unconditional)."""
 
@@ -144,7 +182,7 @@ class TrainConfig:
     ckpt_every_steps: int = 200
     """Save a checkpoint every N steps (and always at the end)."""
     keep_checkpoints: int = 2
-    """How many recent checkpoints to keep (the final one is always kept)."""
+    """How many recent checkpoints to keep (0 = keep all)."""
     sample_prompts: list[str] = field(default_factory=list)
     """Prompts of the sample media (a PNG grid, and a GIF for clips) written to ``run_dir/samples`` every
     ``sample_every_steps`` and at the end; prompt i uses noise seed i. With neither this nor
@@ -155,6 +193,9 @@ class TrainConfig:
     num_sample_prompts: int = 0
     """At most this many of the sample prompts go into the media (0 = all of them; the tiny overlay: 2)."""
     progress_bar: bool = True
+    progress_every_seconds: float = 60.0
+    """One progress line (step/total, s/step, ETA, losses) every N seconds when stdout is not a terminal (a log
+    file) or the progress bar is off (0 = never)."""
 
 
 @dataclass
@@ -195,7 +236,7 @@ class AptConfig:
     d_steps_per_g_step: int = 1
     """D updates per G update (paper 1:1)."""
     d_warmup_steps: int = 0
-    """D-only updates before the first G update (DESIGN.md §7: the toy needs ~60)."""
+    """D-only updates before the first G update (docs/design.md §5: the toy needs ~60)."""
     train_d_backbone: bool = True
     """Train all D parameters (paper); False freezes the backbone (ablation)."""
     use_r1: bool = True
@@ -203,12 +244,12 @@ class AptConfig:
     mismatch_weight: float = 0.0
     """Not in the paper (0 = APT as published). Weight of a matching-aware D term (GAN-INT-CLS, GigaGAN):
     real clips paired with the batch's most similar different text count as fake, so D must judge text
-    alignment too. docs/demo_tuning.md: on the toy it taught D the shape word; with the 14000-step teacher it
+    alignment too. docs/log/demo_tuning.md: on the toy it taught D the shape word; with the 14000-step teacher it
     kept improving over 350 video updates where the published objective stopped (validation 24.5 vs 25.4)."""
     text_contrast_weight: float = 0.0
     """Not in the paper (0 = off; needs mismatch_weight > 0 so D reads the text). G-step term
     softplus(D(G(z), c') - D(G(z), c)) with c' the nearest other text: G's sample must look more like
-    its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/demo_tuning.md
+    its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/log/demo_tuning.md
     (sixth round): on the toy, weights 3 and 10 lowered the best validation distance from 17.80 to 17.05;
     the attribute accuracy stayed where the stage-1 init put it."""
     gan_loss: str = "nonsaturating"
@@ -260,7 +301,13 @@ class PerfConfig:
     an equivalence test against the plain path (tests/test_perf.py); the defaults are the plain path."""
 
     attention_backend: str = "auto"
-    """SDPA kernel: auto (PyTorch picks) | math | flash | efficient | cudnn (``torch.nn.attention.sdpa_kernel``)."""
+    """SDPA kernel: auto (PyTorch picks) | math | flash | efficient | cudnn (``torch.nn.attention.sdpa_kernel``); or an
+    optional forward-only kernel, emulated on CPU: fa3 (FlashAttention-3 bf16) | fa3_fp8 (FlashAttention-3 FP8) | sage
+    (SageAttention INT8 QK) (``apt.models.attention_kernels``; these need text_padding trim or varlen)."""
+    text_padding: str = "mask"
+    """Padded text tokens in the built-in DiT's attention: mask (a dense key mask, always) | trim (no mask when no token
+    is padding; columns padded in every sample dropped, so batch 1 runs unmasked) | varlen (as trim; mixed lengths
+    grouped into runs of one length, no dense mask) (``apt.models.attention.text_key_layout``)."""
     compile: bool = False
     """torch.compile each DiT block in place (parameter names unchanged)."""
     compile_backend: str = "inductor"
@@ -271,8 +318,20 @@ class PerfConfig:
     """QK RMSNorm + RoPE in one float32 pass (one kernel under ``compile``)."""
     fp8: bool = False
     """FP8 e4m3 matmuls in the blocks' linear layers: torch._scaled_mm on Hopper/Ada, emulated elsewhere."""
+    fp8_scaling: str = "tensor"
+    """With fp8: tensor (one scale per activation and per weight) | row (one per token and per output channel)."""
+    fp8_fast_accum: bool = False
+    """With fp8: torch._scaled_mm(use_fast_accum=True), Hopper's faster, lower-precision FP8 accumulation
+    (emulated on CPU by a model of it: ``apt.perf.fp8``)."""
     vae_chunk_frames: int = 0
     """Wan-VAE decode in chunks of this many latent frames after the first (0 = the VAE's own decode)."""
+    vae_fold_padding: bool = False
+    """Wan-VAE causal convs: spatial zero padding done by the convolution itself and the fp32 round trip of the
+    nearest upsampling removed (fewer full-size copies; ``apt.perf.vae``)."""
+    vae_channels_last: bool = False
+    """Wan-VAE weights and activations in channels-last 3D layout (NDHWC convolution kernels)."""
+    vae_compile: bool = False
+    """torch.compile the Wan-VAE decoder's residual blocks (``compile_backend``)."""
 
 
 @dataclass
@@ -284,6 +343,7 @@ class Config:
     resume: str = ""
     """'' = fresh run (refuses a run_dir with checkpoints), 'auto' = latest checkpoint in run_dir, or a path."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -341,10 +401,33 @@ def resolve_overlay(name: str) -> Path:
 def load_yaml(path: str | Path) -> DictConfig:
     if not os.path.exists(path):
         raise ConfigError(f"recipe file not found: {path}")
-    cfg = OmegaConf.load(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{path} is a directory; give a recipe YAML file, e.g. recipes/demo/teacher.yaml")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text (YAML) file") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path} must hold a mapping at top level")
     return cfg
+
+
+def parse_override(item: str) -> DictConfig:
+    """``key=value`` -> a nested DictConfig. ``key=`` (nothing after '=') is the empty string, as ``key=''`` is
+    (OmegaConf's dotlist would read it as null)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value")
+    key, value = item.split("=", 1)
+    if value.strip() == "":
+        cfg = OmegaConf.create()
+        OmegaConf.update(cfg, key.strip(), "", force_add=True)
+        return cfg
+    return OmegaConf.from_dotlist([item])
 
 
 def load_config(recipe: str | None, overlays: list[str] = (), overrides: list[str] = ()) -> Config:
@@ -356,9 +439,7 @@ def load_config(recipe: str | None, overlays: list[str] = (), overrides: list[st
         path = resolve_overlay(name)
         cfg = _merge(cfg, load_yaml(path), str(path))
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        cfg = _merge(cfg, parse_override(item), f"override '{item}'")
     config: Config = OmegaConf.to_object(cfg)
     check_config(config)
     return config
@@ -382,10 +463,12 @@ def config_from_yaml(path: str | Path) -> Config:
 
 
 def check_config(c: Config) -> None:
-    """Value checks that need no files, one function per section; each failure names the key.
-    File checks (shards, checkpoints) follow in ``apt.train.check_paths``, still before any work."""
+    """Value checks that need no files, one function per section; each failure names the key. Every numeric
+    field has a range (tests/test_config.py walks them all). File checks (shards, checkpoints) follow in
+    ``apt.train.check_paths``, still before any work."""
     need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
-    for check in (check_model, check_causal, check_text, check_data, check_flow, check_optim, check_train, check_distill, check_apt, check_stream, check_eval):
+    for check in (check_text, check_data, check_model, check_causal, check_lora, check_flow, check_optim, check_train, check_distill, check_apt,
+                  check_stream, check_eval):
         check(c)
     check_perf(c.perf)
 
@@ -395,10 +478,49 @@ def need(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _value(section, key: str):
+    return getattr(section, key.split(".")[-1])
+
+
+def positive(section, *keys: str) -> None:
+    """Each ``section.key`` (keys given in full, e.g. 'train.max_steps') must be > 0."""
+    for key in keys:
+        v = _value(section, key)
+        need(v > 0, f"{key} must be positive, got {v}")
+
+
+def at_least(section, lo: float, *keys: str, note: str = "") -> None:
+    for key in keys:
+        v = _value(section, key)
+        need(v >= lo, f"{key} must be >= {lo}{note}, got {v}")
+
+
+def within(section, key: str, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    """``key`` in the interval from lo to hi ((lo, ...) when lo_open, (..., hi) when hi_open); a list: each element."""
+    v = _value(section, key)
+    for x in v if isinstance(v, (list, tuple)) else [v]:
+        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+        need(ok, f"{key} must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v}")
+
+
 def check_model(c: Config) -> None:
     from apt.models.registry import FLAVOURS
 
-    need(c.model.source in ("builtin", "diffusers"), f"model.source must be builtin or diffusers, got '{c.model.source}'")
+    need(c.model.source in MODEL_SOURCES, f"model.source must be one of {', '.join(MODEL_SOURCES)}, got '{c.model.source}'")
+    from apt.models.checkpointing import CHECKPOINT_POLICIES
+
+    need(c.model.checkpoint_policy in CHECKPOINT_POLICIES,
+         f"model.checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, got '{c.model.checkpoint_policy}'")
+    need(c.model.checkpoint_policy == "full" or c.model.source == "builtin",
+         f"model.checkpoint_policy={c.model.checkpoint_policy} applies to the built-in DiT; diffusers models checkpoint their own way")
+    if c.model.source == "python":  # the network's shapes are checked when it is built (apt.models.backbone.check_backbone)
+        from apt.models.in_house import resolve_target
+
+        try:
+            resolve_target(c.model.target)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return
     if c.model.source == "diffusers":  # shapes are checked against model.path when the model is built
         from apt.models.adapters import ADAPTERS
 
@@ -419,6 +541,8 @@ def check_causal(c: Config) -> None:
     """``model.causal_chunk_frames`` and its window (the built-in DiT's causal mode)."""
     m = c.model
     need(m.causal_chunk_frames >= 0, f"model.causal_chunk_frames must be >= 0 (0 = bidirectional), got {m.causal_chunk_frames}")
+    need(m.sink_chunks >= 1, f"model.sink_chunks must be >= 1, got {m.sink_chunks}")
+    need(m.window_chunks >= 0, f"model.window_chunks must be >= 0, got {m.window_chunks}")
     streaming = c.stage in STREAM_STAGES
     need(streaming == bool(m.causal_chunk_frames),
          f"stage '{c.stage}' with model.causal_chunk_frames={m.causal_chunk_frames}: the stream_* stages train a causal model "
@@ -430,8 +554,6 @@ def check_causal(c: Config) -> None:
     need(m.source == "builtin", f"model.causal_chunk_frames={m.causal_chunk_frames}: causal mode is a switch of the built-in DiT (model.source=builtin)")
     pt = FLAVOURS[m.flavour].patch_size[0]
     need(m.causal_chunk_frames % pt == 0, f"model.causal_chunk_frames={m.causal_chunk_frames} must be a multiple of the temporal patch {pt} of model '{m.flavour}'")
-    need(m.sink_chunks >= 1, f"model.sink_chunks must be >= 1, got {m.sink_chunks}")
-    need(m.window_chunks >= 0, f"model.window_chunks must be >= 0, got {m.window_chunks}")
     need(c.data.frames % m.causal_chunk_frames == 0,
          f"data.frames={c.data.frames} is not a whole number of model.causal_chunk_frames={m.causal_chunk_frames}-frame chunks")
     need(c.train.sequence_parallel == 1, "train.sequence_parallel: the causal model's block mask is not wired into Ulysses; use 1")
@@ -442,41 +564,66 @@ def check_causal(c: Config) -> None:
              f"model.window_chunks + 1) x model.causal_chunk_frames = {longest} frames")
 
 
+def check_lora(c: Config) -> None:
+    """A LoRA generator: distill and apt stages, on one device, DDP or FSDP2 (``apt.lora``)."""
+    r = c.lora
+    need(r.rank >= 0, f"lora.rank must be >= 0 (0 = off), got {r.rank}")
+    need(r.alpha >= 0, f"lora.alpha must be >= 0 (0 = the rank), got {r.alpha}")
+    if r.rank == 0:
+        return
+    key = f"lora.rank={r.rank}"
+    need(c.stage in ("distill", "apt"), f"{key}: LoRA trains the generator of the distill and apt stages; stage '{c.stage}' trains "
+         "the full network (set lora.rank=0)")
+    need(c.train.strategy in TRAINER_STRATEGIES, f"{key} runs under train.strategy {', '.join(TRAINER_STRATEGIES)}; got '{c.train.strategy}'")
+    need(c.train.sequence_parallel == 1, f"{key}: a LoRA generator is not wired for sequence parallelism; set train.sequence_parallel=1")
+    need(bool(r.target_modules) or c.model.source != "python",
+         f"{key}: lora.target_modules must name the linear layers to adapt in model.target {c.model.target} (model.source=python has no default)")
+
+
 def check_text(c: Config) -> None:
-    need(0.0 <= c.text.dropout < 1.0, f"text.dropout must be in [0, 1), got {c.text.dropout}")
+    positive(c.text, "text.max_length")
+    within(c.text, "text.dropout", 0.0, 1.0, hi_open=True)
 
 
 def check_data(c: Config) -> None:
-    need(c.data.batch_size > 0, f"data.batch_size must be positive, got {c.data.batch_size}")
-    need(c.data.image_batch_size > 0, f"data.image_batch_size must be positive, got {c.data.image_batch_size}")
-    need(c.data.frames > 0, f"data.frames must be positive, got {c.data.frames}")
-    need(not (c.data.image_shards and c.stage == "apt"),
-         f"data.image_shards={c.data.image_shards}: the APT stage trains on data.shards only (one modality per stage: "
+    d = c.data
+    positive(d, "data.frames", "data.height", "data.width", "data.channels", "data.batch_size", "data.image_batch_size",
+             "data.max_consecutive_skipped")
+    at_least(d, 0, "data.num_workers")
+    within(d, "data.max_skipped_fraction", 0.0, 1.0)
+    need(not (d.image_shards and c.stage == "apt"),
+         f"data.image_shards={d.image_shards}: the APT stage trains on data.shards only (one modality per stage: "
          "an image stage, then a video stage); set data.image_shards= (empty)")
     need(not (c.data.image_shards and c.stage in STREAM_STAGES),
          f"data.image_shards={c.data.image_shards}: stage '{c.stage}' trains a causal video model on data.shards only; set data.image_shards= (empty)")
 
 
 def check_flow(c: Config) -> None:
-    need(c.flow.sample_steps > 0, f"flow.sample_steps must be positive, got {c.flow.sample_steps}")
+    positive(c.flow, "flow.sample_steps", "flow.train_shift", "flow.sample_shift")
+    at_least(c.flow, 0, "flow.cfg_scale", note=" (1 = no guidance)")
 
 
 def check_optim(c: Config) -> None:
-    need(c.optim.schedule in ("constant", "cosine"), f"optim.schedule must be constant or cosine, got '{c.optim.schedule}'")
-    need(c.optim.decay_steps >= 0, f"optim.decay_steps must be >= 0, got {c.optim.decay_steps}")
-    need(c.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {c.optim.grad_clip}")
+    o = c.optim
+    need(o.schedule in ("constant", "cosine"), f"optim.schedule must be constant or cosine, got '{o.schedule}'")
+    positive(o, "optim.lr")
+    need(len(o.betas) == 2, f"optim.betas must be two numbers (beta1, beta2), got {o.betas}")
+    within(o, "optim.betas", 0.0, 1.0, hi_open=True)
+    at_least(o, 0, "optim.weight_decay", "optim.warmup_steps", "optim.decay_steps")
+    at_least(o, 0, "optim.grad_clip", note=" (0 = off)")
 
 
 def check_train(c: Config) -> None:
-    need(c.train.max_steps > 0, f"train.max_steps must be positive, got {c.train.max_steps}")
-    need(c.train.num_nodes >= 0, f"train.num_nodes must be >= 0, got {c.train.num_nodes}")
-    need(c.train.accumulate_grad_batches >= 1, f"train.accumulate_grad_batches must be >= 1, got {c.train.accumulate_grad_batches}")
-    need(0.0 < c.train.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {c.train.ema_decay}")
-    for key in ("log_every_steps", "sample_every_steps", "ckpt_every_steps"):
-        need(getattr(c.train, key) >= 0, f"train.{key} must be >= 0, got {getattr(c.train, key)}")
-    need(not (c.train.sample_prompts and c.train.sample_prompts_file),
-         f"train.sample_prompts ({len(c.train.sample_prompts)} prompts) and train.sample_prompts_file ({c.train.sample_prompts_file}) are both set; keep one")
-    need(c.train.num_sample_prompts >= 0, f"train.num_sample_prompts must be >= 0 (0 = every sample prompt), got {c.train.num_sample_prompts}")
+    t = c.train
+    positive(t, "train.max_steps", "train.devices")
+    at_least(t, 0, "train.seed", "train.num_nodes", "train.log_every_steps", "train.sample_every_steps", "train.ckpt_every_steps",
+             "train.progress_every_seconds")
+    at_least(t, 0, "train.keep_checkpoints", note=" (0 = keep all)")
+    at_least(t, 0, "train.num_sample_prompts", note=" (0 = every sample prompt)")
+    at_least(t, 1, "train.accumulate_grad_batches")
+    within(t, "train.ema_decay", 0.0, 1.0, lo_open=True, hi_open=True)
+    need(not (t.sample_prompts and t.sample_prompts_file),
+         f"train.sample_prompts ({len(t.sample_prompts)} prompts) and train.sample_prompts_file ({t.sample_prompts_file}) are both set; keep one")
     check_strategy(c)
     check_sequence_parallel(c)
 
@@ -506,6 +653,7 @@ def check_sequence_parallel(c: Config) -> None:
     need(c.stage == "apt", f"{key}: only the APT stage runs sequence-parallel; stage '{c.stage}' needs train.sequence_parallel=1")
     need(c.train.strategy in strategies, f"{key} runs under train.strategy {', '.join(strategies)}; got '{c.train.strategy}'")
     need(c.train.devices % P == 0, f"{key} must divide train.devices={c.train.devices}: a sequence-parallel group is {P} consecutive ranks of one node")
+    need(c.model.source != "python", f"{key}: model.source=python is not wired for sequence parallelism (built-in DiT and diffusers wan are)")
     if c.model.source == "diffusers":  # the heads of a diffusers model are checked against model.path (apt.train.check_paths)
         need(c.model.family == "wan", f"{key}: of the diffusers families only wan is wired (diffusers' context-parallel hooks); got model.family={c.model.family}")
         return
@@ -514,19 +662,27 @@ def check_sequence_parallel(c: Config) -> None:
 
 
 def check_distill(c: Config) -> None:
-    need(c.distill.num_steps >= 1, f"distill.num_steps must be >= 1, got {c.distill.num_steps}")
+    d = c.distill
+    at_least(d, 1, "distill.num_steps")
+    positive(d, "distill.shift")
+    at_least(d, 0, "distill.cfg_scale", "distill.final_step_weight")
     if c.stage in ("distill", "stream_distill"):
-        need(bool(c.distill.teacher), "distill.teacher must name the teacher checkpoint")
+        need(bool(d.teacher), "distill.teacher must name the teacher checkpoint")
 
 
 def check_apt(c: Config) -> None:
     a = c.apt
-    need(0.0 < a.ema_decay < 1.0, f"apt.ema_decay must be in (0, 1), got {a.ema_decay}")
+    positive(a, "apt.lr_g", "apt.lr_d", "apt.r1_sigma", "apt.d_timestep_shift")
+    within(a, "apt.ema_decay", 0.0, 1.0, lo_open=True, hi_open=True)
     need(a.optimizer in ("rmsprop", "adam"), f"apt.optimizer must be rmsprop or adam, got '{a.optimizer}'")
-    need(a.d_steps_per_g_step >= 1, f"apt.d_steps_per_g_step must be >= 1, got {a.d_steps_per_g_step}")
+    within(a, "apt.rmsprop_alpha", 0.0, 1.0, hi_open=True)
+    need(len(a.adam_betas) == 2, f"apt.adam_betas must be two numbers (beta1, beta2), got {a.adam_betas}")
+    within(a, "apt.adam_betas", 0.0, 1.0, hi_open=True)
+    at_least(a, 0, "apt.r1_lambda", "apt.d_warmup_steps")
+    at_least(a, 1, "apt.d_steps_per_g_step", "apt.collapse_patience")
     need(len(a.readout_fractions) > 0, "apt.readout_fractions must list at least one depth")
-    need(a.mismatch_weight >= 0.0, f"apt.mismatch_weight must be >= 0, got {a.mismatch_weight}")
-    need(a.text_contrast_weight >= 0.0, f"apt.text_contrast_weight must be >= 0, got {a.text_contrast_weight}")
+    within(a, "apt.readout_fractions", 0.0, 1.0, lo_open=True)
+    at_least(a, 0, "apt.mismatch_weight", "apt.text_contrast_weight")
     need(a.text_contrast_weight == 0.0 or a.mismatch_weight > 0.0,
          f"apt.text_contrast_weight={a.text_contrast_weight} needs apt.mismatch_weight > 0 (a D that reads the text)")
     need(a.gan_loss in ("nonsaturating", "relativistic"), f"apt.gan_loss must be nonsaturating or relativistic, got '{a.gan_loss}'")
@@ -554,9 +710,11 @@ def check_stream(c: Config) -> None:
 
 
 def check_eval(c: Config) -> None:
-    """Whether a run may run the in-training (toy) evaluation."""
+    """Ranges of every eval field, then whether a run may run the in-training (toy) evaluation."""
     e = c.eval
-    need(e.every_steps >= 0, f"eval.every_steps must be >= 0 (0 = off), got {e.every_steps}")
+    at_least(e, 0, "eval.every_steps", note=" (0 = off)")
+    at_least(e, 0, "eval.seed")
+    positive(e, "eval.num_samples")
     if e.every_steps == 0:
         return
     key = f"eval.every_steps={e.every_steps}"
@@ -565,7 +723,6 @@ def check_eval(c: Config) -> None:
          f"model.source=diffusers (model.family={c.model.family}); set eval.every_steps=0 and evaluate checkpoints "
          "with eval/fid.py, eval/fvd.py or eval/benchmark_images.py / benchmark_video.py")
     need(bool(e.classifier), f"{key} needs eval.classifier, the toy classifier directory (the demo recipes: assets/toy_classifier)")
-    need(e.num_samples >= 1, f"{key} needs eval.num_samples >= 1, got {e.num_samples}")
 
 
 def check_perf(p: PerfConfig) -> None:
@@ -573,4 +730,12 @@ def check_perf(p: PerfConfig) -> None:
     from apt.models.attention import ATTENTION_BACKENDS
 
     need(p.attention_backend in ATTENTION_BACKENDS, f"perf.attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got '{p.attention_backend}'")
-    need(p.vae_chunk_frames >= 0, f"perf.vae_chunk_frames must be >= 0, got {p.vae_chunk_frames}")
+    at_least(p, 0, "perf.vae_chunk_frames")
+    from apt.models.attention import KERNEL_BACKENDS, TEXT_PADDING_MODES
+
+    need(p.text_padding in TEXT_PADDING_MODES, f"perf.text_padding must be one of {', '.join(TEXT_PADDING_MODES)}, got '{p.text_padding}'")
+    need(not (p.attention_backend in KERNEL_BACKENDS and p.text_padding == "mask"),
+         f"perf.attention_backend={p.attention_backend} takes no dense mask: set perf.text_padding=trim or varlen")
+    need(p.fp8_scaling in ("tensor", "row"), f"perf.fp8_scaling must be tensor or row, got '{p.fp8_scaling}'")
+    need(p.fp8 or (p.fp8_scaling == "tensor" and not p.fp8_fast_accum),
+         "perf.fp8_scaling / perf.fp8_fast_accum are options of FP8 matmuls: set perf.fp8=true too")

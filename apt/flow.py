@@ -1,6 +1,6 @@
 """Rectified flow: noising, velocity target, timestep shift and sampling, Euler sampler with CFG.
 
-Convention (DESIGN.md §2): x_t = (1 - t) x0 + t eps, v = eps - x0, t in [0, 1], t = 1 is noise.
+Convention (docs/design.md §1): x_t = (1 - t) x0 + t eps, v = eps - x0, t in [0, 1], t = 1 is noise.
 Timestep shift (SD3, arXiv 2403.03206 §5.3.2): shift(t, s) = s t / (1 + (s - 1) t).
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from apt.checkpoint import latest_checkpoint
+from apt.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
 from apt.config import MANY_STEP_STAGES, Config, PerfConfig, config_from_yaml
 from apt.flow import euler_sample
 from apt.media import to_uint8
@@ -36,7 +36,7 @@ def sample(net, text_encoder: TextEncoder, config: Config, prompts: list[str], s
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     c = config
-    z = seeded_noise((c.data.channels, frames or c.data.frames, c.data.height, c.data.width), seeds).to(device)
+    z = seeded_noise((c.data.channels, c.data.frames if frames is None else frames, c.data.height, c.data.width), seeds).to(device)
     text = text_encoder.encode(prompts).to(device)
     negative = text_encoder.encode([c.flow.negative_prompt] * len(prompts), allow_empty=True).to(device) if cfg_scale != 1.0 else None
     if getattr(getattr(bare(net), "config", None), "causal_chunk_frames", 0):
@@ -45,24 +45,40 @@ def sample(net, text_encoder: TextEncoder, config: Config, prompts: list[str], s
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (has config.yaml) or a run directory (its latest checkpoint)."""
+    """A checkpoint directory (has config.yaml) or a run directory (its latest checkpoint), verified
+    (``apt.checkpoint.verify_checkpoint``): a damaged file is named, with the run's newest intact checkpoint."""
     p = Path(path)
     if (p / "config.yaml").exists() and any(p.glob("*.safetensors")):
-        return p
+        return verified(p)
     latest = latest_checkpoint(p)
     for d in (p, latest):
         if d is not None and any(d.glob("*_partitions")):  # apt.distributed.sharded_checkpoint, ZeRO-3
             raise FileNotFoundError(f"{d} is a ZeRO-3 checkpoint (EMA in per-rank partitions); `python -m apt consolidate {d}` writes a directory to sample from")
     if latest is None:
         raise FileNotFoundError(f"no checkpoint at {path} (expected a checkpoint dir with config.yaml + *.safetensors, or a run dir)")
-    return latest
+    return verified(latest)
+
+
+def verified(ckpt: Path) -> Path:
+    try:
+        verify_checkpoint(ckpt)
+    except CheckpointError as e:
+        for older in reversed([q for q in list_checkpoints(ckpt.parent.parent) if q.name < ckpt.name]):
+            try:
+                verify_checkpoint(older)
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"{e}; the newest intact checkpoint of this run is {older}") from None
+        raise
+    return ckpt
 
 
 class Generator:
     """A stage's sampling network plus its text encoder, ready to generate clips."""
 
-    def __init__(self, config: Config, net: torch.nn.Module, text_encoder: TextEncoder, device: str = "cpu"):
+    def __init__(self, config: Config, net: torch.nn.Module, text_encoder: TextEncoder, device: str = "cpu", perf: PerfConfig | None = None):
         self.config, self.net, self.text_encoder, self.device = config, net.to(device).eval(), text_encoder, device
+        self.perf = perf or config.perf  # the VAE's switches (perf.vae_*) apply when the codec is loaded
         self._codec = None
 
     @property
@@ -91,6 +107,7 @@ class Generator:
             from apt.codecs import LatentCodec
 
             self._codec = LatentCodec.load(self.config.model.vae)
+            self._codec.apply_perf(self.perf)
         return None if self._codec is None else self._codec.to(self.device)
 
     def generate_tensor(self, prompts: list[str], seeds: list[int], *, steps: int | None = None, cfg_scale: float | None = None, frames: int | None = None) -> torch.Tensor:
@@ -104,7 +121,7 @@ class Generator:
         caches must stay usable by the backward pass."""
         cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
         with torch.inference_mode():
-            x = sample(self.net, self.text_encoder, self.config, prompts, seeds, steps=steps or self.default_steps, cfg_scale=cfg_scale, frames=frames, device=self.device)
+            x = sample(self.net, self.text_encoder, self.config, prompts, seeds, steps=self.default_steps if steps is None else steps, cfg_scale=cfg_scale, frames=frames, device=self.device)
             if self.config.model.vae:
                 x = self.codec().decode(x, batch_size=1)
         return x.clone()
@@ -121,7 +138,7 @@ def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str 
     text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
     net = factory.load_backbone(config, str(ckpt), weights or PRODUCT[config.stage], text_dim=text_encoder.dim)
     net = apply_perf(net.to(device).eval(), perf or config.perf)
-    return Generator(config, net, text_encoder, device)
+    return Generator(config, net, text_encoder, device, perf=perf or config.perf)
 
 
 def load_discriminator(checkpoint: str | Path) -> tuple[torch.nn.Module, TextEncoder]:

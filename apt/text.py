@@ -2,22 +2,44 @@
 
 ``toy-t5`` is the embedded default: a small T5 encoder built from a config with fixed-seed random
 weights and a word-level tokenizer built offline with ``tokenizers`` over the toy world's vocabulary.
-Random frozen features are enough for the demo: the DiT learns to read them. Any other value of
-``text.encoder`` is a local directory holding a transformers tokenizer + encoder (T5/UMT5/CLIP text),
-loaded with ``from_pretrained`` and no hub access.
+Random frozen features are enough for the demo: the DiT learns to read them.
+
+``text.encoder`` may also be a local directory, loaded with ``from_pretrained`` and no hub access:
+
+- a diffusers pipeline directory (``model_index.json``): its text encoders, run as that pipeline runs
+  them (``apt.text_pipeline``): the convention a diffusers teacher was trained with;
+- a transformers tokenizer + encoder (T5/UMT5/CLIP text): apt's own convention below.
+
+apt's own convention (``apt/<max_length>``, the built-in DiT's): the encoder runs with the mask over
+the caption's tokens only (no padding), and a batch is zero-padded to its longest caption with the
+mask marking the padding. A run records its convention (``text_convention``) and refuses latent
+shards encoded under another one.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from apt.models.backbone import TextCond
 
+if TYPE_CHECKING:
+    from apt.text_pipeline import PipelineTextEncoder
+
 TOY_ENCODER = "toy-t5"
 _SPECIALS = ["[PAD]", "[UNK]", "[EOS]"]
+
+
+def text_convention(encoder: str, max_length: int) -> str:
+    """The convention ``text.encoder`` / ``text.max_length`` encode with, read without loading weights:
+    ``<family>-pipeline/<L>`` for a diffusers pipeline directory, ``apt/<L>`` otherwise."""
+    from apt.text_pipeline import convention_id, pipeline_family
+
+    family = pipeline_family(encoder) if encoder != TOY_ENCODER and os.path.isdir(encoder) else None
+    return f"apt/{max_length}" if family is None else convention_id(family, max_length)
 
 
 def toy_vocabulary() -> list[str]:
@@ -58,15 +80,24 @@ class TextEncoder(nn.Module):
         self._cache: dict[str, torch.Tensor] = {}
 
     @property
+    def convention(self) -> str:
+        return f"apt/{self.max_length}"
+
+    @property
     def dim(self) -> int:
         return self.model.config.d_model if hasattr(self.model.config, "d_model") else self.model.config.hidden_size
 
     @classmethod
-    def load(cls, name_or_dir: str, *, max_length: int = 32) -> "TextEncoder":
+    def load(cls, name_or_dir: str, *, max_length: int = 32) -> TextEncoder | PipelineTextEncoder:
+        """``toy-t5``, a diffusers pipeline directory (a ``PipelineTextEncoder``) or an encoder directory."""
         if name_or_dir == TOY_ENCODER:
             return cls(*build_toy_text_encoder(), max_length=max_length)
         if not os.path.isdir(name_or_dir):
             raise FileNotFoundError(f"text.encoder: {name_or_dir!r} is neither {TOY_ENCODER!r} nor a local directory")
+        if os.path.exists(os.path.join(name_or_dir, "model_index.json")):
+            from apt.text_pipeline import PipelineTextEncoder
+
+            return PipelineTextEncoder.load(name_or_dir, max_length=max_length)
         from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel, UMT5EncoderModel
 
         config = AutoConfig.from_pretrained(name_or_dir)

@@ -1,15 +1,21 @@
 """Build and run one stage: config -> checks -> the stage's runner -> its method.
 
-Order (fixed, documented): check the config and files (shards, init checkpoints) before any work;
-refuse to overwrite a run that has checkpoints unless resuming; write the resolved config; then the
-APT stage under DeepSpeed goes to ``apt.distributed.deepspeed_runner``, everything else to
-Lightning's Trainer with the stage's module (``STAGES``), whose ``training_step`` calls the method
-in ``apt.methods``.
+Order (fixed, documented): check the config and files (shards, init checkpoints) and choose the
+checkpoint to resume from (``resume=auto``: the newest that verifies) before any work; refuse to
+overwrite a run that has checkpoints unless resuming; build the stage's networks (loading their
+weights); only then write into ``run_dir`` (stale temporaries removed, broken checkpoints moved
+aside, the resolved config); then the APT stage under DeepSpeed goes to
+``apt.distributed.deepspeed_runner``, everything else to Lightning's Trainer with the stage's module
+(``STAGES``), whose ``training_step`` calls the method in ``apt.methods``. Both run under
+``apt.preemption.PreemptionGuard``: a stop signal ends the run at a step boundary with a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,15 +23,23 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from apt.checkpoint import latest_checkpoint
+from apt.checkpoint import (
+    CheckpointError,
+    clean_stale_temporaries,
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
 from apt.config import ADVERSARIAL_STAGES, MANY_STEP_STAGES, Config, ConfigError, check_config, load_config, save_config, to_yaml
 from apt.distributed.strategies import make_strategy, num_nodes, uses_deepspeed
 from apt.lit.apt import AptModule
-from apt.lit.callbacks import PeriodicCheckpoint, SampleMedia, Throughput
+from apt.lit.callbacks import DataFaultMetrics, LogProgress, PeriodicCheckpoint, SampleMedia, Throughput
 from apt.lit.checkpoint_io import SafetensorsCheckpointIO
 from apt.lit.distill import DistillModule
+from apt.lit.preemption import StopOnSignal, without_lightning_signal_handlers
 from apt.lit.stream import StreamAptModule, StreamDistillModule, StreamTeacherModule
 from apt.lit.teacher import TeacherModule
+from apt.preemption import PreemptionGuard
 from apt.prompts import sample_prompts
 
 # Each stage's method (a plain-torch function) and the Lightning module that holds its networks and calls it.
@@ -53,6 +67,7 @@ def check_paths(c: Config) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.{key}: {e}") from None
         check_manifest(c, key, value)
+        check_shard_text(c, key, value)
     if c.train.sample_prompts_file:
         sample_prompts(c)  # a missing or empty prompts file fails here, before any work
     from apt.models.factory import weights_available
@@ -109,33 +124,104 @@ def check_manifest(c: Config, key: str, path: str) -> None:
             raise ConfigError(f"data.{key}: {path} holds clips with {field}={m[field]} but the config expects {expected}")
 
 
-def resume_path(c: Config) -> str | None:
+def check_shard_text(c: Config, key: str, path: str) -> None:
+    """Latent shards with text embeddings must have been encoded under the run's text convention."""
+    from apt.data.latent_shards import check_text_convention
+    from apt.text import text_convention
+
+    try:
+        check_text_convention(path, text_convention(c.text.encoder, c.text.max_length))
+    except ValueError as e:
+        raise ConfigError(f"data.{key}: {e}") from None
+
+
+def say(message: str) -> None:
+    """One line for the person running the job (stderr, rank 0)."""
+    if rank_zero_only.rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def resume_path(c: Config) -> tuple[str | None, list[Path]]:
+    """The checkpoint to resume from (None: a new run) and the broken checkpoints ``resume=auto`` skipped.
+
+    ``resume=auto`` takes the newest checkpoint of run_dir that verifies (``apt.checkpoint.verify_checkpoint``)
+    and says which ones it skipped and why; on a run_dir without checkpoints (a new run, or a mistyped path)
+    it says that it starts a new run there. An explicit path must verify."""
     run_dir = Path(c.run_dir)
     if not c.resume:
         if latest_checkpoint(run_dir) is not None:
             raise ConfigError(f"run_dir {run_dir} already has checkpoints; pass resume=auto to continue it or choose another run_dir")
-        return None
+        return None, []
     if c.resume == "auto":
-        latest = latest_checkpoint(run_dir)
-        return str(latest) if latest else None
+        ckpts = list_checkpoints(run_dir)
+        if not ckpts:
+            why = "does not exist" if not run_dir.exists() else "has no checkpoint"
+            say(f"resume=auto: {run_dir} {why}; starting a new run there")
+            return None, []
+        skipped = []
+        for ckpt in reversed(ckpts):
+            try:
+                verify_checkpoint(ckpt)
+            except CheckpointError as e:
+                say(f"resume=auto: skipping {ckpt.name}: {e}")
+                skipped.append(ckpt)
+                continue
+            say(f"resume=auto: continuing from {ckpt}" + (f" (skipped {len(skipped)} broken: {', '.join(p.name for p in skipped)})" if skipped else ""))
+            return str(ckpt), skipped
+        raise ConfigError(f"resume=auto: none of the {len(ckpts)} checkpoints in {run_dir / 'checkpoints'} is intact (see the lines above); "
+                          "pass resume=<checkpoint dir> to choose one, or start a new run_dir")
     if not Path(c.resume, "trainer_state.pt").exists():
         raise ConfigError(f"resume: {c.resume} is not a checkpoint directory")
-    return c.resume
+    try:
+        verify_checkpoint(c.resume)
+    except CheckpointError as e:
+        raise ConfigError(f"resume: {e}") from None
+    return c.resume, []
+
+
+def prepare_run_dir(c: Config, broken: list[Path]) -> None:
+    """The first writes into run_dir, once every check passed (rank 0): remove what a killed save left, move the
+    checkpoints ``resume=auto`` skipped aside (``step-N.broken``, kept for inspection), write the resolved config."""
+    if rank_zero_only.rank != 0:  # launched ranks (torchrun, SLURM) would race on the same files
+        return
+    for line in clean_stale_temporaries(c.run_dir):
+        say(f"checkpoints: {line}")
+    for ckpt in broken:
+        aside = ckpt.with_name(ckpt.name + ".broken")
+        if ckpt.exists() and not aside.exists():
+            os.replace(ckpt, aside)
+            say(f"checkpoints: moved the broken {ckpt.name} aside to {aside}")
+    save_config(c, Path(c.run_dir) / "config.yaml")
+
+
+class _HideMaxStepsReached(logging.Filter):
+    """Lightning's "`Trainer.fit` stopped: `max_steps=14` reached." counts optimiser steps of both APT networks;
+    apt says what the user asked for (``fit``'s last line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("`Trainer.fit` stopped: `max_steps=")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_HideMaxStepsReached())
 
 
 def build_trainer(c: Config, module) -> L.Trainer:
     sample_steps = c.flow.sample_steps if c.stage in MANY_STEP_STAGES else 1
     cfg_scale = c.flow.cfg_scale if c.stage in MANY_STEP_STAGES else 1.0
+    checkpoint = PeriodicCheckpoint(c.run_dir, c.train.ckpt_every_steps, c.train.keep_checkpoints)
     callbacks = [
-        PeriodicCheckpoint(c.run_dir, c.train.ckpt_every_steps, c.train.keep_checkpoints),
+        checkpoint,
+        StopOnSignal(checkpoint, accumulate=c.train.accumulate_grad_batches),
         SampleMedia(c.run_dir, c.train.sample_every_steps, sample_prompts(c), steps=sample_steps, cfg_scale=cfg_scale),
         Throughput(),
+        DataFaultMetrics(),
+        LogProgress(c),
     ]
     if c.eval.every_steps:
         from apt.toy.eval_callback import ToyEvalCallback
 
         callbacks.append(ToyEvalCallback(c))
-    return L.Trainer(
+    return without_lightning_signal_handlers(L.Trainer(
         max_steps=module.trainer_max_steps(),
         max_epochs=-1,
         accelerator=c.train.accelerator,
@@ -155,7 +241,7 @@ def build_trainer(c: Config, module) -> L.Trainer:
         accumulate_grad_batches=c.train.accumulate_grad_batches if module.automatic_optimization else 1,
         default_root_dir=c.run_dir,
         num_sanity_val_steps=0,
-    )
+    ))
 
 
 def fit(c: Config):
@@ -166,17 +252,20 @@ def fit(c: Config):
 
     check_config(c)  # load_config checked it; a Config built in code is checked here
     check_paths(c)
-    ckpt = resume_path(c)
-    if rank_zero_only.rank == 0:  # launched ranks (torchrun, SLURM) would race on the same file
-        save_config(c, Path(c.run_dir) / "config.yaml")
+    ckpt, broken = resume_path(c)
     L.seed_everything(c.train.seed, workers=True, verbose=False)
-    if c.stage in ADVERSARIAL_STAGES and uses_deepspeed(c):  # two engines (G, D): docs/distributed.md
-        from apt.distributed.deepspeed_runner import fit_deepspeed
+    with PreemptionGuard():
+        if c.stage in ADVERSARIAL_STAGES and uses_deepspeed(c):  # two engines (G, D): docs/distributed.md
+            from apt.distributed.deepspeed_runner import fit_deepspeed
 
-        return fit_deepspeed(c, ckpt)
-    module = STAGES[c.stage](c)
-    trainer = build_trainer(c, module)
-    trainer.fit(module, datamodule=ShardDataModule(c), ckpt_path=ckpt)
+            module = fit_deepspeed(c, ckpt, prepare_run_dir=lambda: prepare_run_dir(c, broken))
+        else:
+            module = STAGES[c.stage](c)  # builds the networks, loads their weights (errors name the file)
+            prepare_run_dir(c, broken)
+            trainer = build_trainer(c, module)
+            trainer.fit(module, datamodule=ShardDataModule(c), ckpt_path=ckpt)
+    what = "generator updates" if c.stage in ADVERSARIAL_STAGES else "steps"
+    say(f"[{c.stage}] done: {module.progress_step} {what} (train.max_steps={c.train.max_steps}); checkpoints in {Path(c.run_dir) / 'checkpoints'}")
     return module
 
 

@@ -1,7 +1,7 @@
 """Pre-encode pixel shards into latent shards (+ text embeddings): resumable, split over processes.
 
     python data/encode_latents.py --shards shards/raw720 --out shards/wan720 \
-        --vae models/wan2.1-t2v-14b/vae --text-encoder models/wan2.1-t2v-14b/text_encoder --max-length 512
+        --vae models/Wan2.1-T2V-14B-Diffusers/vae --text-encoder models/Wan2.1-T2V-14B-Diffusers --max-length 512
     # 8 processes on one machine, or one rank of a multi-node job:
     python data/encode_latents.py ... --num-procs 8
     python data/encode_latents.py ... --rank 3 --world-size 16
@@ -9,7 +9,10 @@
 Input shard i becomes OUT/latent-<i>.tar (written atomically); re-running skips finished shards.
 --transformer checks the VAE against the transformer (latent channels, resolution vs VAE factor
 x patch, frames vs temporal stride) before encoding anything. Without --text-encoder only the
-captions are kept (encoded on the fly in training).
+captions are kept (encoded on the fly in training). --text-encoder is what the run's ``text.encoder``
+is: for a diffusers model, the pipeline directory, whose text encoders run as its pipeline runs them
+(apt.text_pipeline); --max-length must be the run's ``text.max_length`` (each shard records its text
+convention, and a run refuses shards encoded under another one).
 """
 
 from __future__ import annotations
@@ -35,9 +38,19 @@ def _load(args):
     if args.text_encoder:
         from apt.text import TextEncoder
 
-        text_encoder = TextEncoder.load(args.text_encoder, max_length=args.max_length)
+        text_encoder = TextEncoder.load(args.text_encoder, max_length=args.max_length or default_max_length(args.text_encoder))
         text_encoder.name = args.text_encoder
     return codec, text_encoder
+
+
+def default_max_length(text_encoder: str) -> int:
+    """The pipeline's ``max_sequence_length`` for a pipeline directory, else TextConfig's default."""
+    from apt.config import TextConfig
+    from apt.models.adapters import adapter_class
+    from apt.text_pipeline import pipeline_family
+
+    family = pipeline_family(text_encoder) if os.path.isdir(text_encoder) else None
+    return TextConfig.max_length if family is None else adapter_class(family).text.max_length
 
 
 def preflight(args) -> None:
@@ -80,8 +93,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", required=True, help="output directory for latent-%%06d.tar")
     p.add_argument("--vae", required=True, help="local diffusers VAE directory")
     p.add_argument("--transformer", default="", help="local diffusers transformer directory to check the VAE against")
-    p.add_argument("--text-encoder", default="", help="local text encoder dir (or 'toy-t5'); empty = keep captions only")
-    p.add_argument("--max-length", type=int, default=512, help="text tokens (Wan 512, CogVideoX 226, LTX 128, SD3 256)")
+    p.add_argument("--text-encoder", default="", help="the run's text.encoder: a diffusers pipeline dir, 'toy-t5' or an encoder dir; empty = keep captions only")
+    p.add_argument("--max-length", type=int, default=0, help="the run's text.max_length (0 = the pipeline's default: Wan 512, SD3 256, FLUX 512, CogVideoX 226, LTX 128, HunyuanVideo 256)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype of latents and text")
     p.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")

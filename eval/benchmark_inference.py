@@ -45,7 +45,7 @@ from apt.perf.bench import (  # noqa: E402
 )
 from apt.perf.vae import decode_latents  # noqa: E402
 
-TARGETS_SECONDS = {"dit": 2.3, "total": 4.0}  # issue 7: one H100, 720p/49f, one step
+TARGETS_SECONDS = {"dit": 2.3, "total": 4.0}  # the speed targets: one H100, 720p/49f, one step (docs/performance.md)
 PAPER_VIDEO = (49, 720, 1280)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Tiny Wan-layout VAE for CPU runs: same 8x / 4x compression and causal decoder, base width 8.

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-tokens", type=int, default=None, help="default 256 on CUDA, 16 on CPU")
     p.add_argument("--depth", type=int, default=None, help="override the flavour's depth (the 8B model's G + D + optimiser states need sharding beyond ~12 layers on one 80 GB GPU)")
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-policy", default="full", choices=["full", "attention", "attention_and_matmul"],
+                   help="what checkpointed blocks recompute (apt.models.checkpointing; model.checkpoint_policy)")
     p.add_argument("--r1-sigma", type=float, default=0.1)
     p.add_argument("--peak-tflops", type=float, default=None, help=f"peak FLOP/s for MFU (default {H100_BF16_DENSE_TFLOPS:g} on CUDA = H100 bf16 dense; none on CPU)")
     p.add_argument("--warmup", type=int, default=1)
@@ -101,7 +103,7 @@ def build(a: argparse.Namespace, device: torch.device, dtype: torch.dtype):
             net = build_dit(a.flavour, **overrides)
             randomize_zero_init(net)
         net = net.to(dtype).train()
-        net.gradient_checkpointing = not a.no_checkpointing
+        net.gradient_checkpointing, net.checkpoint_policy = not a.no_checkpointing, a.checkpoint_policy
         nets.append(apply_perf(net, perf))
     G, backbone = nets
     cfg = apt_config(a)
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_memory_bytes(device)
 
     shape = dict(frames=latent[1], height=latent[2], width=latent[3], text_tokens=a.text_tokens)
-    flops = apt_step_flops(G.config, batch=B, readout_layers=D.layers, checkpointing=not a.no_checkpointing, **shape)
+    flops = apt_step_flops(G.config, batch=B, readout_layers=D.layers, checkpointing=not a.no_checkpointing, checkpoint_policy=a.checkpoint_policy, **shape)
     counted = None
     if not a.no_flop_counter:
         try:
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "flavour": a.flavour, "depth": G.config.depth, "width": G.config.hidden_dim, "dtype": a.dtype, "batch": B,
             "pixels": list(a.video), "latent": list(latent), "visual_tokens": visual_tokens(G.config, **{k: shape[k] for k in ("frames", "height", "width")}),
-            "text_tokens": a.text_tokens, "checkpointing": not a.no_checkpointing, "readout_layers": D.layers,
+            "text_tokens": a.text_tokens, "checkpointing": not a.no_checkpointing, "checkpoint_policy": a.checkpoint_policy, "readout_layers": D.layers,
             "params_G": sum(p.numel() for p in G.parameters()), "params_D": sum(p.numel() for p in D.parameters()),
             "perf": asdict(perf), "peak_tflops": a.peak_tflops, "warmup": a.warmup, "repeats": a.repeats,
             "command": " ".join(["python", *sys.argv]),

@@ -18,7 +18,7 @@ each --timesteps value (one t for the whole set; the logit is the mean over them
                                    outputs, mean over the timesteps), 5-fold cross-validated: whether the
                                    information is in D's features even where the logit does not use it
 
-docs/demo_tuning.md (fourteenth round) uses it: the demo's D follows the distractor, not the ambiguous shapes
+docs/log/demo_tuning.md (fourteenth round) uses it: the demo's D follows the distractor, not the ambiguous shapes
 that hold most of the one-step row's remaining distance.
 """
 

@@ -6,7 +6,7 @@ Scores real validation clips (the prompts of ``apt.toy.metrics``' validation spl
 true caption and under the same caption with one attribute swapped (shape by default: "a red circle ..."
 -> "a red square ..."), at several timesteps of D's ensemble, and prints one JSON line per timestep:
 the mean logits and the share of clips whose true caption scores higher. 0.5 means D ignores that
-attribute of the text; docs/demo_tuning.md (third round) uses it to show why the toy's one-step shapes stay wrong.
+attribute of the text; docs/log/demo_tuning.md (third round) uses it to show why the toy's one-step shapes stay wrong.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ For k = 0 .. steps - 1 the sampler takes k Euler steps of the teacher with CFG o
 then the student's clean-sample estimate from there, x_hat = x_k - t_k v_student(x_k, t_k). Row k = 0 is
 the one-step generator G(z, c) = z - G^(z, c, T); row k is the student's estimate from level t_k of the
 teacher's own trajectory, i.e. the target the student regresses onto one level up. A row far better
-than the one above it says the student does not fit that level's map (docs/demo_tuning.md, fourteenth
+than the one above it says the student does not fit that level's map (docs/log/demo_tuning.md, fourteenth
 round: the demo's student scores 13.7 from pure noise and 8.6 after one teacher step). Prints one JSON
 line per k: the split's Fréchet distance in the toy classifier's feature space, the attribute accuracy
 and the share of samples with an ambiguous shape (``apt.toy.metrics.judge``).

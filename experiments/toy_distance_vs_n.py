@@ -7,7 +7,7 @@ A Fréchet distance from N samples is biased upward by roughly k / N, with k dif
 (Chong & Forsyth, "Effectively Unbiased FID and Inception Score and where to find them", CVPR 2020). Until
 2026-12-05 the demo's report used N = 1000, where the real-vs-real floor (5.0) is most of the teacher's
 distance (6.2), so every ratio the bar takes between rows carried that bias; this script showed it, and the
-report now uses 5000 (``apt.toy.report.REPORT_SAMPLES``; docs/demo_tuning.md, fifteenth round).
+report now uses 5000 (``apt.toy.report.REPORT_SAMPLES``; docs/log/demo_tuning.md, fifteenth round).
 
 It draws the report's rows (the teacher at its own steps and CFG, the distilled and APT models at one step,
 APT at two) on the report's prompts and noise seeds up to the largest N (``eval_prompts`` and the noise seeds

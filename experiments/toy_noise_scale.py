@@ -6,7 +6,7 @@ For noise scale s the sample of noise z is the one-step sample of s z: G(s z, c)
 Prints one JSON line per scale with the toy metrics on the validation set (the set of
 ``experiments/toy_validate.py``) and on the demo report's set (its prompts and noise seeds), so that a scale
 picked on validation can be checked on the report's samples. Scale 1 is the plain one-step generator.
-docs/demo_tuning.md (tenth round) has what it measured.
+docs/log/demo_tuning.md (tenth round) has what it measured.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Samples each checkpoint's product network (EMA) on the validation prompts and no
 and seeds, ``apt.toy.report.SPLITS``) and prints one JSON line each: the
 Fréchet distance to real clips in the toy classifier's feature space and the attribute accuracies.
 It scores checkpoints that ran without in-training evaluation (an image stage, a distillation) on the
-same scale as the ``val_distance`` of ``eval/history.jsonl`` (docs/demo_tuning.md uses both).
+same scale as the ``val_distance`` of ``eval/history.jsonl`` (docs/log/demo_tuning.md uses both).
 """
 
 from __future__ import annotations

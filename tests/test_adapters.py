@@ -78,7 +78,7 @@ def _pipeline_style_call(fam: str, net, x: torch.Tensor, timestep: torch.Tensor,
     if fam == "flux":
         H, W = x.shape[-2:]
         out = m(hidden_states=flux.pack_latents(x[:, :, 0]), encoder_hidden_states=emb, pooled_projections=text.pooled_BP, timestep=ts / 1000,
-                img_ids=flux.image_ids(H // 2, W // 2), txt_ids=torch.zeros(emb.shape[1], 3), return_dict=False)[0]
+                img_ids=flux.image_ids(H // 2, W // 2), txt_ids=torch.zeros(emb.shape[1], 3), guidance=torch.full((B,), 3.5), return_dict=False)[0]
         return flux.unpack_latents(out, H, W).unsqueeze(2)
     if fam == "wan":
         return m(hidden_states=x, timestep=ts, encoder_hidden_states=emb, return_dict=False)[0]

@@ -107,7 +107,9 @@ def test_every_recipe_loads_with_tiny_overlay(recipe):
     if c.model.source == "diffusers":  # the recipe's latent shape against the production architecture (meta device)
         from apt.models.adapters.sizes import production_adapter
 
-        production_adapter(c.model.family).check_input_shape(shape)
+        net = production_adapter(c.model.family)
+        net.check_input_shape(shape)
+        assert c.text.max_length == net.text.max_length  # the teacher's own text length (its pipeline's max_sequence_length)
         return
     from apt.models import build_dit
 
@@ -165,6 +167,127 @@ def test_demo_text_terms_overrides_are_valid_config_for_their_stages():
         assert (c.apt.mismatch_weight, c.apt.text_contrast_weight, c.apt.d_warmup_steps) == (2.0, 10.0, 150)
     plain = load_config("recipes/demo/apt_video.yaml")
     assert plain.apt.mismatch_weight == plain.apt.text_contrast_weight == 0.0  # the default demo is the paper's objective
+
+
+def _numeric_fields(obj, prefix: str = ""):
+    """(key, default) of every int / float / list-of-numbers field of the config, however deep."""
+    from dataclasses import fields, is_dataclass
+
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from _numeric_fields(value, f"{prefix}{f.name}.")
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+                isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value)):
+            yield f"{prefix}{f.name}", value
+
+
+NUMERIC = sorted(_numeric_fields(__import__("apt.config", fromlist=["Config"]).Config()))
+# Fields where 0 is out of range too (counts and sizes that must be positive, scales that divide, learning rates).
+ZERO_IS_OUT = ["text.max_length", "data.frames", "data.height", "data.width", "data.channels", "data.batch_size",
+               "data.image_batch_size", "data.max_consecutive_skipped", "flow.train_shift", "flow.sample_steps",
+               "flow.sample_shift", "optim.lr", "train.max_steps", "train.devices", "train.accumulate_grad_batches",
+               "train.sequence_parallel", "distill.num_steps", "distill.shift", "apt.lr_g",
+               "apt.lr_d", "apt.r1_sigma", "apt.d_timestep_shift", "apt.d_steps_per_g_step", "apt.collapse_patience",
+               "apt.readout_fractions", "train.ema_decay", "apt.ema_decay", "eval.num_samples"]
+# Fields with an upper bound: a value just past it.
+ABOVE = {"text.dropout": 1.0, "data.max_skipped_fraction": 1.5, "optim.betas": 1.0, "train.ema_decay": 1.0, "apt.ema_decay": 1.0,
+         "apt.rmsprop_alpha": 1.0, "apt.adam_betas": 1.0, "apt.readout_fractions": 1.5}
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    return load_config("recipes/demo/teacher.yaml", ["tiny"], [])
+
+
+@pytest.mark.parametrize("key, value", NUMERIC, ids=[k for k, _ in NUMERIC])
+def test_every_numeric_field_refuses_an_out_of_range_value_by_name(key, value, tiny_config):
+    """Every numeric field of the config (found by walking the dataclasses, so a new field is covered) refuses
+    -1, and 0 / a value past its upper bound where those are out of range, with a ConfigError naming the key
+    (a list: its first element changed)."""
+    import copy
+
+    from apt.config import check_config
+
+    section, name = key.split(".")
+    for bad in [-1] + [0] * (key in ZERO_IS_OUT) + ([ABOVE[key]] if key in ABOVE else []):
+        c = copy.deepcopy(tiny_config)
+        setattr(getattr(c, section), name, [bad, *value[1:]] if isinstance(value, list) else type(value)(bad))
+        with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}\b") as e:
+            check_config(c)
+        assert str(bad) in str(e.value) or str(float(bad)) in str(e.value), (key, bad, str(e.value))
+
+
+def test_the_numeric_walk_sees_every_section():
+    assert {k.split(".")[0] for k, _ in NUMERIC} == {"model", "text", "data", "flow", "optim", "train", "distill", "apt", "stream", "eval", "perf", "lora"}
+    assert set(ZERO_IS_OUT) | set(ABOVE) <= {k for k, _ in NUMERIC}
+
+
+def test_recipe_syntax_errors_and_directories_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 3\n   seed: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: YAML syntax error at line \d+, column \d+"):
+        load_config(str(bad), [], [])
+    with pytest.raises(ConfigError, match="is a directory; give a recipe YAML file"):
+        load_config("recipes/demo", [], [])
+
+
+def test_an_empty_override_is_the_empty_string():
+    """``key=`` (nothing after '=') sets '' as ``key=''`` does (docs: ``data.image_shards=`` turns the image batches off)."""
+    for item in ("data.image_shards=", "data.image_shards=''"):
+        assert load_config("recipes/demo/teacher.yaml", ["tiny"], [item]).data.image_shards == ""
+    with pytest.raises(ConfigError, match="train.max_steps"):  # not a string: refused by name
+        load_config("recipes/demo/teacher.yaml", ["tiny"], ["train.max_steps="])
+
+
+def test_dry_run_may_come_before_the_overrides(capsys):
+    assert main(["fit", "recipes/demo/teacher.yaml", "--dry-run", "tiny", "train.max_steps=9"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 9" in out and "flavour: tiny" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["text.max_length=0"], "text.max_length must be positive, got 0"),
+    (["optim.lr=-0.001"], "optim.lr must be positive, got -0.001"),
+    (["optim.warmup_steps=-5"], "optim.warmup_steps must be >= 0, got -5"),
+    (["train.keep_checkpoints=-1"], "train.keep_checkpoints must be >= 0 (0 = keep all), got -1"),
+])
+def test_bad_values_fail_before_anything_is_written(args, message, capsys, tmp_path):
+    run = tmp_path / "run"
+    rc = main(["fit", "recipes/demo/teacher.yaml", "tiny", f"run_dir={run}", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"error: {message}"
+    assert not run.exists()
+
+
+def test_weights_that_do_not_fit_fail_before_the_run_dir_is_written(tiny_teacher, toy_shards, capsys, tmp_path):
+    """The networks are built (and their weights loaded) before config.yaml or anything else goes into run_dir."""
+    run = tmp_path / "run"
+    rc = main(["fit", "recipes/demo/distill.yaml", "tiny", f"run_dir={run}", f"data.shards={toy_shards['video']}", "data.image_shards=",
+               f"distill.teacher={tiny_teacher}", "model.flavour=demo"])
+    assert rc == 2 and "do not fit model flavour 'demo'" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_resume_auto_on_a_missing_run_dir_says_it_starts_a_new_run(capsys, tmp_path):
+    from apt.train import resume_path
+
+    c = load_config("recipes/demo/teacher.yaml", ["tiny"], [f"run_dir={tmp_path / 'typo'}", "resume=auto"])
+    assert resume_path(c) == (None, [])
+    assert capsys.readouterr().err.strip() == f"resume=auto: {tmp_path / 'typo'} does not exist; starting a new run there"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--frames", "0"], "--frames must be >= 1, got 0"),
+    (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
+    (["--prompt", "a red circle " * 2000], "--prompt 2 is 6000 tokens (26000 characters); this model reads at most text.max_length=32 tokens"),
+])
+def test_sample_arguments_are_checked_by_name(tiny_teacher, args, message, capsys, tmp_path):
+    rc = main(["sample", str(tiny_teacher), "--prompt", "a red circle", *args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 WAN = "recipes/video/wan-1280x720-24fps.yaml"

@@ -1,4 +1,4 @@
-"""The demo-tuning diagnostics in experiments/ (docs/demo_tuning.md), each run on tiny or shipped checkpoints.
+"""The demo-tuning diagnostics in experiments/ (docs/log/demo_tuning.md), each run on tiny or shipped checkpoints.
 
 Their own marker tier, ``experiments``: ``make test`` runs it with everything else, ``make test-fast`` leaves it out.
 """

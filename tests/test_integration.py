@@ -43,9 +43,25 @@ def test_teacher_resume_continues_identically(toy_shards, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_teacher_accumulates_micro_batches_and_clips(toy_shards, tmp_path):
+    """train.accumulate_grad_batches=2: each optimiser step consumes two batches (the checkpoint's data position
+    says so); optim.grad_clip reaches Lightning's clipping (a tiny clip moves the weights less than none)."""
+    from apt.checkpoint import STATE_FILE
+
+    runs = {}
+    for clip in ("0", "1e-9"):
+        run = tmp_path / f"clip{clip}"
+        assert main(fit_args("recipes/demo/teacher.yaml", run, toy_shards["video"], f"data.image_shards={toy_shards['image']}",
+                         "train.accumulate_grad_batches=2", f"optim.grad_clip={clip}")) == 0
+        state = torch.load(latest_checkpoint(run) / STATE_FILE, weights_only=False)
+        assert state["global_step"] == 2 and state["apt"]["batches_consumed"] == 4  # a step: 2 x (video + image) batches
+        runs[clip] = load_file(str(latest_checkpoint(run) / "net.safetensors"))
+    assert any(not torch.equal(runs["0"][k], runs["1e-9"][k]) for k in runs["0"])  # the clip changed the updates (AdamW's eps)
+
+
 def test_distillation_lr_follows_the_cosine_schedule(tiny_distilled):
     """recipes/demo/distill.yaml decays optim.lr on a cosine to 0 at train.max_steps (the tiny overlay: 2 steps)."""
-    from apt.checkpoint import STATE_FILE
+    from apt.checkpoint import load_trainer_state
     from apt.config import config_from_yaml
     from apt.lit.base import lr_factor
 
@@ -53,16 +69,20 @@ def test_distillation_lr_follows_the_cosine_schedule(tiny_distilled):
     assert c.optim.schedule == "cosine" and c.train.max_steps == 2
     for ckpt in list_checkpoints(tiny_distilled):
         step = int(ckpt.name.split("-")[1])
-        lr = torch.load(ckpt / STATE_FILE, weights_only=False)["optimizer_states"][0]["param_groups"][0]["lr"]
+        lr = load_trainer_state(ckpt)["optimizer_states"][0]["param_groups"][0]["lr"]  # weights_only=True: no pickle
         assert lr == pytest.approx(c.optim.lr * lr_factor(step, c.optim.warmup_steps, c.train.max_steps, "cosine"))
     assert lr == pytest.approx(0.0, abs=1e-12)  # the last checkpoint: the schedule's end
 
 
-def test_distill_then_apt_resume_identically(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
+def test_distill_then_apt_resume_identically(tiny_teacher, tiny_distilled, toy_shards, tmp_path, capfd):
     assert (latest_checkpoint(tiny_distilled) / "net_ema.safetensors").exists()
     full, part = tmp_path / "full", tmp_path / "part"
     v = toy_shards["video"]
+    capfd.readouterr()
     assert main(apt_args(full, v, tiny_distilled, tiny_teacher, "train.max_steps=3")) == 0
+    out, err = capfd.readouterr()  # the count the user asked for, not Lightning's optimiser steps of both networks (7)
+    assert f"[apt] done: 3 generator updates (train.max_steps=3); checkpoints in {full / 'checkpoints'}" in err
+    assert "`Trainer.fit` stopped" not in out + err
     assert main(apt_args(part, v, tiny_distilled, tiny_teacher, "train.max_steps=2")) == 0
     assert main(apt_args(part, v, tiny_distilled, tiny_teacher, "train.max_steps=3", "resume=auto")) == 0
     # generator updates, not optimiser steps, name the checkpoints: warm-up (1 D step) + 3 x (D + G)
@@ -229,7 +249,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tiny_teacher, tmp_path):
 
 
 def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
-    """`python -m apt demo --quick`: every stage at tiny size, then the four-row report of issue 3's format."""
+    """`python -m apt demo --quick`: every stage at tiny size, then the four-row report and its bar."""
     import json
 
     out = tmp_path / "demo"
@@ -247,7 +267,7 @@ def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
         assert min(1.0, r["speedup_batch1"]) <= r["speedup_batch1_with_text"] <= max(1.0, r["speedup_batch1"])
     assert report["real_vs_real_floor"] > 0 and report["num_samples"] == 64
     assert report["apt_checkpoint"] in [str(p) for p in list_checkpoints(out / "apt_video")]
-    bar = {x["line"]: x for x in report["bar"]}  # issue 3's lines, checked on this run's figures
+    bar = {x["line"]: x for x in report["bar"]}  # the bar's lines, checked on this run's figures
     assert len(bar) == 9 and all(isinstance(x["met"], bool) for x in bar.values())
     assert bar["apt-1step distance / teacher's"]["value"] == round(rows["apt-1step"]["distance"] / rows["teacher-25step-cfg"]["distance"], 4)
     assert bar["demo wall time, seconds"]["value"] == report["total_seconds"]

@@ -139,7 +139,7 @@ def test_empty_caption_names_shard_and_key(tmp_path) -> None:
         next(iter(shards.eval_loader(path, batch_size=1)))
 
 
-def test_corrupt_samples_are_skipped_and_counted(tmp_path) -> None:
+def test_corrupt_samples_are_skipped_and_counted(tmp_path, caplog) -> None:
     path = str(tmp_path / "mixed.tar")
     good = {
         "pixels.npy": _npy(np.zeros((1, 16, 16, 3), np.uint8)),
@@ -153,9 +153,11 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path) -> None:
             {"__key__": "c", **good},
         ],
     )
-    with pytest.warns(UserWarning, match=r"sample b .*1 skipped so far"):
+    with caplog.at_level("WARNING", logger="apt.data"):
         keys = _keys(shards.eval_loader(path, batch_size=4))
     assert keys == ["a", "c"]
+    (record,) = caplog.records
+    assert "sample b in" in record.message and "1 skipped so far" in record.message and "bad_array 1" in record.message
 
 
 def test_writer_refuses_a_used_directory(shard_dir: str) -> None:
@@ -176,3 +178,53 @@ def test_script_writes_image_shards(tmp_path) -> None:
     b = next(iter(shards.eval_loader(str(tmp_path), batch_size=12)))
     assert b["x"].shape == (12, 3, 1, 16, 16)
     assert all(" moving " not in c for c in b["caption"])
+
+
+def _corrupt_copy(shard_dir: str, out, bad_shards: int) -> str:
+    """The shards of shard_dir with the first `bad_shards` of them unreadable sample by sample."""
+    import shutil
+
+    shutil.copytree(shard_dir, out)
+    for shard in sorted(out.glob("*.tar"))[:bad_shards]:
+        keys = [s["__key__"] for s in wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples())]
+        _write_raw(str(shard), [{"__key__": k, "pixels.npy": b"cut short", "json": b'{"caption": "a red circle"}'} for k in keys])
+    return str(out)
+
+
+def test_a_skipped_share_past_the_limit_stops_the_loader(shard_dir: str, tmp_path) -> None:
+    """1 of 3 shards corrupt: judged after 1000 samples read, the share is above 0.2 and below 0.5."""
+    from apt.data.faults import DataFaultError
+
+    bad = _corrupt_copy(shard_dir, tmp_path / "partly", 1)
+    with pytest.raises(DataFaultError, match=r"more than data.max_skipped_fraction=0.2\); skipped by reason: bad_array \d+; in shards: toy-000000.tar"):
+        for _ in shards.train_loader(bad, batch_size=8, seed=0, shuffle_buffer=64, max_skipped_fraction=0.2):
+            pass
+    batches = itertools.islice(shards.train_loader(bad, batch_size=8, seed=0, shuffle_buffer=64, max_skipped_fraction=0.5), 20)
+    last = list(batches)[-1]["data_faults"]  # the running counts travel with the batches
+    assert last["skipped"] == last["skipped_bad_array"] > 0 and last["source"] == bad
+
+
+def test_no_valid_sample_within_the_bound_stops_the_loader(shard_dir: str, tmp_path) -> None:
+    from apt.data.faults import DataFaultError
+
+    bad = _corrupt_copy(shard_dir, tmp_path / "all", 3)
+    with pytest.raises(DataFaultError, match=r"no valid sample in the last 50 read \(data.max_consecutive_skipped=50\)"):
+        next(iter(shards.train_loader(bad, batch_size=8, seed=0, shuffle_buffer=64, max_consecutive_skipped=50)))
+
+
+def test_skip_warnings_are_rate_limited_and_a_stop_signal_is_honoured(caplog) -> None:
+    import signal
+
+    from apt import preemption
+    from apt.data.faults import DataFaults, merge_snapshots
+
+    faults = DataFaults(source="d")
+    with caplog.at_level("WARNING", logger="apt.data"):
+        for i in range(1000):
+            faults.skip("bad_json", f"d/s-{i % 3}.tar", f"sample {i}")
+    assert [int(r.message.split("; ")[1].split()[0]) for r in caplog.records] == [2**k for k in range(10)]  # 1, 2, 4, ..., 512
+    assert merge_snapshots({}, [{"x": 0, "data_faults": faults.snapshot()}]) == {"data_skipped": 1000.0, "data_skipped_bad_json": 1000.0}
+    with preemption.PreemptionGuard() as guard:
+        guard.signum = signal.SIGTERM  # as the handler records it
+        with pytest.raises(preemption.Preempted, match="stopped by SIGTERM while the data loader was skipping corrupt samples"):
+            faults.skip("bad_json", "d/s-0.tar", "sample x")

@@ -3,10 +3,15 @@
 Schema (one tar member group per sample, same keys as the pixel shard it came from):
     latent.npy   float32/float16 (C, T', H', W') latents, normalised as the family's pipeline does
                  (``apt.codecs.LatentCodec``)
-    text.npy     float32/float16 (L, D) text-encoder token embeddings of the caption (optional)
-    mask.npy     bool (L,) valid tokens (optional, with text.npy)
+    text.npy     float32/float16 (L', D) the caption's token embeddings (optional); trailing rows that
+                 are exactly zero are not stored (L' <= L): the loader zero-fills them back
+    mask.npy     bool (L,) the tokens the transformer attends to (optional, with text.npy)
     pooled.npy   float (P,) pooled text vector (optional; SD3/FLUX/Hunyuan ``pooled_projections``)
-    json         the pixel shard's json + latent_shape, latent_dtype, vae, text_encoder
+    json         the pixel shard's json + latent_shape, latent_dtype, vae, text_encoder, text_convention
+
+``text_convention`` names how the text was encoded (``apt.text.text_convention``: a family pipeline's
+fixed-length convention, or apt's own); it is recorded per sample and in ``manifest.json``, and a run
+refuses shards encoded under a convention other than its own (``check_text_convention``).
 
 Encoding (``encode_latent_shards``) is resumable and splittable: input shard i becomes
 ``latent-<i>.tar``, written by the process with ``i % world_size == rank`` under a ``.part``
@@ -16,8 +21,9 @@ restart skips every finished shard. ``manifest.json`` is written once all shards
 Loading (``latent_train_loader``): the same signature and determinism as
 ``apt.data.shards.train_loader`` (a pure function of shards, seed, rank, batch size and workers;
 ``skip_batches`` resumes exactly); batches are ``x`` float32 (B, C, T', H', W'), ``caption``,
-``key``, ``labels``, plus ``text_emb`` (B, L, D) / ``text_mask`` (B, L) (padded to the batch's
-longest text) and ``text_pooled`` (B, P) when the shards carry them.
+``key``, ``labels``, plus ``text_emb`` (B, L, D) / ``text_mask`` (B, L) and ``text_pooled`` (B, P)
+when the shards carry them (a pipeline convention's texts all have its fixed L; apt's own are padded
+to the batch's longest, its convention).
 
 Legend: B batch, C latent channels, T'/H'/W' latent frames/height/width, L tokens, D text width.
 """
@@ -37,7 +43,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from apt.data.shards import _CorruptCounter, pixels_to_tensor, resolve_shards, train_loader
+from apt.data.faults import DataFaults
+from apt.data.shards import pixels_to_tensor, resolve_shards, train_loader
 
 LATENT_PATTERN = "latent-%06d.tar"
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -92,12 +99,16 @@ def encode_shard(url: str, out_path: str, codec, text_encoder=None, *, dtype: st
             sample = {"__key__": s["key"], "latent.npy": z}
             if text_encoder is not None:
                 cond = text_encoder.encode([caption])
-                L = int(cond.mask_BL[0].sum())
-                sample["text.npy"] = cond.emb_BLD[0, :L].cpu().numpy().astype(np_dtype)
-                sample["mask.npy"] = np.ones(L, dtype=bool)
+                emb, mask = cond.emb_BLD[0].cpu(), cond.mask_BL[0].cpu()
+                if text_encoder.convention.startswith("apt/"):  # apt's own: the caption's tokens only
+                    emb, mask = emb[: int(mask.sum())], mask[: int(mask.sum())]
+                nonzero = emb.ne(0).any(dim=-1).nonzero()
+                sample["text.npy"] = emb[: int(nonzero[-1]) + 1 if len(nonzero) else 0].numpy().astype(np_dtype)
+                sample["mask.npy"] = mask.numpy().astype(bool)
                 if cond.pooled_BP is not None:
                     sample["pooled.npy"] = cond.pooled_BP[0].cpu().numpy().astype(np_dtype)
                 meta["text_encoder"] = getattr(text_encoder, "name", type(text_encoder).__name__)
+                meta["text_convention"] = text_encoder.convention
             sample["json"] = meta
             sink.write(sample)
             n += 1
@@ -133,7 +144,8 @@ def encode_latent_shards(
     complete = all(os.path.exists(o) for o in outs)
     if complete:
         manifest = {"kind": "latent", "num_shards": len(outs), "shards": [os.path.basename(o) for o in outs], "source": list(urls),
-                    "vae": codec.name, "text_encoder": getattr(text_encoder, "name", None), "dtype": dtype}
+                    "vae": codec.name, "text_encoder": getattr(text_encoder, "name", None),
+                    "text_convention": None if text_encoder is None else text_encoder.convention, "dtype": dtype}
         fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.part")
         with os.fdopen(fd, "w") as f:
             json.dump(manifest, f, indent=2)
@@ -142,22 +154,74 @@ def encode_latent_shards(
 
 
 # ---------------------------------------------------------------- reading
-def _decode_latent(src: Iterator[dict], counter: _CorruptCounter) -> Iterator[dict]:
+UNRECORDED = "apt (unrecorded: shards written before apt recorded text conventions)"
+
+
+def shard_text_convention(shards: str | Sequence[str]) -> str | None:
+    """The text convention latent shards were encoded with: their manifest's, else the first sample's
+    json; None when they hold no text embeddings (captions only, or pixel shards)."""
+    from apt.data.shards import resolve_shards
+
+    if isinstance(shards, str) and os.path.isfile(os.path.join(shards, "manifest.json")):
+        with open(os.path.join(shards, "manifest.json")) as f:
+            manifest = json.load(f)
+        if manifest.get("kind") == "latent":
+            if manifest.get("text_encoder") is None:
+                return None
+            return manifest.get("text_convention") or UNRECORDED
+    urls = resolve_shards(shards)
+    meta, has_text = None, False
+    try:
+        with tarfile.open(urls[0]) as tar:
+            for i, member in enumerate(tar):
+                if member.name.endswith(".json") and meta is None:
+                    meta = json.loads(tar.extractfile(member).read())
+                has_text = has_text or member.name.endswith(".text.npy")
+                if (meta is not None and has_text) or i > 8:
+                    break
+    except (tarfile.TarError, OSError, IndexError, ValueError):
+        return None
+    if not has_text:
+        return None
+    return (meta or {}).get("text_convention") or UNRECORDED
+
+
+def check_text_convention(shards: str | Sequence[str], expected: str) -> None:
+    """Refuse latent shards whose text was encoded under another convention than the run's (a teacher
+    conditioned on one convention and trained on another is off its own distribution)."""
+    found = shard_text_convention(shards)
+    if found == UNRECORDED and expected.startswith("apt/"):
+        return  # before conventions were recorded every shard was encoded under apt's own
+    if found is not None and found != expected:
+        raise ValueError(
+            f"{shards} holds text encoded under the convention {found!r} but this run encodes text as {expected!r} "
+            f"(text.encoder, text.max_length); re-encode the shards with data/encode_latents.py --text-encoder and "
+            f"--max-length matching the run, or set text.encoder/text.max_length to the shards' convention"
+        )
+
+
+def _decode_latent(src: Iterator[dict], counter: DataFaults) -> Iterator[dict]:
     for raw in src:
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+        reason = "missing_member"  # what failed, for the counts (apt.data.faults.REASONS)
         try:
-            out = {"x": np.load(io.BytesIO(raw["latent.npy"]), allow_pickle=False), "key": key}
-            meta = json.loads(raw["json"])
-            if out["x"].ndim != 4:
-                raise ValueError(f"latent must be (C, T, H, W), got {out['x'].shape}")
+            latent_npy, meta_json = raw["latent.npy"], raw["json"]
+            reason = "bad_json"
+            meta = json.loads(meta_json)
+            reason = "bad_array"
+            out = {"x": np.load(io.BytesIO(latent_npy), allow_pickle=False), "key": key}
             if "text.npy" in raw:
                 out["text"] = np.load(io.BytesIO(raw["text.npy"]), allow_pickle=False)
                 out["mask"] = np.load(io.BytesIO(raw["mask.npy"]), allow_pickle=False) if "mask.npy" in raw else np.ones(len(out["text"]), bool)
             if "pooled.npy" in raw:
                 out["pooled"] = np.load(io.BytesIO(raw["pooled.npy"]), allow_pickle=False)
+            reason = "bad_shape"
+            if out["x"].ndim != 4:
+                raise ValueError(f"latent must be (C, T, H, W), got {out['x'].shape}")
         except Exception as e:  # noqa: BLE001 - any undecodable sample is corrupt
-            counter.skip(f"sample {key} in {url}: {type(e).__name__}: {e}")
+            counter.skip(reason, url, f"sample {key} in {url}: {type(e).__name__}: {e}")
             continue
+        counter.ok()
         caption = meta.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"sample {key} in shard {url} has an empty caption")
@@ -176,7 +240,7 @@ def collate_latents(samples: list[dict]) -> dict:
         "key": [s["key"] for s in samples],
     }
     if all("text" in s for s in samples):
-        L = max(1, max(len(s["text"]) for s in samples))
+        L = max(1, max(max(len(s["text"]), len(s["mask"])) for s in samples))
         D = samples[0]["text"].shape[-1]
         emb, mask = torch.zeros(len(samples), L, D), torch.zeros(len(samples), L, dtype=torch.bool)
         for i, s in enumerate(samples):
@@ -197,8 +261,9 @@ def latent_train_loader(
     num_workers: int = 0,
     skip_batches: int = 0,
     shuffle_buffer: int = 1000,
+    **faults,
 ) -> DataLoader:
     """Infinite, shuffled, resampled latent batches for ``rank``: ``apt.data.shards.train_loader``
-    (same determinism and exact skip-resume) with the latent decoder and collation."""
+    (same determinism, exact skip-resume and corrupt-data bounds ``faults``) with the latent decoder and collation."""
     return train_loader(shards, batch_size, seed, rank, world_size, num_workers, skip_batches, shuffle_buffer,
-                        decode=_decode_latent, collate=collate_latents)
+                        decode=_decode_latent, collate=collate_latents, **faults)

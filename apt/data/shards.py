@@ -8,9 +8,10 @@ Schema (one tar member group per sample, key = zero-padded sample index):
 Loaders yield dicts: x float32 (B, C, T, H, W) in [-1, 1], caption list[str], labels list[dict],
 key list[str]. The train loader is an infinite resampled stream that is a pure function of
 (shards, seed, rank, batch size, workers), so resume is exact: rebuild it with `skip_batches=k`
-and it yields the batches k, k+1, ... of the uninterrupted stream (DESIGN.md section 3, "Data").
-Corrupt samples are skipped with a warning that carries the running count; an empty caption is a
-user error and raises.
+and it yields the batches k, k+1, ... of the uninterrupted stream (docs/design.md §2, "Data and exact resume").
+Corrupt samples are skipped, counted by reason and bounded (``apt.data.faults``: rate-limited warnings,
+a stop with one line when too many are corrupt; each batch carries the running counts under
+``data_faults``); an empty caption is a user error and raises.
 
 Shape legend: B batch, C channels, T frames, H height, W width.
 """
@@ -22,7 +23,6 @@ import glob
 import io
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import braceexpand
@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from apt.data.faults import FAULTS_KEY, DataFaults
 
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -94,37 +96,26 @@ def resolve_shards(path_or_pattern: str | os.PathLike | Sequence[str]) -> list[s
     return [spec]
 
 
-class _CorruptCounter:
-    """Counts skipped corrupt samples / unreadable tar members and warns with the running count."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def skip(self, what: str) -> None:
-        self.count += 1
-        warnings.warn(
-            f"skipped corrupt data ({what}); {self.count} skipped so far in this worker", stacklevel=2
-        )
-
-    def __call__(self, exn: Exception) -> bool:  # webdataset handler: True = continue
-        self.skip(f"{type(exn).__name__}: {exn}")
-        return True
-
-
-def _decode(src: Iterator[dict], counter: _CorruptCounter) -> Iterator[dict]:
+def _decode(src: Iterator[dict], counter: DataFaults) -> Iterator[dict]:
     """Raw tar samples -> dict(pixels uint8 THWC, caption, labels, key); skips and counts corrupt ones."""
     for raw in src:
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+        reason = "missing_member"  # what failed, for the counts (apt.data.faults.REASONS)
         try:
-            pixels_THWC = np.load(io.BytesIO(raw["pixels.npy"]), allow_pickle=False)
-            meta = json.loads(raw["json"])
+            pixels_npy, meta_json = raw["pixels.npy"], raw["json"]
+            reason = "bad_array"
+            pixels_THWC = np.load(io.BytesIO(pixels_npy), allow_pickle=False)
+            reason = "bad_json"
+            meta = json.loads(meta_json)
+            reason = "bad_shape"
             if pixels_THWC.dtype != np.uint8 or pixels_THWC.ndim != 4:
                 raise ValueError(
                     f"pixels must be uint8 (T, H, W, C), got {pixels_THWC.dtype} {pixels_THWC.shape}"
                 )
         except Exception as e:  # noqa: BLE001 - any undecodable sample is corrupt
-            counter.skip(f"sample {key} in {url}: {type(e).__name__}: {e}")
+            counter.skip(reason, url, f"sample {key} in {url}: {type(e).__name__}: {e}")
             continue
+        counter.ok()
         caption = meta.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"sample {key} in shard {url} has an empty caption")
@@ -161,12 +152,13 @@ class _TrainStream(IterableDataset):
 
     def __init__(
         self, urls: list[str], batch_size: int, seed: int, rank: int, skip_batches: int, shuffle_buffer: int,
-        decode: Callable | None = None, collate: Callable | None = None,
+        decode: Callable | None = None, collate: Callable | None = None, faults: dict | None = None,
     ) -> None:
         super().__init__()
         self.urls, self.batch_size, self.seed, self.rank = urls, batch_size, seed, rank
         self.skip_batches, self.shuffle_buffer = skip_batches, shuffle_buffer
         self.decode, self.collate = decode or _decode, collate or _collate
+        self.faults = faults or {}  # DataFaults bounds
 
     def __iter__(self) -> Iterator[dict]:
         physical, num_workers = _worker()
@@ -176,7 +168,7 @@ class _TrainStream(IterableDataset):
         k = self.skip_batches
         worker = (physical + k) % num_workers
         skip = max(0, -(-(k - worker) // num_workers))
-        counter = _CorruptCounter()
+        counter = DataFaults(**self.faults, source=os.path.dirname(self.urls[0]), worker=worker)
         pipeline = wds.DataPipeline(
             wds.ResampledShards(
                 self.urls,
@@ -193,8 +185,16 @@ class _TrainStream(IterableDataset):
             functools.partial(self.decode, counter=counter),
             wds.slice(skip * self.batch_size, None),
             wds.batched(self.batch_size, collation_fn=self.collate, partial=False),
+            functools.partial(_with_faults, counter=counter),
         )
         return iter(pipeline)
+
+
+def _with_faults(batches: Iterator[dict], counter: DataFaults) -> Iterator[dict]:
+    """Each batch carries its worker's running skip counts (``apt.data.faults``)."""
+    for batch in batches:
+        batch[FAULTS_KEY] = counter.snapshot()
+        yield batch
 
 
 def train_loader(
@@ -209,10 +209,14 @@ def train_loader(
     *,
     decode: Callable | None = None,
     collate: Callable | None = None,
+    max_consecutive_skipped: int | None = 10000,
+    max_skipped_fraction: float | None = 0.1,
 ) -> DataLoader:
     """Infinite, shuffled, resampled training batches for `rank`, deterministic in (seed, rank).
 
     `decode(samples, counter)` / `collate(samples)` default to the pixel shards' (latent shards pass theirs).
+    Corrupt samples are skipped within the bounds `max_consecutive_skipped` / `max_skipped_fraction`
+    (``apt.data.faults``; None = unbounded), else ``DataFaultError``.
 
     `skip_batches=k` resumes exactly after k consumed batches (same num_workers required).
     Shard order is resampled with replacement (webdataset ResampledShards, so `shardshuffle` does not
@@ -226,7 +230,8 @@ def train_loader(
             f"got {batch_size}, {skip_batches}, {num_workers}"
         )
     urls = resolve_shards(shards)
-    stream = _TrainStream(urls, batch_size, seed, rank, skip_batches, shuffle_buffer, decode, collate)
+    faults = {"max_consecutive": max_consecutive_skipped, "max_fraction": max_skipped_fraction}
+    stream = _TrainStream(urls, batch_size, seed, rank, skip_batches, shuffle_buffer, decode, collate, faults)
     # Batching happens inside the stream (one batch per worker step), so the DataLoader must not batch.
     return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
 
@@ -250,7 +255,7 @@ def eval_loader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     urls = resolve_shards(shards)
-    counter = _CorruptCounter()
+    counter = DataFaults(source=os.path.dirname(urls[0]))  # one finite pass: unbounded
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.tarfile_to_samples(handler=counter),

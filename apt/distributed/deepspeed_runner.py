@@ -1,13 +1,14 @@
 """APT under DeepSpeed ZeRO 1/2/3: G and D as two engines, driven by Lightning Fabric.
 
-Why not Lightning's Trainer (DESIGN.md §4, measured): its DeepSpeed strategy takes one optimiser and
+Why not Lightning's Trainer (docs/design.md §3, measured): its DeepSpeed strategy takes one optimiser and
 wraps the whole LightningModule in ONE engine, and it refuses CPU. APT has two networks with their
 own optimisers, so each gets its own engine (``fabric.setup(net, optimizer)`` twice). The algorithm
 stays in ``apt.methods.apt.apt_step`` (through ``AptModule.run_step``), shared with the Trainer path;
 the engines are made by ``apt.distributed.parallelize`` (``apt.distributed.engines``); this file supplies
 
-- the loop: data for this rank (the same for the ranks of a sequence-parallel group), logging and
-  media on rank 0, sharded checkpoints (``sharded_checkpoint``),
+- the loop: data for this rank (the same for the ranks of a sequence-parallel group), logging,
+  progress lines and media on rank 0, sharded checkpoints (``sharded_checkpoint``), a stop signal
+  honoured at the next iteration boundary with a checkpoint (``apt.preemption``),
 - under ZeRO-3, the EMA generator partitioned like G (``zero3_ema.PartitionedEma``).
 
 The DeepSpeed config comes from the recipe (``apt.distributed.strategies.deepspeed_config``).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -32,10 +34,11 @@ from apt.distributed.engines import EngineUpdate
 from apt.distributed.parallelize import parallelize_apt
 from apt.distributed.sequence_parallel import data_parallel_rank
 from apt.distributed.strategies import deepspeed_config, num_nodes
+from apt.preemption import Preempted, agree_to_stop, signal_name
 
 
 class DeepSpeedAnyDeviceStrategy(FabricDeepSpeedStrategy):
-    """Fabric's DeepSpeed strategy, also on CPU (gloo): the three overrides measured in DESIGN.md §4."""
+    """Fabric's DeepSpeed strategy, also on CPU (gloo): the three overrides of docs/design.md §3."""
 
     def setup_environment(self) -> None:
         if isinstance(self.accelerator, CUDAAccelerator):
@@ -97,11 +100,15 @@ def _mean_over_ranks(fabric: L.Fabric, metrics: dict[str, torch.Tensor]) -> dict
     return {k: float(v) for k, v in zip(keys, values)}
 
 
-def fit_deepspeed(c: Config, ckpt_path: str | None = None):
-    """Train the APT stage under ``train.strategy: deepspeed_stage_{1,2,3}``; returns the module."""
+def fit_deepspeed(c: Config, ckpt_path: str | None = None, *, prepare_run_dir: Callable[[], None] | None = None):
+    """Train the APT stage under ``train.strategy: deepspeed_stage_{1,2,3}``; returns the module.
+
+    ``prepare_run_dir``: called once the networks are built, before anything is written to the run directory."""
+    from apt.data.faults import merge_snapshots
     from apt.data.latent_shards import is_latent_shards, latent_train_loader
     from apt.data.shards import resolve_shards, train_loader
     from apt.lit.callbacks import SampleMedia, checkpoint_path
+    from apt.progress import ProgressLog
     from apt.prompts import sample_prompts
 
     if c.stage not in ADVERSARIAL_STAGES:
@@ -116,24 +123,34 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None):
     update_g, update_d = setup_apt(fabric, module, accumulate)
     if ckpt_path is not None:
         sharded_checkpoint.load(fabric, ckpt_path, module)
+    if prepare_run_dir is not None:
+        prepare_run_dir()
+    fabric.barrier()  # rank 0 cleaned the run directory before any rank saves
     rank, world_size = data_parallel_rank(fabric.global_rank, fabric.world_size, c.train.sequence_parallel)  # of the data
     shards = resolve_shards(c.data.shards)
     loader = (latent_train_loader if is_latent_shards(shards) else train_loader)(  # as ShardDataModule chooses
         shards, batch_size=c.data.batch_size, seed=c.train.seed,
         rank=rank, world_size=world_size, num_workers=c.data.num_workers,
         skip_batches=module.batches_consumed,
+        max_consecutive_skipped=c.data.max_consecutive_skipped, max_skipped_fraction=c.data.max_skipped_fraction,
     )
     sampler = SampleMedia(c.run_dir, c.train.sample_every_steps, sample_prompts(c), steps=1, cfg_scale=1.0)
+    progress = ProgressLog("apt", c.train.max_steps, c.train.progress_every_seconds, progress_bar=c.train.progress_bar, rank=fabric.global_rank)
+    progress.start(module.progress_step)
+    faults: dict = {}
     batches = iter(loader)
-    last_saved = module.progress_step if ckpt_path else -1
+    last_saved = (module.progress_step, module.batches_consumed) if ckpt_path else (-1, -1)
 
-    def save() -> None:
+    def save(force: bool = False):
+        """Once per generator update; ``force`` (a stop signal) also after D-only iterations since that save."""
         nonlocal last_saved
-        if module.progress_step != last_saved:
-            sharded_checkpoint.save(fabric, checkpoint_path(c.run_dir, module.progress_step), module, keep=c.train.keep_checkpoints)
-            last_saved = module.progress_step
+        path = checkpoint_path(c.run_dir, module.progress_step)
+        if module.progress_step != last_saved[0] or (force and module.batches_consumed != last_saved[1]):
+            sharded_checkpoint.save(fabric, path, module, keep=c.train.keep_checkpoints)
+            last_saved = (module.progress_step, module.batches_consumed)
             for logger in fabric.loggers:
                 logger.save()  # the metrics up to a checkpoint survive a crash after it
+        return path
 
     while not module.done:
         micro_batches = [fabric.to_device(next(batches)) for _ in range(accumulate)]  # the Trainer path does this itself
@@ -142,16 +159,24 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None):
         g_before = module.progress_step
         metrics = module.run_step(micro_batches, update_g=update_g, update_d=update_d, rank=rank, world_size=world_size)
         iteration = module.batches_consumed // accumulate - 1
+        skipped = merge_snapshots(faults, micro_batches)  # this rank's loader; rank 0's are logged
         if c.train.log_every_steps and iteration % c.train.log_every_steps == 0:
             logged = _mean_over_ranks(fabric, metrics)
-            logged.update(g_updates=float(module.g_updates), sec_per_step=time.perf_counter() - t0)
+            logged.update(g_updates=float(module.g_updates), sec_per_step=time.perf_counter() - t0, **skipped)
             fabric.log_dict(logged, step=iteration)
+            progress.update(module.progress_step, logged)
         step = module.progress_step
         if step != g_before:
             if (c.train.ckpt_every_steps and step % c.train.ckpt_every_steps == 0) or module.done:
                 save()
             if c.train.sample_every_steps and step % c.train.sample_every_steps == 0:
                 sampler.write(module)
+        signum = agree_to_stop(fabric.device)  # collective: every rank stops at the same iteration
+        if signum:
+            path = save(force=True)
+            for logger in fabric.loggers:
+                logger.finalize("failed")
+            raise Preempted(signum, f"stopped by {signal_name(signum)} after generator update {step} of {c.train.max_steps}: checkpoint {path} written")
     save()
     sampler.write(module)
     for logger in fabric.loggers:

@@ -46,8 +46,9 @@ def fully_shard_apt(module, mesh) -> None:
     dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
     # reshard_after_forward: None is FSDP2's default (a root keeps its parameters gathered for the
     # backward); the EMA has no backward, and its update needs the shards back after sampling.
-    nets = ((module.generator, module.generator, None), (module.generator_ema, module.generator_ema, True),
-            (module.discriminator, module.discriminator.backbone, None))
+    nets = [(module.generator, module.generator, None), (module.discriminator, module.discriminator.backbone, None)]
+    if module.generator_ema is not None:  # None for a LoRA generator: its EMA adapters are sharded with G (apt.lora)
+        nets.insert(1, (module.generator_ema, module.generator_ema, True))
     for net, backbone, reshard_root in nets:
         for block in backbone.blocks:
             fully_shard(block, mesh=dp_mesh)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from apt.models.attention import attention, sequence_parallel_attention
+from apt.models.attention import attention, pad_key_mask, sequence_parallel_attention
 
 
 def check_sequence_parallel(num_heads: int, sp_size: int) -> None:
@@ -136,12 +136,12 @@ def apply_sequence_parallel(backbone: nn.Module, group: dist.ProcessGroup | None
 
 def _sequence_parallel_forward(forward, *, gather: bool, group, P: int, rank: int, ulysses: UlyssesAttention):
     def sp_forward(x_BSD, c_BD, rope, mask_B11S):
-        S = mask_B11S.shape[-1]  # the key mask always spans the whole (unpadded) sequence
+        S = rope[0].shape[0]  # the RoPE tables always span the whole (unpadded) sequence; the mask may be None
         S_pad = -(-S // P) * P
         if x_BSD.shape[1] == S:  # entering the SP region: keep this rank's chunk
             x_BSD = _split(x_BSD, 1, S_pad, rank, P)
         rope_local = tuple(_split(t, 0, S_pad, rank, P) for t in rope)
-        mask_pad = F.pad(mask_B11S, (0, S_pad - S), value=False)  # pad keys are never attended
+        mask_pad = pad_key_mask(mask_B11S, S, S_pad, device=x_BSD.device)  # pad keys are never attended
         with sequence_parallel_attention(ulysses):
             out = forward(x_BSD, c_BD, rope_local, mask_pad)
         return gather_sequence(out, group, S) if gather else out

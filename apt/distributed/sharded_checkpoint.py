@@ -9,12 +9,18 @@ Layout of ``RUN/checkpoints/step-000200/``::
                                        ``apt.distributed.zero3_ema``), ``buffers.safetensors``, ``layout.json``
     trainer_state.pt                   rng, data position, update counts; strategy and world size
     config.yaml                        the resolved config
+    checksums.json                     size and sha256 of every other file (``apt.checkpoint``), written last
 
 Atomic across ranks: every rank writes into ``.step-000200.tmp``; after a barrier rank 0 makes the
 files durable and renames the directory into place (``apt.checkpoint.atomic_write_dir``'s rule), so a
 kill during a save leaves the previous checkpoint loadable and never a partial one under a final name.
 Ranks must share the run directory's filesystem. ``apt.distributed.consolidate`` turns this layout
 into the standard one (single safetensors per network, the EMA's partitions joined).
+
+Loading verifies ``checksums.json`` first and reads nothing with pickle: apt's trainer state with
+``torch.load(weights_only=True)``, and DeepSpeed's own shard files through the engines' checkpoint
+engine switched to ``weights_only=True`` with an allow-list of the three DeepSpeed classes its ZeRO
+optimiser states hold (``DEEPSPEED_SAFE_GLOBALS``; DeepSpeed itself unpickles them).
 """
 
 from __future__ import annotations
@@ -24,9 +30,18 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from apt.checkpoint import STATE_FILE, list_checkpoints, publish_dir, save_weights
+from apt.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    checkpoints_to_prune,
+    load_safetensors,
+    load_trainer_state,
+    publish_dir,
+    save_weights,
+    verify_checkpoint,
+    write_checksums,
+)
 from apt.config import ConfigError, to_yaml
 
 TAG = "checkpoint"
@@ -80,11 +95,30 @@ def save(fabric, path: str | Path, module, *, keep: int = 0) -> None:
         (tmp / "config.yaml").write_text(to_yaml(module.config))
     fabric.barrier()  # every rank's shards are written
     if fabric.is_global_zero:
+        write_checksums(tmp)
         publish_dir(tmp, final)
-        if keep > 0:
-            for stale in list_checkpoints(final.parent.parent)[:-keep]:
-                shutil.rmtree(stale, ignore_errors=True)
+        for stale in checkpoints_to_prune(final.parent.parent, keep, module.progress_step):
+            shutil.rmtree(stale, ignore_errors=True)
     fabric.barrier()
+
+
+def deepspeed_safe_globals() -> list:
+    """What DeepSpeed 0.19's ZeRO optimiser states hold besides tensors and containers (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``): an enum, a dataclass, the loss scaler's state."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler]
+
+
+def load_without_pickle(path: str, map_location=None):
+    """The engines' checkpoint-engine ``load``: ``weights_only=True`` with the allow-list above."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - objects outside the allow-list, or a damaged file
+        raise CheckpointError(f"{path} cannot be read without pickle ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def load(fabric, path: str | Path, module) -> None:
@@ -95,7 +129,8 @@ def load(fabric, path: str | Path, module) -> None:
             f"resume: {path} is not a DeepSpeed checkpoint of this runner (no generator_engine/ and "
             "discriminator_engine/); checkpoints of other strategies cannot resume a ZeRO run"
         )
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    verify_checkpoint(path)
+    state = load_trainer_state(path)
     saved_world = state["sharded"]["world_size"]
     if saved_world != fabric.world_size:
         raise ConfigError(
@@ -104,18 +139,19 @@ def load(fabric, path: str | Path, module) -> None:
         )
     for name in ENGINES:
         engine = getattr(module, name)._forward_module
+        engine.checkpoint_engine.load = load_without_pickle  # DeepSpeed's default reads with weights_only=False
         load_path, _ = engine.load_checkpoint(str(engine_dir(path, name)), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {engine_dir(path, name)}")
     if module.ema_partitions is None:
         if not (path / EMA_FILE).exists():
             raise ConfigError(f"resume: {path} has no {EMA_FILE} (a ZeRO-3 checkpoint resumes only under deepspeed_stage_3)")
-        module.generator_ema.load_state_dict(load_file(str(path / EMA_FILE)))
+        module.generator_ema.load_state_dict(load_safetensors(path / EMA_FILE))
     else:
         if not (path / EMA_PARTITIONS).is_dir():
             raise ConfigError(f"resume: {path} has no {EMA_PARTITIONS}/ (not a ZeRO-3 checkpoint; resume it with its own strategy)")
-        module.ema_partitions.load_state_dict(load_file(str(ema_partition_file(path, fabric.global_rank))))
-        module.generator_ema.load_state_dict(load_file(str(path / EMA_PARTITIONS / "buffers.safetensors")), strict=False)
+        module.ema_partitions.load_state_dict(load_safetensors(ema_partition_file(path, fabric.global_rank)))
+        module.generator_ema.load_state_dict(load_safetensors(path / EMA_PARTITIONS / "buffers.safetensors"), strict=False)
     module.rng.set_state(state["apt"]["rng"])
     module.batches_consumed = state["apt"]["batches_consumed"]
     module.load_extra_state(state["apt"])

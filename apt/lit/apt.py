@@ -4,6 +4,10 @@ their optimisers and the step's progress; one iteration is ``apt.methods.apt.apt
 The DeepSpeed runner (``apt.distributed.deepspeed_runner``) uses this module as its holder too and
 calls the same ``run_step``; the runners differ only in how a network is updated from a loss
 (``NetUpdate``). Under FSDP2 and ZeRO-3 the EMA generator is sharded like G (``update_ema``).
+
+With ``lora.rank > 0`` G is a full network's frozen weights plus trained adapters and the EMA generator
+is its EMA adapters, held in G itself (``apt.lora``; ``generator_ema`` is None); D is unchanged, a fully
+trained copy of the original weights (APT §3.3).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import ContextManager
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from apt import lora
+from apt.checkpoint import load_weights
 from apt.config import Config
 from apt.distributed.sequence_parallel import data_parallel_rank
 from apt.distributed.zero3_ema import PartitionedEma
@@ -30,8 +36,12 @@ class AptModule(StageModule):
         super().__init__(config)
         a = config.apt
         self.automatic_optimization = False
-        self.generator = self.load_generator_init(a.generator)
-        self.generator_ema = self.frozen_copy(self.generator)
+        if config.lora.rank:
+            self.generator = self.lora_generator(a.generator)
+            self.generator_ema = None  # the EMA adapters live in the generator
+        else:
+            self.generator = self.load_generator_init(a.generator)
+            self.generator_ema = self.frozen_copy(self.generator)
         d_backbone = self.load_backbone(a.teacher, "net_ema")  # the ORIGINAL diffusion weights
         d_backbone.requires_grad_(a.train_d_backbone)
         self.discriminator = self.build_discriminator(d_backbone)
@@ -52,6 +62,23 @@ class AptModule(StageModule):
             return self.load_backbone(path, "generator_ema")
         except FileNotFoundError:
             return self.load_backbone(path, "net_ema")
+
+    def lora_generator(self, path: str):
+        """Base weights + adapters. The base is ``path``'s full product, or, when ``path`` is a LoRA run, that run's
+        base, and its EMA adapters initialise both of ours (the adapters continue from stage to stage)."""
+        from apt.models import factory
+
+        init = lora.run_config(path)
+        if init is not None:
+            lora.check_continues(init, self.config, path)
+        base = lora.resolve_base(self.config)
+        G = self.add_lora(factory.load_full_weights(self.config, base, text_dim=self.text_encoder.dim), "generator")
+        if init is not None:
+            stem, adapter = lora.product_file(lora.PRODUCTS[init.stage])
+            state = lora.adapter_state(load_weights(path, stem), adapter)
+            for name in (lora.TRAINED, lora.EMA):
+                lora.load_adapter(G, state, name, source=f"{stem}.safetensors ({adapter}) in {path}")
+        return G
 
     # -- progress ----------------------------------------------------------------------------
     @property
@@ -89,6 +116,8 @@ class AptModule(StageModule):
         """EMA <- decay * EMA + (1 - decay) * G, on this rank's shards when sharded (no gather)."""
         if self.ema_partitions is not None:
             self.ema_partitions.update(self.generator, decay)  # ZeRO-3
+        elif self.generator_ema is None:
+            lora.ema_update_adapters(self.generator, decay)  # the EMA adapters, shard by shard under FSDP2
         else:
             ema_update(self.generator_ema, self.generator, decay)  # whole, or FSDP2 shard by shard
 
@@ -100,13 +129,15 @@ class AptModule(StageModule):
         """ZeRO-3 gathers the whole EMA for the call; FSDP2's EMA gathers block by block in its forward."""
         if self.ema_partitions is not None:
             return self.ema_partitions.gathered()
+        if self.generator_ema is None:
+            return lora.ema_adapters(self.generator)
         return contextlib.nullcontext(self.generator_ema)
 
     def ema_numel(self) -> tuple[int, int]:
         """(EMA elements on this rank, elements of the whole EMA); ZeRO-3 partitions include their padding."""
         if self.ema_partitions is not None:
             return self.ema_partitions.numel(), sum(math.prod(s) for s in self.ema_partitions.shapes)
-        params = list(self.generator_ema.parameters())
+        params = list(self.generator_ema.parameters()) if self.generator_ema is not None else lora.adapter_parameters(self.generator, lora.EMA)
         return sum(local_shard(p).numel() for p in params), sum(p.numel() for p in params)  # a DTensor's numel is global
 
     def log_ema_size(self) -> None:
@@ -145,4 +176,4 @@ class AptModule(StageModule):
     def configure_optimizers(self):
         a = self.config.apt
         d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
-        return make_optimizer(self.generator.parameters(), a.lr_g, a), make_optimizer(d_params, a.lr_d, a)
+        return make_optimizer(self.trainable_parameters(self.generator), a.lr_g, a), make_optimizer(d_params, a.lr_d, a)

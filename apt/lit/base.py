@@ -3,7 +3,8 @@ counters and the checkpoint hooks that make resume exact.
 
 Exact resume: all training randomness (noise, timesteps, caption dropout) comes from ``self.rng``,
 a torch.Generator saved in every checkpoint, and the data stream is rebuilt from its seed and
-skips ``batches_consumed`` batches. Frozen networks (the text encoder, a teacher) are not saved.
+skips ``batches_consumed`` batches. Frozen networks (the text encoder, a teacher) are not saved, nor
+the frozen base of a LoRA network (``add_lora``): its checkpoint file holds the adapters only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from apt import lora
 from apt.config import Config, to_yaml
 from apt.ema import ema_update
 from apt.lit.data import batch_parts
@@ -34,6 +36,7 @@ class StageModule(L.LightningModule):
         self.text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
         self.rng = torch.Generator().manual_seed(config.train.seed)
         self.batches_consumed = 0
+        self.lora_nets: tuple[str, ...] = ()  # attributes holding LoRA networks (add_lora)
 
     # -- building blocks ---------------------------------------------------------------------
     def build_backbone(self) -> nn.Module:
@@ -46,6 +49,18 @@ class StageModule(L.LightningModule):
     @staticmethod
     def frozen_copy(net: nn.Module) -> nn.Module:
         return deepcopy(net).requires_grad_(False).eval()
+
+    def add_lora(self, net: nn.Module, attr: str) -> nn.Module:
+        """Freeze ``net`` and give it trained + EMA adapters (``apt.lora``); it will be held as ``self.<attr>``,
+        whose checkpoint file then keeps the adapters only. Records the base in ``config.lora.base``."""
+        self.config.lora.base = lora.resolve_base(self.config)
+        lora.add_adapters(net, self.config.lora, self.config.model.source)
+        self.lora_nets = (*self.lora_nets, attr)
+        return net
+
+    def trainable_parameters(self, net: nn.Module) -> list[nn.Parameter]:
+        """What the optimiser of ``net`` steps: every parameter, or a LoRA network's trained adapters."""
+        return [p for p in net.parameters() if p.requires_grad]
 
     def encode(self, captions: list[str], *, allow_empty: bool = False) -> TextCond:
         return self.text_encoder.encode(captions, allow_empty=allow_empty).to(self.device)
@@ -112,15 +127,21 @@ class StageModule(L.LightningModule):
         return self.decode_latents(x)
 
     # -- checkpoint hooks ----------------------------------------------------------------------
+    def saved_key(self, key: str) -> bool:
+        """Whether a state-dict entry goes into checkpoints: not a frozen network, nor a LoRA network's base."""
+        if key.startswith(FROZEN_PREFIXES):
+            return False
+        return key.partition(".")[0] not in self.lora_nets or lora.is_adapter_key(key)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN_PREFIXES)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.saved_key(k)}
         checkpoint["apt"] = {"rng": self.rng.get_state(), "batches_consumed": self.batches_consumed, **self.extra_state()}
         checkpoint["apt_config_yaml"] = to_yaml(self.config)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         own = self.state_dict()
-        for k, v in own.items():  # frozen networks come from their own sources, not the checkpoint
-            if k.startswith(FROZEN_PREFIXES):
+        for k, v in own.items():  # frozen networks (and LoRA bases) come from their own sources, not the checkpoint
+            if not self.saved_key(k):
                 checkpoint["state_dict"][k] = v
         state = checkpoint["apt"]
         self.rng.set_state(state["rng"])
@@ -166,6 +187,11 @@ class EmaNetModule(StageModule):
     def sampling_network(self) -> nn.Module:
         return self.net_ema
 
+    def gathered_sampling_network(self) -> ContextManager[nn.Module]:
+        if self.lora_nets:  # base + EMA adapters: the same module with its EMA adapters on
+            return lora.ema_adapters(self.net)
+        return super().gathered_sampling_network()
+
     def training_step(self, batch, batch_idx):
         loss = sum(self.part_loss(part) for part in batch_parts(batch))  # video (+ image) batches
         self.check_finite(self.loss_label, loss)
@@ -176,11 +202,14 @@ class EmaNetModule(StageModule):
         """AdamW on ``net``: linear warm-up over optim.warmup_steps, then optim.schedule (constant | cosine to 0,
         over the last optim.decay_steps if set)."""
         o, max_steps = self.config.optim, self.config.train.max_steps
-        opt = torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(self.trainable_parameters(self.net), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o.warmup_steps, max_steps, o.schedule, o.decay_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Inside the step, so callbacks (checkpoints, samples) always see the updated EMA.
-        ema_update(self.net_ema, self.net, self.config.train.ema_decay)
+        if self.lora_nets:
+            lora.ema_update_adapters(self.net, self.config.train.ema_decay)
+        else:
+            ema_update(self.net_ema, self.net, self.config.train.ema_decay)

@@ -1,4 +1,5 @@
-"""Callbacks: periodic atomic checkpoints keyed on the stage's own step count, and sample media."""
+"""Callbacks: periodic atomic checkpoints keyed on the stage's own step count, sample media, throughput,
+progress lines for log files and the data-fault counts as metrics."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from apt.checkpoint import list_checkpoints
+from apt.checkpoint import checkpoints_to_prune
+from apt.config import Config
+from apt.data.faults import merge_snapshots
 from apt.media import save_samples
+from apt.progress import ProgressLog
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -22,17 +26,20 @@ class PeriodicCheckpoint(L.Callback):
 
     def __init__(self, run_dir: str, every: int, keep: int):
         self.run_dir, self.every, self.keep = run_dir, every, keep
-        self._last_saved = -1
+        self._last_saved: tuple[int, int] = (-1, -1)  # (stage step, batches consumed)
 
-    def save(self, trainer: L.Trainer, module) -> None:
-        step = module.progress_step
-        if step == self._last_saved:
-            return
-        trainer.save_checkpoint(checkpoint_path(self.run_dir, step))
-        self._last_saved = step
-        if trainer.is_global_zero and self.keep > 0:
-            for old in list_checkpoints(self.run_dir)[: -self.keep]:
+    def save(self, trainer: L.Trainer, module, *, force: bool = False) -> Path:
+        """Collective. Once per stage step; ``force`` (a stop signal) also saves a step again when batches were
+        consumed since its save (a D-only warm-up iteration of the APT stage)."""
+        step, path = module.progress_step, checkpoint_path(self.run_dir, module.progress_step)
+        if step == self._last_saved[0] and (not force or module.batches_consumed == self._last_saved[1]):
+            return path
+        trainer.save_checkpoint(path, weights_only=False)  # the full state (Lightning logs a line per save when not given)
+        self._last_saved = (step, module.batches_consumed)
+        if trainer.is_global_zero:
+            for old in checkpoints_to_prune(self.run_dir, self.keep, step):
                 trainer.strategy.remove_checkpoint(old)
+        return path
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = module.progress_step
@@ -80,3 +87,39 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         module.log("sec_per_step", time.perf_counter() - self._t0, prog_bar=True)
+
+
+class LogProgress(L.Callback):
+    """``apt.progress.ProgressLog`` after every step: a line every ``train.progress_every_seconds`` in a log file."""
+
+    def __init__(self, c: Config):
+        self.c = c
+        self.progress: ProgressLog | None = None
+
+    def on_train_start(self, trainer, module) -> None:
+        self.progress = ProgressLog(self.c.stage, self.c.train.max_steps, self.c.train.progress_every_seconds,
+                                    progress_bar=self.c.train.progress_bar, rank=trainer.global_rank)
+        self.progress.start(module.progress_step)
+
+    def _metrics(self, trainer) -> dict[str, float]:
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.progress.update(module.progress_step, self._metrics(trainer))
+
+    def on_train_end(self, trainer, module) -> None:
+        self.progress.update(module.progress_step, self._metrics(trainer), force=True)
+
+
+class DataFaultMetrics(L.Callback):
+    """Log the skipped-sample counts that travel with the batches (``apt.data.faults``) as ``data_skipped`` and
+    ``data_skipped_<reason>``, once anything was skipped. Each rank counts its own loader workers; the logger
+    (rank 0) writes rank 0's."""
+
+    def __init__(self) -> None:
+        self.latest: dict = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        metrics = merge_snapshots(self.latest, batch)
+        if metrics:
+            module.log_dict(metrics, on_step=True, on_epoch=False)

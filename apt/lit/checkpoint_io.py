@@ -1,4 +1,5 @@
-"""Lightning's checkpoint IO writing apt's checkpoint layout (``apt.checkpoint``), atomically."""
+"""Lightning's checkpoint IO writing apt's checkpoint layout (``apt.checkpoint``), atomically, with checksums;
+reading verifies the files first and loads the trainer state without pickle."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from safetensors.torch import load_file
 
-from apt.checkpoint import STATE_FILE, atomic_write_dir, save_weights, split_by_module
+from apt.checkpoint import (
+    STATE_FILE,
+    atomic_write_dir,
+    load_safetensors,
+    load_trainer_state,
+    save_weights,
+    split_by_module,
+    verify_checkpoint,
+)
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
@@ -34,10 +42,11 @@ class SafetensorsCheckpointIO(CheckpointIO):
         path = Path(path)
         if not (path / STATE_FILE).exists():
             raise FileNotFoundError(f"not a checkpoint directory (no {STATE_FILE}): {path}")
-        checkpoint = torch.load(path / STATE_FILE, map_location=map_location or "cpu", weights_only=False)
+        verify_checkpoint(path)
+        checkpoint = load_trainer_state(path, map_location=map_location or "cpu")
         state_dict = {}
         for f in sorted(path.glob("*.safetensors")):
-            for k, v in load_file(str(f)).items():
+            for k, v in load_safetensors(f).items():
                 state_dict[f"{f.stem}.{k}"] = v
         checkpoint["state_dict"] = state_dict
         return checkpoint

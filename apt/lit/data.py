@@ -37,6 +37,8 @@ class ShardDataModule(L.LightningDataModule):
             world_size=world_size,
             num_workers=c.data.num_workers,
             skip_batches=self.trainer.lightning_module.batches_consumed,
+            max_consecutive_skipped=c.data.max_consecutive_skipped,  # corrupt data bounded (apt.data.faults)
+            max_skipped_fraction=c.data.max_skipped_fraction,
         )
 
     def train_dataloader(self):

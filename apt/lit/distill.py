@@ -1,10 +1,13 @@
 """Stage 1 under Lightning: holds the student, its EMA (the product) and the frozen teacher; the loss
-is ``apt.methods.consistency.consistency_loss``."""
+is ``apt.methods.consistency.consistency_loss``. With ``lora.rank > 0`` the student is the teacher's
+weights plus adapters, its EMA the EMA adapters, and the teacher the same module with its adapters off
+(``apt.lora``): one copy of the backbone in memory."""
 
 from __future__ import annotations
 
 import torch
 
+from apt import lora
 from apt.config import Config
 from apt.lit.base import EmaNetModule
 from apt.methods.consistency import consistency_loss, distillation_timesteps
@@ -15,9 +18,13 @@ class DistillModule(EmaNetModule):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        self.teacher = self.frozen_copy(self.load_backbone(config.distill.teacher, "net_ema"))
-        self.net = self.load_backbone(config.distill.teacher, "net_ema")  # the student starts from the teacher
-        self.net_ema = self.frozen_copy(self.net)
+        if config.lora.rank:
+            self.net = self.add_lora(self.load_backbone(config.distill.teacher, "net_ema"), "net")
+            self.teacher = lora.WithoutAdapters(self.net)  # not a module: the shared base is held (and saved) once
+        else:
+            self.teacher = self.frozen_copy(self.load_backbone(config.distill.teacher, "net_ema"))
+            self.net = self.load_backbone(config.distill.teacher, "net_ema")  # the student starts from the teacher
+            self.net_ema = self.frozen_copy(self.net)
         self.register_buffer("ts", distillation_timesteps(config.distill), persistent=False)
 
     def part_loss(self, batch: dict) -> torch.Tensor:

@@ -1,13 +1,18 @@
 """The backbone protocol: what the teacher, generator and discriminator need from a transformer.
 
 Every network in apt (the built-in DiT, each diffusers adapter, a user's in-house model) is used
-through this one interface (DESIGN.md §3):
+through this one interface (docs/design.md §2):
 
 - ``forward(x_BCTHW, t_B, text) -> v_BCTHW``: predict the rectified-flow velocity ``eps - x0``.
 - ``blocks``: the ordered list of transformer blocks, so readout heads can tap hidden states.
 - ``visual_tokens(block_output) -> h_BND``: the visual-token part of one block's output (joint
   attention models carry text tokens in the same sequence; diffusers blocks return tuples).
 - ``hidden_dim``: width D of the tapped hidden states.
+- ``config.num_heads`` (heads of the discriminator's readout attention, dividing ``hidden_dim``) and
+  ``config.prediction`` (velocity | x0, what the teacher stage's loss compares).
+
+``check_backbone`` verifies all of it on a network (an in-house one, ``apt.models.in_house``) and fails
+in one line naming what is missing or wrong.
 
 Legend: B batch, C channels, T frames, H/W height/width, N tokens, L text tokens, D width.
 """
@@ -128,3 +133,63 @@ def tap_hidden_states(backbone: Backbone, layers: list[int]) -> Iterator[dict[in
     finally:
         for h in handles:
             h.remove()
+
+
+class BackboneForwardError(ValueError):
+    """The network's forward raised during ``check_backbone`` (the message names the input shapes)."""
+
+
+def check_backbone(net: nn.Module, *, input_CTHW: tuple[int, int, int, int], text_dim: int, name: str = "the network",
+                   device: str | torch.device = "cpu") -> None:
+    """Raise ValueError, in one line naming what is missing or wrong, unless ``net`` speaks the backbone protocol.
+
+    Members first (``blocks``, ``visual_tokens``, ``hidden_dim``, ``config.num_heads`` dividing ``hidden_dim``,
+    ``config.prediction``), then one forward at batch 1 of an input shaped ``input_CTHW`` (data.channels,
+    frames, height, width) with a 4-token text of width ``text_dim``: the output must be shaped like the input,
+    and ``visual_tokens`` of every block's output must be (1, N, hidden_dim). ``device="meta"`` checks
+    shapes without compute (``apt.models.in_house`` builds a meta copy for it)."""
+    blocks = getattr(net, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{name} has no `blocks`: the backbone protocol needs its transformer blocks in execution order as an nn.ModuleList (docs/byo_model.md §1)")
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        what = f"an empty {type(blocks).__name__}" if isinstance(blocks, nn.ModuleList) else f"a {type(blocks).__name__}"
+        raise ValueError(f"{name}: `blocks` is {what}; the backbone protocol needs a non-empty nn.ModuleList of transformer blocks")
+    if not callable(getattr(net, "visual_tokens", None)):
+        raise ValueError(f"{name} has no `visual_tokens(block_output)` method returning a block's visual tokens (B, N, hidden_dim)")
+    D = getattr(net, "hidden_dim", None)
+    if not isinstance(D, int) or isinstance(D, bool) or D <= 0:
+        raise ValueError(f"{name}: `hidden_dim` must be a positive int (the width of the visual tokens), got {D!r}")
+    config = getattr(net, "config", None)
+    heads = getattr(config, "num_heads", None)
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0:
+        raise ValueError(f"{name}: `config.num_heads` must be a positive int (heads of the discriminator's readout attention), got {heads!r}")
+    if D % heads:
+        raise ValueError(f"{name}: hidden_dim {D} does not divide into config.num_heads={heads} readout heads")
+    prediction = getattr(config, "prediction", None)
+    if prediction not in ("velocity", "x0"):
+        raise ValueError(f"{name}: `config.prediction` must be 'velocity' or 'x0' (what the teacher stage's loss compares), got {prediction!r}")
+
+    C, T, H, W = input_CTHW
+    x = torch.zeros(1, C, T, H, W, device=device)
+    text = TextCond(torch.zeros(1, 4, text_dim, device=device), torch.ones(1, 4, dtype=torch.bool, device=device))
+    outputs: dict[int, object] = {}
+    handles = [b.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(i, out)) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad(), torch.device(device):  # tensors the forward makes land beside the input
+            v = net(x, torch.full((1,), 0.5, device=device), text)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's forward, reported with the shapes it was given
+        raise BackboneForwardError(f"{name}: forward on x {tuple(x.shape)} (data.channels, frames, height, width) and text (1, 4, {text_dim}) "
+                                   f"(text.encoder width) failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(x.shape):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"{name}: forward returned {got} for an input of shape {tuple(x.shape)}; the velocity must have the input's shape")
+    for i in range(len(blocks)):
+        if i not in outputs:
+            raise ValueError(f"{name}: blocks[{i}] did not run in the forward; `blocks` must list the blocks the forward calls")
+        h = net.visual_tokens(outputs[i])
+        shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+        if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[0] != 1 or h.shape[2] != D or h.shape[1] == 0:
+            raise ValueError(f"{name}: visual_tokens(output of blocks[{i}]) returned {shape}; expected (1, N, hidden_dim={D}) for a batch of 1")

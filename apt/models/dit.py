@@ -31,9 +31,10 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from apt.models.attention import attention
+from apt.models.attention import TextLayoutCache, attention, text_key_layout
 from apt.models.backbone import TextCond
 from apt.models.causal import block_causal_mask, shift_chunks, step_mask, step_rope
+from apt.models.checkpointing import checkpoint_kwargs
 from apt.models.kv_cache import KVCache
 from apt.models.layers import RMSNorm, apply_rope, rms_norm_rope, rope_3d, sincos_3d, timestep_embedding
 
@@ -51,7 +52,7 @@ class DiTConfig:
     text_dim: int = 64
     prediction: str = "velocity"  # "velocity" or "x0" (v derived as (x_t - x0_hat) / max(t, min_t))
     min_t: float = 0.05
-    abs_pos_embed: bool = True  # fixed 3D sin-cos table at unit scale (DESIGN.md §7)
+    abs_pos_embed: bool = True  # fixed 3D sin-cos table at unit scale (docs/design.md §5)
     rope_theta: float = 10000.0
     causal_chunk_frames: int = 0
     """0: bidirectional (full attention). > 0: block-causal streaming over chunks of this many input frames
@@ -170,6 +171,9 @@ class DiT(nn.Module):
             nn.init.zeros_(self.recycle_embed.weight)
             nn.init.zeros_(self.recycle_embed.bias)
         self.gradient_checkpointing = False
+        self.checkpoint_policy = "full"  # full | attention | attention_and_matmul (apt.models.checkpointing)
+        self.text_padding = "mask"  # perf switch (apt.perf.apply_perf): mask | trim | varlen (apt.models.attention.text_key_layout)
+        self._text_layout = TextLayoutCache()
         self._num_text_tokens = 0  # set per forward; lets visual_tokens() slice block outputs
         self._table_cache: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -232,20 +236,20 @@ class DiT(nn.Module):
         if c.abs_pos_embed:
             h_BND = h_BND + self._tables("sincos", Tp, Hp, Wp, 0, h_BND)
 
-        text_BLD = self.text_proj(text.emb_BLD.to(h_BND.dtype))
+        N = h_BND.shape[1]
+        keep, mask_B11S = text_key_layout(text.mask_BL, N, self.text_padding, cache=self._text_layout)  # padded text trimmed / unmasked
+        emb_BLD, mask_BL = text.emb_BLD[:, keep], text.mask_BL.bool()[:, keep]
+        text_BLD = self.text_proj(emb_BLD.to(h_BND.dtype))
         L = text_BLD.shape[1]
         self._num_text_tokens = L
-        mask_BL = text.mask_BL.bool()
-        pooled_BD = (text.emb_BLD * mask_BL[..., None]).sum(1) / mask_BL.sum(1, keepdim=True).clamp(min=1)
+        pooled_BD = (emb_BLD * mask_BL[..., None]).sum(1) / mask_BL.sum(1, keepdim=True).clamp(min=1)
         c_BD = self.time_mlp(timestep_embedding(t_B * 1000.0, 256).to(h_BND.dtype)) + self.pooled_text_mlp(pooled_BD.to(h_BND.dtype))
 
         x_BSD = torch.cat([text_BLD, h_BND], dim=1)
-        N = h_BND.shape[1]
-        mask_B11S = torch.cat([mask_BL, mask_BL.new_ones(B, N)], dim=1)[:, None, None, :]
         rope = self._tables("rope", Tp, Hp, Wp, L, h_BND)
         for block in self._blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask_B11S, use_reentrant=False)
+                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask_B11S, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
             else:
                 x_BSD = block(x_BSD, c_BD, rope, mask_B11S)
 
@@ -333,7 +337,7 @@ class DiT(nn.Module):
 
         for i, block in enumerate(self._blocks):
             if kv is None and self.gradient_checkpointing and torch.is_grad_enabled():
-                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask, use_reentrant=False)
+                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
             else:
                 x_BSD = block(x_BSD, c_BD, rope, mask, None if kv is None else (kv, i))
         if cache is not None:

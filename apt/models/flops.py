@@ -115,7 +115,7 @@ def _input_grad_skipped(
 
 def apt_step_flops(
     config: DiTConfig, *, batch: int, frames: int, height: int, width: int, text_tokens: int,
-    readout_layers: list[int], checkpointing: bool = False,
+    readout_layers: list[int], checkpointing: bool = False, checkpoint_policy: str = "full",
 ) -> dict[str, float]:
     """FLOPs of one APT update (one D step + one G step, ``apt.lit.apt.AptModule.training_step``).
 
@@ -127,7 +127,9 @@ def apt_step_flops(
       Minus the backward matmuls autograd skips (``_input_grad_skipped``; < 1% at real sizes).
     Hardware FLOPs add what the kernels actually redo: the attention backward recomputes the scores
     Q K^T (+0.5x the attention forward per backward, as FlopCounterMode counts it) and, with
-    activation ``checkpointing``, every block's forward runs again in backward.
+    activation ``checkpointing``, every block's forward runs again in backward: all its matmuls
+    (``checkpoint_policy`` full), its linear layers only (attention: SDPA outputs kept), or none
+    (attention_and_matmul: ``apt.models.checkpointing``).
     """
     shape = dict(frames=frames, height=height, width=width, text_tokens=text_tokens)
     last = max(readout_layers)
@@ -155,9 +157,13 @@ def apt_step_flops(
     block_recompute = 0.0
     if checkpointing:  # the blocks' forward again, for D on 3B and B (up to its last readout) and G on B
 
+        linear_again = checkpoint_policy in ("full", "attention")  # attention_and_matmul keeps every matmul output
+        attention_again = checkpoint_policy == "full"
+
         def blocks_only(b: int, n: int) -> float:
             with_blocks = dit_forward_flops(config, batch=b, num_blocks=n, include_output=False, **shape)
-            return with_blocks.total - dit_forward_flops(config, batch=b, num_blocks=0, include_output=False, **shape).total
+            without = dit_forward_flops(config, batch=b, num_blocks=0, include_output=False, **shape)
+            return linear_again * (with_blocks.linear - without.linear) + attention_again * (with_blocks.attention - without.attention)
 
         block_recompute = blocks_only(3 * batch, last + 1) + blocks_only(batch, last + 1) + blocks_only(batch, config.depth)
     model = d_step + g_step

@@ -14,7 +14,7 @@ from apt.models.dit import DiT, DiTConfig
 FLAVOURS: dict[str, DiTConfig] = {
     # Tests: milliseconds per forward on CPU.
     "tiny": DiTConfig(patch_size=(2, 4, 4), hidden_dim=32, depth=3, num_heads=2, mlp_ratio=2.0, text_dim=32, prediction="x0"),
-    # The CPU demo teacher (DESIGN.md §7: predict x0 at small width; unit-scale sin-cos positions).
+    # The CPU demo teacher (docs/design.md §5: predict x0 at small width; unit-scale sin-cos positions).
     "demo": DiTConfig(patch_size=(2, 4, 4), hidden_dim=96, depth=6, num_heads=4, mlp_ratio=4.0, text_dim=64, prediction="x0"),
     # The APT paper's shape (arXiv 2501.08316 §4: 36 layers, width 3072, ~8B), for a 16-channel
     # latent VAE with 8x spatial / 4x temporal compression and a T5-XXL text encoder.

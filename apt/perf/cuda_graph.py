@@ -7,7 +7,8 @@ few warm-up calls on a side stream (as the PyTorch CUDA-graph notes require); in
 into static buffers before each replay and the output is returned as a fresh tensor.
 
 Limits: inference only (``torch.no_grad``); the forward must not sync with the host (the built-in
-DiT does not, except attention backend ``flash`` with a mask, which raises during capture); memory
+DiT does not, except attention backend ``flash`` with a mask, which raises during capture; with
+``text_padding`` trim / varlen the mask is read on the host before capture); memory
 of the static buffers and the graph's private pool stays allocated while the wrapper lives.
 """
 
@@ -54,7 +55,8 @@ class CUDAGraphForward(nn.Module):
         return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]):
-        static = tuple(t.clone() for t in inputs)
+        with torch.inference_mode(False):  # normal tensors (with version counters), also when called under inference_mode
+            static = tuple(t.clone() for t in inputs)
 
         def run() -> torch.Tensor:
             x, t, emb, mask = static
@@ -78,6 +80,10 @@ class CUDAGraphForward(nn.Module):
         if not all(t.is_cuda for t in inputs):
             raise RuntimeError("CUDAGraphForward: inputs must be CUDA tensors (move the model and inputs to the GPU)")
         key = self._signature(*inputs)
+        if getattr(self.module, "text_padding", "mask") != "mask":
+            # trim / varlen fix at capture which text tokens are kept: one graph per mask pattern (read
+            # here, outside the capture; the DiT reads the same static mask once while warming up)
+            key += (tuple(text.mask_BL.bool().flatten().tolist()),)
         if key not in self._graphs:
             self._graphs[key] = self._capture(inputs)
         graph, static, out = self._graphs[key]

@@ -3,7 +3,7 @@
 It reads clips x (B, 3, T, 16, 16) in [-1, 1] for any T >= 1 (T = 1 is the image variant; it is
 trained on T in {1, 4, 8}): four heads predict shape, colour, direction and background, and the
 penultimate embedding `features(x)` (B, F) is the feature space for Fréchet distances, as
-Inception pool3 / I3D logits are for FID / FVD (DESIGN.md section 5, "Toy benchmark").
+Inception pool3 / I3D logits are for FID / FVD (docs/design.md §4, "The toy benchmark").
 
 Architecture (61k parameters): four convolutions, each GroupNorm + SiLU: 1x3x3 at 16x16, 3x3x3
 (the only temporal one: motion) with stride 2 in space, 1x3x3 at 8x8, 1x3x3 with stride 2 to 4x4;

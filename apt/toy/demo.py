@@ -21,7 +21,7 @@ from apt.config import load_config
 TEACHER_ASSET = "assets/demo_teacher"
 # ``--text-terms``: NOT the paper's objective. Stage 1 at CFG 5, and both APT stages with a matching-aware D
 # term and a G-side text term (apt.mismatch_weight, apt.text_contrast_weight in apt/config.py), the image stage
-# 300 updates; docs/demo_tuning.md, twelfth round. The video stage stops at 100 updates: with these terms
+# 300 updates; docs/log/demo_tuning.md, twelfth round. The video stage stops at 100 updates: with these terms
 # validation is best at update 50 and worse after 100 (thirteenth round). Per stage: extra overrides.
 TEXT_TERMS = ["apt.mismatch_weight=2.0", "apt.d_warmup_steps=150", "apt.text_contrast_weight=10.0"]
 TEXT_TERMS_OVERRIDES = {
@@ -30,6 +30,18 @@ TEXT_TERMS_OVERRIDES = {
     "apt_video": [*TEXT_TERMS, "train.max_steps=100"],
 }
 DATA = {"video": ("runs/data/toy-video", 4, 20000, 0), "image": ("runs/data/toy-image", 1, 10000, 1)}
+# Seconds per stage of `make demo` (docs/demo.md, 2026-12-05, the 2-core CPU machine): the demo's ETA is these for the
+# stages left, scaled by this machine's pace on the stages done so far.
+REFERENCE_SECONDS = {"distill": 524, "apt_image": 72, "apt_video": 201, "evaluation": 260}
+
+
+def demo_eta(stage_seconds: dict[str, float | None], left: list[str]) -> str:
+    """'ETA of the demo ~13m' from REFERENCE_SECONDS (the stages in ``left`` and the evaluation)."""
+    from apt.progress import format_seconds
+
+    done = {k: v for k, v in stage_seconds.items() if v is not None and k in REFERENCE_SECONDS}
+    pace = sum(done.values()) / sum(REFERENCE_SECONDS[k] for k in done) if done else 1.0
+    return f"ETA of the demo ~{format_seconds(pace * sum(REFERENCE_SECONDS[k] for k in [*left, 'evaluation']))}"
 
 
 def ensure_shards(quick: bool) -> dict[str, str]:
@@ -46,18 +58,20 @@ def ensure_shards(quick: bool) -> dict[str, str]:
     return out
 
 
-def run_stage(recipe: str, run_dir: Path, overrides: list[str], overlays: list[str], seconds: dict[str, float | None]) -> Path:
+def run_stage(recipe: str, run_dir: Path, overrides: list[str], overlays: list[str], seconds: dict[str, float | None], header: str = "") -> Path:
     """Fit a stage unless its run already reached max_steps; returns the run dir. Records the stage's wall time in
-    ``seconds[run_dir.name]`` (None when it was already done; a resumed stage counts only this run's part)."""
+    ``seconds[run_dir.name]`` (None when it was already done; a resumed stage counts only this run's part).
+    ``header``: 'stage 2/3 ...' and the demo's ETA, printed first."""
     from apt.train import fit
 
     c = load_config(recipe, overlays, [f"run_dir={run_dir}", "resume=auto", *overrides])
     latest = latest_checkpoint(run_dir)
     if latest is not None and int(latest.name.split("-")[1]) >= c.train.max_steps:
-        print(f"[demo] {c.stage} stage already done: {latest}")
+        print(f"[demo] {header}{c.stage} stage already done: {latest}")
         seconds[run_dir.name] = None
         return run_dir
-    print(f"[demo] {c.stage} stage: {recipe} -> {run_dir}")
+    steps = f"{c.train.max_steps} {'generator updates' if c.stage == 'apt' else 'steps'}"
+    print(f"[demo] {header}{c.stage} stage, {steps}: {recipe} -> {run_dir}", flush=True)
     t0 = time.perf_counter()
     fit(c)
     seconds[run_dir.name] = round(time.perf_counter() - t0, 1)
@@ -80,13 +94,20 @@ def run_demo(out: str | None = None, *, quick: bool = False, text_terms: bool = 
     extra = TEXT_TERMS_OVERRIDES if text_terms else {}
     teacher = TEACHER_ASSET
     stage_seconds: dict[str, float | None] = {}
+    stages = ["teacher"] * quick + ["distill", "apt_image", "apt_video"]
+
+    def header(name: str) -> str:  # 'stage 2/3, ETA of the demo ~15m: ' (no ETA for --quick: the times are the full demo's)
+        i = stages.index(name)
+        return f"stage {i + 1}/{len(stages)}{'' if quick else ', ' + demo_eta(stage_seconds, stages[i:])}: "
+
     if quick:  # a tiny teacher of our own (the shipped one is the demo flavour)
-        teacher = str(run_stage("recipes/demo/teacher.yaml", out_dir / "teacher", [f"data.shards={shards['video']}", f"data.image_shards={shards['image']}"], overlays, stage_seconds))
+        teacher = str(run_stage("recipes/demo/teacher.yaml", out_dir / "teacher", [f"data.shards={shards['video']}", f"data.image_shards={shards['image']}"], overlays, stage_seconds, header("teacher")))
     elif not (Path(teacher) / "net_ema.safetensors").exists():
         raise FileNotFoundError(f"shipped demo teacher missing: {teacher}/net_ema.safetensors (train it: python -m apt fit recipes/demo/teacher.yaml)")
-    distill = run_stage("recipes/demo/distill.yaml", out_dir / "distill", [f"distill.teacher={teacher}", f"data.shards={shards['video']}", f"data.image_shards={shards['image']}", *extra.get("distill", [])], overlays, stage_seconds)
-    apt_image = run_stage("recipes/demo/apt_image.yaml", out_dir / "apt_image", [f"apt.generator={distill}", f"apt.teacher={teacher}", f"data.shards={shards['image']}", *extra.get("apt_image", [])], overlays, stage_seconds)
-    apt_video = run_stage("recipes/demo/apt_video.yaml", out_dir / "apt_video", [f"apt.generator={apt_image}", f"apt.teacher={teacher}", f"data.shards={shards['video']}", *extra.get("apt_video", [])], overlays, stage_seconds)
+    distill = run_stage("recipes/demo/distill.yaml", out_dir / "distill", [f"distill.teacher={teacher}", f"data.shards={shards['video']}", f"data.image_shards={shards['image']}", *extra.get("distill", [])], overlays, stage_seconds, header("distill"))
+    apt_image = run_stage("recipes/demo/apt_image.yaml", out_dir / "apt_image", [f"apt.generator={distill}", f"apt.teacher={teacher}", f"data.shards={shards['image']}", *extra.get("apt_image", [])], overlays, stage_seconds, header("apt_image"))
+    apt_video = run_stage("recipes/demo/apt_video.yaml", out_dir / "apt_video", [f"apt.generator={apt_image}", f"apt.teacher={teacher}", f"data.shards={shards['video']}", *extra.get("apt_video", [])], overlays, stage_seconds, header("apt_video"))
+    print(f"[demo] evaluation{'' if quick else ', ' + demo_eta(stage_seconds, [])}", flush=True)
     train_seconds = time.perf_counter() - t_start
 
     report = evaluate_rows(

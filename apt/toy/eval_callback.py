@@ -2,7 +2,7 @@
 validation prompt set and log the toy metrics (Fréchet distance, attribute accuracy) with media.
 
 The prompts and noise seeds are disjoint from the demo report's evaluation set, so choosing a
-checkpoint by this number does not peek at the reported one (DESIGN.md §7).
+checkpoint by this number does not peek at the reported one (docs/design.md §5).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Toy benchmark metrics: a Fréchet distance in the toy classifier's feature space + attribute accuracy.
 
     distance            Fréchet distance between Gaussians fitted to classifier features of the
-                        samples and of real toy clips (FID/FVD-style, DESIGN.md section 5).
+                        samples and of real toy clips (FID/FVD-style, docs/design.md §4).
     attribute_accuracy  share of samples whose predicted shape AND colour AND background AND
                         (clips only, frames > 1) direction all match the prompt's parsed caption:
                         an exact text-alignment score.
@@ -9,7 +9,7 @@
 
 Report the real-vs-real floor (`real_vs_real_floor`, two disjoint real sets of the same size n)
 next to every distance, with n and the seeds: at n = 1000 the demo's distances move by 0.4-1.4 between two draws of the
-prompts and seeds and the floor is 3.7-6.2, near the teacher's distance (docs/demo_tuning.md, fifteenth round).
+prompts and seeds and the floor is 3.7-6.2, near the teacher's distance (docs/log/demo_tuning.md, fifteenth round).
 
 Results do not depend on how the caller batches the samples: clips are re-chunked into fixed
 chunks of `chunk` clips before the classifier sees them, and statistics accumulate in float64.
@@ -129,7 +129,7 @@ def correct_mask(predictions: dict[str, list[str]], prompts: list[str]) -> tuple
 
 AMBIGUOUS_SHAPE = 0.9
 """A sample's shape is ambiguous when the classifier's shape head gives no shape this probability (a blob
-between two shapes; docs/demo_tuning.md, eleventh round)."""
+between two shapes; docs/log/demo_tuning.md, eleventh round)."""
 
 
 @torch.no_grad()

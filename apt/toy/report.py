@@ -4,7 +4,7 @@ Protocol (every number in the report comes from this one run):
 - Evaluation prompts: ``eval_prompts(N, seed=EVAL_SEED)`` (balanced over attributes), noise seeds
   10_000 + i; N = ``REPORT_SAMPLES`` (5000) in the demo. The APT checkpoint is chosen on a disjoint
   validation set (``validation_metrics``: VAL_PROMPT_SEED prompts, noise seeds VAL_NOISE_SEED + i, 256
-  samples) among the checkpoints of the video-stage run, as DESIGN.md §7 recommends (the raw APT
+  samples) among the checkpoints of the video-stage run, as docs/design.md §5 explains (the raw APT
   trajectory oscillates).
 - ``distance``: Fréchet distance to N real toy clips in the toy classifier's feature space;
   ``attribute_accuracy``: share of samples whose shape, colour, direction and background all match
@@ -49,7 +49,7 @@ BATCH = 250
 REPORT_SAMPLES = 5000
 """N of the demo's report. At N = 1000 (until 2026-12-05) the real-vs-real floor was 5.0 against the teacher's 6.2 and
 the rows' small-sample biases differed enough to move the bar's ratios by 0.06 and 0.30 between two draws of the prompts
-and seeds; at 5000 the floor is 0.8-1.1 (``experiments/toy_distance_vs_n.py``, docs/demo_tuning.md fifteenth round)."""
+and seeds; at 5000 the floor is 0.8-1.1 (``experiments/toy_distance_vs_n.py``, docs/log/demo_tuning.md fifteenth round)."""
 
 
 def generate_seeded(gen: Generator, prompts: list[str], seeds: list[int], *, steps: int, cfg_scale: float | None = None, frames: int | None = None) -> torch.Tensor:
@@ -135,7 +135,7 @@ def batch1_seconds(rows: list[tuple[Generator, int, float | None]], prompts: lis
     """Batch-1 latency of each (generator, steps, cfg_scale) row, on one torch thread: the median of its calls'
     times (``batch1_call_times``). The median of single calls ignores the short stalls of a shared machine: in four
     measurements, two rows of the same network differed by up to 9% with the median of each turn's mean call and
-    by up to 3.4% with the median call (``experiments/batch1_timing.py``, docs/demo_tuning.md, thirteenth round)."""
+    by up to 3.4% with the median call (``experiments/batch1_timing.py``, docs/log/demo_tuning.md, thirteenth round)."""
     times = batch1_call_times(rows, prompts, rounds=rounds, min_calls=min_calls, min_seconds=min_seconds)
     return [float(np.median([t for turn in row for t in turn])) for row in times]
 

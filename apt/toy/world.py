@@ -4,7 +4,7 @@ Each clip shows one captioned object (shape, colour, direction of motion) over a
 background, plus one smaller uncaptioned distractor drawn underneath it. Size, start position,
 speed, the distractor and the background texture are random per clip, so that the caption leaves
 real uncertainty: a one-step regression onto a multi-step sampler averages those modes and blurs,
-which is what the demo must show (DESIGN.md section 7, "Consequence for the benchmark").
+which is what the demo must show (docs/design.md §5, "A world where one-step regression blurs").
 
     caption (video, frames > 1): "a red circle moving left on a black background"
     caption (image, frames = 1): "a red circle on a black background"

@@ -85,6 +85,16 @@ def main() -> None:
     grads = averaged_grads(sp_net)
     report["dit_grads"] = max(maxdiff(grads[n], p.grad) for n, p in net.named_parameters())
 
+    # 2b. perf.text_padding trim / varlen under SP: no mask where no text token is padding (batch 1:
+    # 3 + 32 = 35 tokens, padded to 36, so only the pad keys are masked), mixed lengths at batch 2.
+    for mode in ("trim", "varlen"):
+        sp_mode = copy.deepcopy(net)
+        sp_mode.text_padding = mode
+        apply_sequence_parallel(sp_mode)
+        with torch.no_grad():
+            report[f"dit_{mode}_batch1"] = maxdiff(sp_mode(x[:1], t[:1], text[:1]), net(x[:1], t[:1], text[:1]))
+            report[f"dit_{mode}_batch2"] = maxdiff(sp_mode(x, t, text), net(x, t, text))
+
     # 3. A discriminator reading out after block 0 (gather, then re-split for block 1) and block 2.
     torch.manual_seed(2)
     D = Discriminator(copy.deepcopy(net), fractions=[0.34, 1.0], num_heads=2)

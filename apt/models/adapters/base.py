@@ -59,6 +59,28 @@ class AdapterConfig:
     prediction: str = "velocity"
 
 
+@dataclass(frozen=True)
+class PipelineText:
+    """How the family's diffusers pipeline turns a prompt into the transformer's text inputs.
+
+    The teacher was trained on what its pipeline feeds it, so apt conditions every stage (latent
+    pre-encoding, training, sampling, evaluation) the same way: ``apt.text_pipeline`` runs these
+    encoders as the pipeline's ``encode_prompt`` does. A pipeline encodes each prompt to a fixed
+    token count, so a prompt's conditioning never depends on the other prompts of a batch.
+    """
+
+    encoders: tuple[str, ...]
+    """The pipeline's text-encoder components (its subfolders), in the order its ``encode_prompt`` runs them."""
+    max_length: int
+    """The pipeline's default ``max_sequence_length`` (tokens of the main encoder; ``text.max_length`` sets it)."""
+    attention_mask: bool
+    """True when the transformer takes a mask over the text tokens; False when it attends to every token."""
+    pooled: bool
+    """True when the transformer takes a pooled text vector (``pooled_projections``) from a CLIP encoder."""
+    summary: str
+    """One line for docs and error messages: encoders, lengths, masking, pooled vector."""
+
+
 def read_model_config(local_dir: str | Path) -> tuple[Path, dict]:
     """(directory holding config.json, the config) for a diffusers model dir or a pipeline dir.
 
@@ -93,6 +115,8 @@ class DiffusersAdapter(nn.Module):
 
     family: str = ""
     model_class: str = ""  # the diffusers class name, as written in config.json's _class_name
+    pipeline_class: str = ""  # the family's text-to-image/video pipeline (model_index.json's _class_name)
+    text: PipelineText | None = None  # how that pipeline encodes prompts (apt.text_pipeline runs it)
     visual_index: int | None = None  # position of the visual tokens in a tuple block output
 
     def __init__(self, model: nn.Module):
@@ -122,17 +146,23 @@ class DiffusersAdapter(nn.Module):
         return d
 
     @classmethod
+    def pipeline_kwargs(cls, model_dir: Path) -> dict:
+        """Constructor settings a family reads from the pipeline around ``model_dir`` (its sibling
+        ``scheduler/`` or ``vae/``), so the adapter computes what that pipeline computes; {} by default."""
+        return {}
+
+    @classmethod
     def from_pretrained(cls, local_dir: str | Path, **kwargs) -> "DiffusersAdapter":
         """Load weights from a local diffusers model dir (or a pipeline dir's ``transformer/``)."""
         d = cls.check_dir(local_dir)
-        return cls(cls.diffusers_class().from_pretrained(str(d), local_files_only=True), **kwargs)
+        return cls(cls.diffusers_class().from_pretrained(str(d), local_files_only=True), **{**cls.pipeline_kwargs(d), **kwargs})
 
     @classmethod
     def from_config_dir(cls, local_dir: str | Path, **kwargs) -> "DiffusersAdapter":
         """The architecture of a local diffusers model, randomly initialised (no weights read)."""
         d = cls.check_dir(local_dir)
         klass = cls.diffusers_class()
-        return cls(klass.from_config(klass.load_config(str(d))), **kwargs)
+        return cls(klass.from_config(klass.load_config(str(d))), **{**cls.pipeline_kwargs(d), **kwargs})
 
     @classmethod
     def from_config(cls, config: dict, **kwargs) -> "DiffusersAdapter":

@@ -19,8 +19,10 @@ tests/test_adapters.py):
   ``<model dir>/../scheduler/scheduler_config.json`` when present, else CogVideoX-2b's
   (scaled_linear 0.00085-0.012, snr_shift_scale 3, zero terminal SNR); pass ``scheduler_config``
   to override (CogVideoX-5b uses snr_shift_scale 1).
-- text: T5 embeddings (``text_embed_dim``, 4096), padded with zeros to exactly
-  ``max_text_seq_length`` (226) tokens, as the pipeline does; no mask.
+- text (``CogVideoXAdapter.text``, run by ``apt.text_pipeline``): T5 (``text_embed_dim``, 4096)
+  over ``max_sequence_length`` tokens, run without a mask, all attended; the count must be the
+  transformer's ``max_text_seq_length`` (226). A shorter TextCond (apt's own toy convention) is
+  zero-padded to it.
 - positions: 3D RoPE computed as the pipeline does when ``use_rotary_positional_embeddings``
   (1.0: crop region of the base grid; 1.5: ``grid_type="slice"``); 1.5 needs T divisible by
   ``patch_size_t``.
@@ -33,7 +35,7 @@ import json
 
 import torch
 
-from apt.models.adapters.base import AdapterConfig, DiffusersAdapter
+from apt.models.adapters.base import AdapterConfig, DiffusersAdapter, PipelineText
 from apt.models.backbone import TextCond
 
 COGVIDEOX_SCHEDULER = {
@@ -56,6 +58,11 @@ def resize_crop_region_for_grid(src: tuple[int, int], tgt_width: int, tgt_height
 class CogVideoXAdapter(DiffusersAdapter):
     family = "cogvideox"
     model_class = "CogVideoXTransformer3DModel"
+    pipeline_class = "CogVideoXPipeline"
+    text = PipelineText(
+        encoders=("text_encoder",), max_length=226, attention_mask=False, pooled=False,
+        summary="T5 (226 tokens = the transformer's max_text_seq_length, no mask; all attended)",
+    )
     visual_index = 0
 
     def __init__(self, model, *, scheduler_config: dict | None = None):
@@ -69,12 +76,12 @@ class CogVideoXAdapter(DiffusersAdapter):
         self.alphas_cumprod = sched.alphas_cumprod.to(torch.float64).clone()
 
     @classmethod
-    def from_pretrained(cls, local_dir, **kwargs) -> "CogVideoXAdapter":
-        d = cls.check_dir(local_dir)
-        sched_file = d.parent / "scheduler" / "scheduler_config.json"
-        if "scheduler_config" not in kwargs and sched_file.exists():
-            kwargs["scheduler_config"] = {k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")}
-        return cls(cls.diffusers_class().from_pretrained(str(d), local_files_only=True), **kwargs)
+    def pipeline_kwargs(cls, model_dir) -> dict:
+        """The pipeline's own schedule (``../scheduler/scheduler_config.json``) when there is one."""
+        sched_file = model_dir.parent / "scheduler" / "scheduler_config.json"
+        if not sched_file.exists():
+            return {}
+        return {"scheduler_config": {k: v for k, v in json.loads(sched_file.read_text()).items() if not k.startswith("_")}}
 
     @classmethod
     def describe(cls, mc) -> AdapterConfig:

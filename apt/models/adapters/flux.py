@@ -9,9 +9,10 @@ Conventions (checked against diffusers' FluxPipeline and a tiny model in tests/t
   ``sigma * 1000 / 1000``). Guidance-distilled checkpoints (``guidance_embeds``, FLUX.1-dev) also
   take a guidance value: ``guidance_scale`` (default 3.5, the pipeline's), fixed per adapter.
 - output: flow velocity ``eps - x0``, unpacked back to (B, C, 1, H, W).
-- text: T5 embeddings (``joint_attention_dim``, 4096), no mask (padding zeroed), text position
-  ids all zero; ``pooled_projections`` (CLIP-L pooled, 768) from ``TextCond.pooled_BP``, zeros
-  when absent (out of distribution for FLUX: supply pooled CLIP vectors for fidelity).
+- text (``FluxAdapter.text``, run by ``apt.text_pipeline``): T5 (``joint_attention_dim``, 4096)
+  over ``max_sequence_length`` (512) tokens, run without a mask, all attended; text position ids all
+  zero; ``pooled_projections`` (768) = CLIP-L's pooled output over 77 tokens (``TextCond.pooled_BP``;
+  zeros, with a warning, when a TextCond carries none).
 - blocks: ``transformer_blocks`` then ``single_transformer_blocks``; in diffusers >= 0.32 both
   return (encoder, hidden); a joint [text, image] sequence (older single blocks) is sliced.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from apt.models.adapters.base import AdapterConfig, DiffusersAdapter
+from apt.models.adapters.base import AdapterConfig, DiffusersAdapter, PipelineText
 from apt.models.backbone import TextCond
 
 
@@ -50,6 +51,11 @@ def image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
 class FluxAdapter(DiffusersAdapter):
     family = "flux"
     model_class = "FluxTransformer2DModel"
+    pipeline_class = "FluxPipeline"
+    text = PipelineText(
+        encoders=("text_encoder", "text_encoder_2"), max_length=512, attention_mask=False, pooled=True,
+        summary="T5 (512 tokens, no mask; all attended); pooled = CLIP-L pooled output (77 tokens)",
+    )
     visual_index = 1
 
     def __init__(self, model: nn.Module, *, guidance_scale: float = 3.5):

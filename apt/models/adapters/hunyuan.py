@@ -7,10 +7,11 @@ tests/test_adapters.py):
 - timestep: ``t * 1000``; guidance-distilled checkpoints (``guidance_embeds``, the released
   model) also take ``guidance_scale * 1000`` (default 6.0, the pipeline's).
 - output: flow velocity ``eps - x0`` (FlowMatchEulerDiscreteScheduler).
-- text: Llava-Llama hidden states (``text_embed_dim``, 4096) with ``encoder_attention_mask``
-  (valid tokens first, as TextCond's), plus CLIP-L pooled ``pooled_projections`` (768) from
-  ``TextCond.pooled_BP``, zeros when absent. apt.text does not wrap the Llava-Llama encoder:
-  pre-encode text into latent shards (``text.npy``/``mask.npy``/``pooled.npy``).
+- text (``HunyuanVideoAdapter.text``, run by ``apt.text_pipeline``): the Llava-Llama encoder over
+  the pipeline's prompt template (``DEFAULT_PROMPT_TEMPLATE``), ``max_sequence_length`` (256) tokens
+  after the 95 template tokens it crops, run with its mask; the hidden state of the third-to-last
+  layer (``text_embed_dim``, 4096) with ``encoder_attention_mask`` (TextCond's mask); plus
+  ``pooled_projections`` (768) = CLIP-L's pooled output over 77 tokens (``TextCond.pooled_BP``).
 - blocks: ``transformer_blocks`` then ``single_transformer_blocks``; both return (hidden, encoder).
 """
 
@@ -19,13 +20,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from apt.models.adapters.base import AdapterConfig, DiffusersAdapter
+from apt.models.adapters.base import AdapterConfig, DiffusersAdapter, PipelineText
 from apt.models.backbone import TextCond
 
 
 class HunyuanVideoAdapter(DiffusersAdapter):
     family = "hunyuan"
     model_class = "HunyuanVideoTransformer3DModel"
+    pipeline_class = "HunyuanVideoPipeline"
+    text = PipelineText(
+        encoders=("text_encoder", "text_encoder_2"), max_length=256, attention_mask=True, pooled=True,
+        summary="Llama over the pipeline's prompt template (256 tokens after the 95 it crops, with its mask; third-to-last "
+                "layer); the transformer takes the mask; pooled = CLIP-L pooled output (77 tokens)",
+    )
     visual_index = 0
 
     def __init__(self, model: nn.Module, *, guidance_scale: float = 6.0):
@@ -61,7 +68,7 @@ class HunyuanVideoAdapter(DiffusersAdapter):
         out = self.model(
             hidden_states=x_BCTHW.to(dtype),
             timestep=t_B * 1000.0,
-            encoder_hidden_states=self.masked_text(text, dtype),
+            encoder_hidden_states=text.emb_BLD.to(dtype),  # masked in attention, as the pipeline passes them
             encoder_attention_mask=mask,
             pooled_projections=self.pooled(text, dtype),
             guidance=guidance,

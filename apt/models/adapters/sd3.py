@@ -6,11 +6,11 @@ tests/test_adapters.py):
 - layout: 2D latents (B, C, H, W); apt's (B, C, 1, H, W) is squeezed/unsqueezed.
 - timestep: ``t * 1000`` (the pipeline passes the scheduler's ``sigma * 1000``).
 - output: flow velocity ``eps - x0`` (FlowMatchEulerDiscreteScheduler), returned as is.
-- text: ``encoder_hidden_states`` of width ``joint_attention_dim`` (the T5 width, 4096), no mask
-  (padding zeroed). ``pooled_projections`` (CLIP-L + CLIP-G pooled, 2048) from
-  ``TextCond.pooled_BP``, zeros when absent: SD3 was trained with each text encoder dropped
-  independently, and a dropped CLIP gives zero pooled vectors, so T5-only conditioning is in
-  distribution.
+- text (``SD3Adapter.text``, run by ``apt.text_pipeline``): CLIP-L and CLIP-G over 77 tokens each
+  (no mask, penultimate hidden states), concatenated along the width and zero-padded to the T5 width
+  (``joint_attention_dim``, 4096), then T5 over ``max_sequence_length`` (256) tokens (no mask):
+  333 tokens, all attended. ``pooled_projections`` (2048) = CLIP-L + CLIP-G text projections
+  (``TextCond.pooled_BP``; zeros, with a warning, when a TextCond carries none).
 - blocks: ``transformer_blocks`` (JointTransformerBlock) return (encoder, hidden); the last
   block returns (None, hidden).
 """
@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import torch
 
-from apt.models.adapters.base import AdapterConfig, DiffusersAdapter
+from apt.models.adapters.base import AdapterConfig, DiffusersAdapter, PipelineText
 from apt.models.backbone import TextCond
 
 
 class SD3Adapter(DiffusersAdapter):
     family = "sd3"
     model_class = "SD3Transformer2DModel"
+    pipeline_class = "StableDiffusion3Pipeline"
+    text = PipelineText(
+        encoders=("text_encoder", "text_encoder_2", "text_encoder_3"), max_length=256, attention_mask=False, pooled=True,
+        summary="CLIP-L + CLIP-G (77 tokens each, no mask, penultimate layer, widths concatenated and zero-padded to T5's) "
+                "then T5 (256 tokens, no mask): 333 tokens, all attended; pooled = CLIP-L + CLIP-G projections",
+    )
     visual_index = 1
 
     @classmethod

@@ -18,7 +18,7 @@ TINY_TRANSFORMERS: dict[str, dict] = {
     "sd3": dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
                 joint_attention_dim=TEXT_DIM, caption_projection_dim=16, pooled_projection_dim=POOLED_DIM, out_channels=4, pos_embed_max_size=16),
     "flux": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                 joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, axes_dims_rope=(4, 6, 6)),
+                 joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, axes_dims_rope=(4, 6, 6), guidance_embeds=True),  # as FLUX.1-dev
     "wan": dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=TEXT_DIM,
                 freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
     "cogvideox": dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8, text_embed_dim=TEXT_DIM,

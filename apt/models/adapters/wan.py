@@ -6,8 +6,10 @@ Conventions (checked against diffusers' WanPipeline and a tiny model in tests/te
 - timestep: ``t * 1000``.
 - output: flow velocity ``eps - x0`` (Wan is trained with flow matching; the pipeline's UniPC
   scheduler uses ``prediction_type="flow_prediction"``).
-- text: UMT5 embeddings (``text_dim``, 4096), no mask: the pipeline zero-pads the embeddings
-  (to 512 tokens), which is what zeroing the padded tokens reproduces. Image-to-video variants
+- text (``WanAdapter.text``, run by ``apt.text_pipeline``): UMT5 (``text_dim``, 4096) over the
+  cleaned prompt, padded to ``max_sequence_length`` (512) tokens and run with its mask; the rows past
+  the prompt are zeroed, and the transformer takes all 512 rows with no mask (its text embedder turns
+  the zero rows into non-zero tokens, so the padded length matters). Image-to-video variants
   (``image_dim``) are not supported.
 - blocks: ``blocks`` (WanTransformerBlock) return the visual tokens (B, N, D) as a tensor (text
   enters by cross-attention only).
@@ -18,13 +20,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from apt.models.adapters.base import AdapterConfig, DiffusersAdapter
+from apt.models.adapters.base import AdapterConfig, DiffusersAdapter, PipelineText
 from apt.models.backbone import TextCond
 
 
 class WanAdapter(DiffusersAdapter):
     family = "wan"
     model_class = "WanTransformer3DModel"
+    pipeline_class = "WanPipeline"
+    text = PipelineText(
+        encoders=("text_encoder",), max_length=512, attention_mask=False, pooled=False,
+        summary="UMT5 over the cleaned prompt, 512 tokens, run with its mask; rows past the prompt zeroed; "
+                "the transformer attends to all 512 rows (no mask)",
+    )
     visual_index = None
 
     @classmethod
