@@ -2,7 +2,8 @@
 
     fit RECIPE [OVERLAY ...] [key=value ...] [--dry-run]   train any stage from a recipe
     sample CHECKPOINT --prompt TEXT [--steps N] [--out DIR] generate images/clips
-    demo [--quick] [--text-terms]                           teacher -> distill -> APT -> report
+    stream CHECKPOINT --prompt TEXT --frames N [--out DIR]  stream a causal run's video chunk by chunk
+    demo [--quick] [--text-terms] [--stream]                teacher -> distill -> APT -> report (--stream: the streaming demo)
     export CHECKPOINT --out DIR [--transformer-only]        EMA generator -> a diffusers pipeline dir (prompt= works);
             [--lora | --merge]                              in-house networks: safetensors + target/kwargs; LoRA runs:
                                                             adapters for load_lora_weights, or --merge into a full model
@@ -58,9 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--frames", type=int, default=None, help="frames to generate (1 = an image; default: the checkpoint's)")
     sample.add_argument("--out", default="samples", help="output directory")
 
+    stream = verbs.add_parser("stream", help="stream a causal (stream_*) run's video chunk by chunk, frames written as they are made")
+    stream.add_argument("checkpoint", help="checkpoint directory or run directory of a stream_teacher / stream_distill / stream_apt run")
+    stream.add_argument("--prompt", action="append", required=True, help="text prompt; repeat it with --switch-at to change prompts mid-stream")
+    stream.add_argument("--switch-at", type=int, action="append", default=[], help="frame index where the next --prompt takes over (one per extra prompt)")
+    stream.add_argument("--frames", type=int, required=True, help="frames to stream (any number: the cache has a fixed size)")
+    stream.add_argument("--seed", type=int, default=0)
+    stream.add_argument("--steps", type=int, default=None, help="Euler steps per chunk (default: 1, or flow.sample_steps for a causal teacher)")
+    stream.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: 1, or flow.cfg_scale for a causal teacher)")
+    stream.add_argument("--out", default="stream", help="output directory (frames/NNNNNN.png as they come, stream.gif at the end)")
+
     demo = verbs.add_parser("demo", help="the embedded demo: teacher -> distillation -> APT (image, video) -> evaluation table")
     demo.add_argument("--out", default=None, help="demo output directory (default runs/demo; with --text-terms runs/demo-text-terms)")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
+    demo.add_argument("--stream", action="store_true",
+                      help="streaming APT (AAPT): student-forced training of the shipped causal models, then the long-video table (runs/demo-stream)")
+    demo.add_argument("--whole-clip", default=None, help="with --stream: the whole-clip APT checkpoint of its first row (default: runs/demo's pick)")
     demo.add_argument("--text-terms", action="store_true",
                       help="NOT the paper's objective: stage 1 at CFG 5 and two text-alignment terms in both APT stages (docs/demo.md)")
 
@@ -94,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             for p in sample_to_dir(args.checkpoint, args.prompt, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.seed, frames=args.frames, out=args.out):
                 print(p)
             return 0
+        if args.verb == "stream":
+            from apt.sample import stream_to_dir
+
+            r = stream_to_dir(args.checkpoint, args.prompt, frames=args.frames, switch_at=args.switch_at, seed=args.seed, out=args.out,
+                              steps=args.steps, cfg_scale=args.cfg_scale)
+            print(f"{r['frames']} frames ({r['chunks']} chunks) -> {r['out']}/frames, {r['out']}/stream.gif")
+            print(f"latency to the first frame {r['first_frame_seconds'] * 1e3:.1f} ms; {r['fps']:.1f} frames per second (PNG writing included)")
+            return 0
         if args.verb == "export":
             from apt.export_lora import export_route
 
@@ -105,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return consolidate_main(args.rest)
         if args.verb == "demo":
+            if args.stream:
+                if args.text_terms:
+                    parser.error("--stream and --text-terms are separate demos")
+                from apt.toy.stream_demo import run_stream_demo
+
+                run_stream_demo(args.out or "runs/demo-stream", quick=args.quick, apt_whole=args.whole_clip)
+                return 0
             from apt.toy.demo import run_demo
 
             run_demo(args.out, quick=args.quick, text_terms=args.text_terms)

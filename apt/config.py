@@ -19,7 +19,12 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OVERLAY_DIR = REPO_ROOT / "recipes" / "overlays"
-STAGES = ("teacher", "distill", "apt")
+STAGES = ("teacher", "distill", "apt", "stream_teacher", "stream_distill", "stream_apt")
+STREAM_STAGES = ("stream_teacher", "stream_distill", "stream_apt")
+"""AAPT's stages for a causal (streaming) model: causal adaptation, distillation, adversarial with student forcing."""
+ADVERSARIAL_STAGES = ("apt", "stream_apt")
+MANY_STEP_STAGES = ("teacher", "stream_teacher")
+"""Stages whose product samples in flow.sample_steps Euler steps with CFG; the others make one-step generators."""
 MODEL_SOURCES = ("builtin", "diffusers", "python")
 TRAINER_STRATEGIES = ("auto", "single", "ddp", "fsdp2")
 DEEPSPEED_STAGES = {"deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
@@ -56,6 +61,14 @@ class ModelConfig:
     export rebuild the same network."""
     vae: str = ""
     """Local diffusers VAE directory (source=diffusers): decodes latent samples; data/encode_latents.py uses it."""
+    causal_chunk_frames: int = 0
+    """Built-in DiT only. 0 = bidirectional (full attention); > 0 = causal streaming mode over chunks of this many
+    frames (a multiple of the flavour's temporal patch): block-causal attention, the previous chunk recycled as
+    input, a rolling key/value cache (AAPT §3.1; docs/streaming.md)."""
+    sink_chunks: int = 1
+    """Causal mode: the first chunks every later chunk attends to (the attention sink)."""
+    window_chunks: int = 2
+    """Causal mode: past chunks each chunk attends to besides the sink (the rolling window)."""
 
 
 @dataclass
@@ -239,9 +252,31 @@ class AptConfig:
     its own prompt than the nearest other one to D, a guidance-like signal for text alignment. docs/log/demo_tuning.md
     (sixth round): on the toy, weights 3 and 10 lowered the best validation distance from 17.80 to 17.05;
     the attribute accuracy stayed where the stage-1 init put it."""
+    gan_loss: str = "nonsaturating"
+    """nonsaturating (APT §3.3) | relativistic: softplus(-(D(x) - D(G(z)))) on (real, fake) pairs, AAPT's loss (§3.3)."""
+    r2_lambda: float = 0.0
+    """Weight of approximate R2 on the fakes, lambda || D(G(z)) - D(G(z) + sigma n) ||^2 with sigma = r1_sigma
+    (AAPT pairs it with aR1 and the relativistic loss); 0 = off (APT)."""
     ema_decay: float = 0.995
     collapse_patience: int = 50
     """Warn when D wins outright (real>0>fake, D loss < 0.05) this many steps in a row."""
+
+
+@dataclass
+class StreamConfig:
+    """The streaming stages (AAPT, arXiv 2506.09350; docs/streaming.md): the causal model itself is ``model.causal_chunk_frames``."""
+
+    init: str = ""
+    """stream_teacher: the bidirectional teacher (a checkpoint or run dir with net_ema) the causal model starts from;
+    its weights load unchanged, the recycling layer starts at zero."""
+    window_frames: int = 0
+    """stream_apt: D judges every clip (real and rolled out) in windows of this many frames, the training length of the
+    earlier stages (AAPT: long rollouts judged on segments); 0 = data.frames (one window)."""
+    grad_chunks: int = 0
+    """stream_apt: only the last this many chunks of a rollout carry gradient (0 = every chunk; Self Forcing keeps the last 21 frames)."""
+    detach_context: bool = True
+    """stream_apt: each chunk's gradient stops at its own forward (the cache and the recycled chunk detached);
+    False lets it flow back through them into the earlier chunks that carry gradient."""
 
 
 @dataclass
@@ -302,7 +337,7 @@ class PerfConfig:
 @dataclass
 class Config:
     stage: str = "teacher"
-    """teacher | distill | apt."""
+    """teacher | distill | apt (APT), or stream_teacher | stream_distill | stream_apt (AAPT's, for a causal model)."""
     run_dir: str = "runs/default"
     """Everything a run writes goes here (config, metrics, samples, checkpoints)."""
     resume: str = ""
@@ -316,6 +351,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     apt: AptConfig = field(default_factory=AptConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
 
@@ -431,7 +467,8 @@ def check_config(c: Config) -> None:
     field has a range (tests/test_config.py walks them all). File checks (shards, checkpoints) follow in
     ``apt.train.check_paths``, still before any work."""
     need(c.stage in STAGES, f"stage must be one of {', '.join(STAGES)}, got '{c.stage}'")
-    for check in (check_text, check_data, check_model, check_lora, check_flow, check_optim, check_train, check_distill, check_apt, check_eval):
+    for check in (check_text, check_data, check_model, check_causal, check_lora, check_flow, check_optim, check_train, check_distill, check_apt,
+                  check_stream, check_eval):
         check(c)
     check_perf(c.perf)
 
@@ -500,6 +537,33 @@ def check_model(c: Config) -> None:
          f"data.frames={c.data.frames} is not divisible by the temporal patch size {pt} of model '{c.model.flavour}' (images use frames=1)")
 
 
+def check_causal(c: Config) -> None:
+    """``model.causal_chunk_frames`` and its window (the built-in DiT's causal mode)."""
+    m = c.model
+    need(m.causal_chunk_frames >= 0, f"model.causal_chunk_frames must be >= 0 (0 = bidirectional), got {m.causal_chunk_frames}")
+    need(m.sink_chunks >= 1, f"model.sink_chunks must be >= 1, got {m.sink_chunks}")
+    need(m.window_chunks >= 0, f"model.window_chunks must be >= 0, got {m.window_chunks}")
+    streaming = c.stage in STREAM_STAGES
+    need(streaming == bool(m.causal_chunk_frames),
+         f"stage '{c.stage}' with model.causal_chunk_frames={m.causal_chunk_frames}: the stream_* stages train a causal model "
+         "(model.causal_chunk_frames > 0), the others a bidirectional one (0)")
+    if not m.causal_chunk_frames:
+        return
+    from apt.models.registry import FLAVOURS
+
+    need(m.source == "builtin", f"model.causal_chunk_frames={m.causal_chunk_frames}: causal mode is a switch of the built-in DiT (model.source=builtin)")
+    pt = FLAVOURS[m.flavour].patch_size[0]
+    need(m.causal_chunk_frames % pt == 0, f"model.causal_chunk_frames={m.causal_chunk_frames} must be a multiple of the temporal patch {pt} of model '{m.flavour}'")
+    need(c.data.frames % m.causal_chunk_frames == 0,
+         f"data.frames={c.data.frames} is not a whole number of model.causal_chunk_frames={m.causal_chunk_frames}-frame chunks")
+    need(c.train.sequence_parallel == 1, "train.sequence_parallel: the causal model's block mask is not wired into Ulysses; use 1")
+    longest = (m.sink_chunks + m.window_chunks + 1) * m.causal_chunk_frames
+    if c.stage != "stream_apt":  # teacher-forced stages run one full block-causal forward per clip
+        need(c.data.frames <= longest,
+             f"data.frames={c.data.frames}: a teacher-forced clip is one block-causal forward of at most (model.sink_chunks + "
+             f"model.window_chunks + 1) x model.causal_chunk_frames = {longest} frames")
+
+
 def check_lora(c: Config) -> None:
     """A LoRA generator: distill and apt stages, on one device, DDP or FSDP2 (``apt.lora``)."""
     r = c.lora
@@ -530,6 +594,8 @@ def check_data(c: Config) -> None:
     need(not (d.image_shards and c.stage == "apt"),
          f"data.image_shards={d.image_shards}: the APT stage trains on data.shards only (one modality per stage: "
          "an image stage, then a video stage); set data.image_shards= (empty)")
+    need(not (c.data.image_shards and c.stage in STREAM_STAGES),
+         f"data.image_shards={c.data.image_shards}: stage '{c.stage}' trains a causal video model on data.shards only; set data.image_shards= (empty)")
 
 
 def check_flow(c: Config) -> None:
@@ -567,7 +633,7 @@ def check_strategy(c: Config) -> None:
     s = c.train.strategy
     known = (*TRAINER_STRATEGIES, *DEEPSPEED_STAGES)
     need(s in known, f"train.strategy '{s}' unknown; choose from {', '.join(known)}")
-    need(not (s == "fsdp2" and c.stage != "apt"),
+    need(not (s == "fsdp2" and c.stage not in ADVERSARIAL_STAGES),
          f"train.strategy=fsdp2 shards the APT stage's G and D; stage '{c.stage}' runs with ddp or deepspeed_stage_*")
     need(not (s in DEEPSPEED_STAGES and c.eval.every_steps),
          f"eval.every_steps={c.eval.every_steps}: in-training evaluation runs on the Trainer path, not under train.strategy={s}; "
@@ -600,7 +666,7 @@ def check_distill(c: Config) -> None:
     at_least(d, 1, "distill.num_steps")
     positive(d, "distill.shift")
     at_least(d, 0, "distill.cfg_scale", "distill.final_step_weight")
-    if c.stage == "distill":
+    if c.stage in ("distill", "stream_distill"):
         need(bool(d.teacher), "distill.teacher must name the teacher checkpoint")
 
 
@@ -619,9 +685,28 @@ def check_apt(c: Config) -> None:
     at_least(a, 0, "apt.mismatch_weight", "apt.text_contrast_weight")
     need(a.text_contrast_weight == 0.0 or a.mismatch_weight > 0.0,
          f"apt.text_contrast_weight={a.text_contrast_weight} needs apt.mismatch_weight > 0 (a D that reads the text)")
-    if c.stage == "apt":
+    need(a.gan_loss in ("nonsaturating", "relativistic"), f"apt.gan_loss must be nonsaturating or relativistic, got '{a.gan_loss}'")
+    need(a.r2_lambda >= 0.0, f"apt.r2_lambda must be >= 0 (0 = off), got {a.r2_lambda}")
+    need(a.text_contrast_weight == 0.0 or a.gan_loss == "nonsaturating",
+         f"apt.text_contrast_weight={a.text_contrast_weight} is a term of the non-saturating G loss; apt.gan_loss is '{a.gan_loss}'")
+    if c.stage in ADVERSARIAL_STAGES:
         need(bool(a.generator), "apt.generator must name the stage-1 (distilled) checkpoint")
         need(bool(a.teacher), "apt.teacher must name the original diffusion checkpoint (D is initialised from it)")
+
+
+def check_stream(c: Config) -> None:
+    s, cf = c.stream, c.model.causal_chunk_frames
+    need(s.grad_chunks >= 0, f"stream.grad_chunks must be >= 0 (0 = every chunk), got {s.grad_chunks}")
+    need(s.window_frames >= 0, f"stream.window_frames must be >= 0 (0 = data.frames), got {s.window_frames}")
+    if c.stage == "stream_teacher":
+        need(bool(s.init), "stream.init must name the bidirectional teacher checkpoint the causal model starts from")
+    if c.stage == "stream_apt":
+        window = s.window_frames or c.data.frames
+        longest = (c.model.sink_chunks + c.model.window_chunks + 1) * cf
+        need(c.data.frames % window == 0, f"stream.window_frames={window} must divide data.frames={c.data.frames} (D judges whole windows)")
+        need(window % cf == 0 and window <= longest,
+             f"stream.window_frames={window} must be a whole number of {cf}-frame chunks and at most {longest} frames "
+             "(D's block-causal forward: model.sink_chunks + model.window_chunks + 1 chunks)")
 
 
 def check_eval(c: Config) -> None:

@@ -75,6 +75,11 @@ class Discriminator(nn.Module):
 
     def readout(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> torch.Tensor:
         """The readout heads' outputs, concatenated (B, K * D): what the logit is a linear function of, after LayerNorm."""
+        hidden = self.hidden_states(x_BCTHW, t_B, text)
+        return torch.cat([head(hidden[i]) for head, i in zip(self.heads, self.layers)], dim=-1)
+
+    def hidden_states(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> dict[int, torch.Tensor]:
+        """The visual tokens (B, N, D) leaving each readout layer; the blocks after the deepest one are skipped."""
         last = self.layers[-1]
 
         def stop(_module, _inputs, _output):
@@ -89,4 +94,4 @@ class Discriminator(nn.Module):
             finally:
                 if handle is not None:
                     handle.remove()
-        return torch.cat([head(hidden[i]) for head, i in zip(self.heads, self.layers)], dim=-1)
+        return hidden

@@ -11,14 +11,17 @@ from pathlib import Path
 import torch
 
 from apt.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, verify_checkpoint
-from apt.config import Config, PerfConfig, config_from_yaml
+from apt.config import MANY_STEP_STAGES, Config, PerfConfig, config_from_yaml
 from apt.flow import euler_sample
 from apt.media import to_uint8
 from apt.models import factory
 from apt.perf import apply_perf
+from apt.streaming import bare, stream_sample
 from apt.text import TextEncoder
 
-PRODUCT = {"teacher": "net_ema", "distill": "net_ema", "apt": "generator_ema"}
+PRODUCT = {"teacher": "net_ema", "distill": "net_ema", "apt": "generator_ema",
+           "stream_teacher": "net_ema", "stream_distill": "net_ema", "stream_apt": "generator_ema"}
+
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
@@ -28,13 +31,16 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(net, text_encoder: TextEncoder, config: Config, prompts: list[str], seeds: list[int], *, steps: int, cfg_scale: float, frames: int | None = None, device="cpu") -> torch.Tensor:
-    """Euler sampling (``steps`` = 1: the one-step generator) from seeded noise, with CFG when cfg_scale != 1."""
+    """Euler sampling (``steps`` = 1: the one-step generator) from seeded noise, with CFG when cfg_scale != 1.
+    A causal network streams the clip chunk by chunk with its key/value cache (``apt.streaming``)."""
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     c = config
     z = seeded_noise((c.data.channels, c.data.frames if frames is None else frames, c.data.height, c.data.width), seeds).to(device)
     text = text_encoder.encode(prompts).to(device)
     negative = text_encoder.encode([c.flow.negative_prompt] * len(prompts), allow_empty=True).to(device) if cfg_scale != 1.0 else None
+    if getattr(getattr(bare(net), "config", None), "causal_chunk_frames", 0):
+        return stream_sample(net, z, text, steps=steps, shift=c.flow.sample_shift, negative=negative, cfg_scale=cfg_scale)
     return euler_sample(net, z, text, steps=steps, shift=c.flow.sample_shift, negative=negative, cfg_scale=cfg_scale)
 
 
@@ -89,11 +95,20 @@ class Generator:
 
     @property
     def default_steps(self) -> int:
-        return self.config.flow.sample_steps if self.config.stage == "teacher" else 1
+        return self.config.flow.sample_steps if self.config.stage in MANY_STEP_STAGES else 1
 
     @property
     def default_cfg_scale(self) -> float:
-        return self.config.flow.cfg_scale if self.config.stage == "teacher" else 1.0
+        return self.config.flow.cfg_scale if self.config.stage in MANY_STEP_STAGES else 1.0
+
+    def codec(self):
+        """The run's latent codec (``model.vae``), loaded once; None for pixel-space models."""
+        if self.config.model.vae and self._codec is None:
+            from apt.codecs import LatentCodec
+
+            self._codec = LatentCodec.load(self.config.model.vae)
+            self._codec.apply_perf(self.perf)
+        return None if self._codec is None else self._codec.to(self.device)
 
     def generate_tensor(self, prompts: list[str], seeds: list[int], *, steps: int | None = None, cfg_scale: float | None = None, frames: int | None = None) -> torch.Tensor:
         """Samples in [-1, 1], (B, C, T, H, W) (decoded to pixels when the run has a VAE).
@@ -108,12 +123,7 @@ class Generator:
         with torch.inference_mode():
             x = sample(self.net, self.text_encoder, self.config, prompts, seeds, steps=self.default_steps if steps is None else steps, cfg_scale=cfg_scale, frames=frames, device=self.device)
             if self.config.model.vae:
-                if self._codec is None:
-                    from apt.codecs import LatentCodec
-
-                    self._codec = LatentCodec.load(self.config.model.vae)
-                    self._codec.apply_perf(self.perf)
-                x = self._codec.to(x.device).decode(x, batch_size=1)
+                x = self.codec().decode(x, batch_size=1)
         return x.clone()
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int | None = None, **kw) -> torch.Tensor:

@@ -6,7 +6,10 @@
 - Matching-aware D term (not in APT; Reed et al. 2016, GigaGAN): real x with the wrong text is fake,
       L_match = mean softplus(D(x, c_wrong)).
 - Text contrast G term (not in APT): L = mean softplus(D(G(z), c_wrong) - D(G(z), c)).
-- Approximate R1 (APT §3.4): L_aR1 = lambda * mean || D(x) - D(x + sigma n) ||^2, real x only.
+- Relativistic GAN (Jolicoeur-Martineau 2019; R3GAN, arXiv 2501.05441), as AAPT (arXiv 2506.09350 §3.3), on
+  pairs (real i, fake i):  L_D = softplus(-(D(x) - D(G(z)))),   L_G = softplus(-(D(G(z)) - D(x)))
+- Approximate R1 (APT §3.4): L_aR1 = lambda * mean || D(x) - D(x + sigma n) ||^2, real x only; approximate R2
+  (AAPT) is the same on the (detached) fakes.
 - Consistency distillation target: MSE between student velocity and a bootstrapped target.
 """
 
@@ -35,6 +38,16 @@ def d_loss_nonsaturating(logits_real_B: torch.Tensor, logits_fake_B: torch.Tenso
 def g_loss_nonsaturating(logits_fake_B: torch.Tensor) -> torch.Tensor:
     """mean softplus(-D(G(z)))."""
     return F.softplus(-logits_fake_B).mean()
+
+
+def d_loss_relativistic(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """mean softplus(-(D(x) - D(G(z)))) over paired logits (any shape, e.g. (B, chunks))."""
+    return F.softplus(logits_fake - logits_real).mean()
+
+
+def g_loss_relativistic(logits_fake: torch.Tensor, logits_real: torch.Tensor) -> torch.Tensor:
+    """mean softplus(-(D(G(z)) - D(x))) over paired logits."""
+    return F.softplus(logits_real - logits_fake).mean()
 
 
 def mismatch_loss(logits_mismatched_B: torch.Tensor) -> torch.Tensor:

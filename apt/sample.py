@@ -47,3 +47,46 @@ def check_prompt_lengths(gen, prompts: list[str]) -> None:
         if n > limit:
             raise ValueError(f"--prompt {i + 1} is {n} tokens ({len(p)} characters); this model reads at most text.max_length={limit} "
                              "tokens and would ignore the rest: shorten it")
+
+
+def stream_to_dir(checkpoint: str, prompts: list[str], *, frames: int, switch_at: list[int], seed: int, out: str,
+                  steps: int | None = None, cfg_scale: float | None = None, scale: int = 8) -> dict:
+    """``python -m apt stream``: stream a causal run's video chunk by chunk, writing every frame as a PNG the moment it is
+    decoded (``out/frames/000000.png``, ...) and a GIF of the whole at the end. ``prompts[k + 1]`` takes over at frame
+    ``switch_at[k]`` (the cache is re-built under it: ``apt.streaming.StreamSession.set_prompt``). Returns the
+    timings: seconds to the first frame (after the model is loaded and the first prompt encoded), frames per second."""
+    import time
+
+    import numpy as np
+
+    from apt.media import enlarge, save_animation, save_png
+    from apt.streaming import StreamSession
+
+    if frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {frames}")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ValueError(f"--prompt {i + 1} is empty")
+    if len(switch_at) != len(prompts) - 1 or sorted(switch_at) != switch_at or any(not 0 < f < frames for f in switch_at):
+        raise ValueError(f"--switch-at needs one increasing frame index in (0, {frames}) per extra --prompt; got {switch_at} for {len(prompts)} prompts")
+    gen = load_generator(checkpoint)
+    session = StreamSession(gen, prompts[0], seed=seed, steps=steps, cfg_scale=cfg_scale)
+    frame_dir = Path(out) / "frames"
+    frame_dir.mkdir(parents=True, exist_ok=True)
+    written, switches, t0, first = [], list(zip(switch_at, prompts[1:])), time.perf_counter(), None
+    while len(written) < frames:
+        if switches and len(written) >= switches[0][0]:
+            session.set_prompt(switches.pop(0)[1])  # at the next chunk boundary at or after the asked frame
+        chunk = session.next_chunk()[0]  # (3, t, H, W)
+        for f in range(chunk.shape[1]):
+            if len(written) == frames:
+                break
+            img = enlarge(((chunk[:, f].permute(1, 2, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy(), scale)
+            save_png(img, frame_dir / f"{len(written):06d}.png")
+            written.append(img)
+            if first is None:
+                first = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    save_animation(written, Path(out) / "stream.gif", fps=8)
+    return {"frames": len(written), "first_frame_seconds": first, "seconds": seconds, "fps": len(written) / seconds,
+            "chunks": session.chunks_made, "out": str(out), "frame_shape": list(np.shape(written[0]))}

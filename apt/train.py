@@ -30,13 +30,14 @@ from apt.checkpoint import (
     list_checkpoints,
     verify_checkpoint,
 )
-from apt.config import Config, ConfigError, check_config, load_config, save_config, to_yaml
+from apt.config import ADVERSARIAL_STAGES, MANY_STEP_STAGES, Config, ConfigError, check_config, load_config, save_config, to_yaml
 from apt.distributed.strategies import make_strategy, num_nodes, uses_deepspeed
 from apt.lit.apt import AptModule
 from apt.lit.callbacks import DataFaultMetrics, LogProgress, PeriodicCheckpoint, SampleMedia, Throughput
 from apt.lit.checkpoint_io import SafetensorsCheckpointIO
 from apt.lit.distill import DistillModule
 from apt.lit.preemption import StopOnSignal, without_lightning_signal_handlers
+from apt.lit.stream import StreamAptModule, StreamDistillModule, StreamTeacherModule
 from apt.lit.teacher import TeacherModule
 from apt.preemption import PreemptionGuard
 from apt.prompts import sample_prompts
@@ -46,6 +47,10 @@ STAGES = {
     "teacher": TeacherModule,  # apt.methods.flow_matching.teacher_loss
     "distill": DistillModule,  # apt.methods.consistency.consistency_loss
     "apt": AptModule,  # apt.methods.apt.apt_step (also run by apt.distributed.deepspeed_runner)
+    # AAPT's stages for a causal model (model.causal_chunk_frames > 0), the same methods teacher- or student-forced:
+    "stream_teacher": StreamTeacherModule,  # teacher_loss, teacher-forced (apt.methods.streaming.TeacherForced)
+    "stream_distill": StreamDistillModule,  # consistency_loss, teacher-forced
+    "stream_apt": StreamAptModule,  # apt_step with a student-forcing rollout and a per-chunk D (also DeepSpeed)
 }
 
 
@@ -67,8 +72,10 @@ def check_paths(c: Config) -> None:
         sample_prompts(c)  # a missing or empty prompts file fails here, before any work
     from apt.models.factory import weights_available
 
-    needs = {"distill": [("distill.teacher", c.distill.teacher, ["net_ema"])],
-             "apt": [("apt.generator", c.apt.generator, ["generator_ema", "net_ema"]), ("apt.teacher", c.apt.teacher, ["net_ema"])]}
+    adversarial = [("apt.generator", c.apt.generator, ["generator_ema", "net_ema"]), ("apt.teacher", c.apt.teacher, ["net_ema"])]
+    needs = {"distill": [("distill.teacher", c.distill.teacher, ["net_ema"])], "apt": adversarial,
+             "stream_teacher": [("stream.init", c.stream.init, ["net_ema"])],
+             "stream_distill": [("distill.teacher", c.distill.teacher, ["net_ema"])], "stream_apt": adversarial}
     for key, path, names in needs.get(c.stage, []):
         if not any(weights_available(c, path, n) for n in names):
             what = " or ".join(f"{n}.safetensors" for n in names)
@@ -199,8 +206,8 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_HideMaxSte
 
 
 def build_trainer(c: Config, module) -> L.Trainer:
-    sample_steps = c.flow.sample_steps if c.stage == "teacher" else 1
-    cfg_scale = c.flow.cfg_scale if c.stage == "teacher" else 1.0
+    sample_steps = c.flow.sample_steps if c.stage in MANY_STEP_STAGES else 1
+    cfg_scale = c.flow.cfg_scale if c.stage in MANY_STEP_STAGES else 1.0
     checkpoint = PeriodicCheckpoint(c.run_dir, c.train.ckpt_every_steps, c.train.keep_checkpoints)
     callbacks = [
         checkpoint,
@@ -248,7 +255,7 @@ def fit(c: Config):
     ckpt, broken = resume_path(c)
     L.seed_everything(c.train.seed, workers=True, verbose=False)
     with PreemptionGuard():
-        if c.stage == "apt" and uses_deepspeed(c):  # two engines (G, D): docs/distributed.md
+        if c.stage in ADVERSARIAL_STAGES and uses_deepspeed(c):  # two engines (G, D): docs/distributed.md
             from apt.distributed.deepspeed_runner import fit_deepspeed
 
             module = fit_deepspeed(c, ckpt, prepare_run_dir=lambda: prepare_run_dir(c, broken))
@@ -257,7 +264,7 @@ def fit(c: Config):
             prepare_run_dir(c, broken)
             trainer = build_trainer(c, module)
             trainer.fit(module, datamodule=ShardDataModule(c), ckpt_path=ckpt)
-    what = "generator updates" if c.stage == "apt" else "steps"
+    what = "generator updates" if c.stage in ADVERSARIAL_STAGES else "steps"
     say(f"[{c.stage}] done: {module.progress_step} {what} (train.max_steps={c.train.max_steps}); checkpoints in {Path(c.run_dir) / 'checkpoints'}")
     return module
 

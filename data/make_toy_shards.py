@@ -2,6 +2,7 @@
 
     python data/make_toy_shards.py --out data/toy8 --num-samples 20000 --frames 8 --seed 0
     python data/make_toy_shards.py --out data/toy_img --num-samples 20000 --seed 0 --image
+    python data/make_toy_shards.py --out runs/data/toy-long-8f --num-samples 20000 --frames 8 --seed 2 --world long
 
 Samples are fully determined by (seed, index), so the same command always writes the same shards.
 """
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--frames", type=int, default=8, help="frames per clip (ignored with --image)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", action="store_true", help="the image variant (frames = 1, no motion)")
+    p.add_argument("--world", default="demo", choices=["demo", "long", "free-shape"],
+                   help="long: motion wraps around the frame (apt.toy.long_world); free-shape: that world captioned without the shape")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     args = p.parse_args(argv)
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         samples_per_shard=args.samples_per_shard,
         overwrite=args.overwrite,
+        world=args.world,
     )
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}))
     return manifest

@@ -219,7 +219,7 @@ def test_every_numeric_field_refuses_an_out_of_range_value_by_name(key, value, t
 
 
 def test_the_numeric_walk_sees_every_section():
-    assert {k.split(".")[0] for k, _ in NUMERIC} == {"text", "data", "flow", "optim", "train", "distill", "apt", "eval", "perf", "lora"}
+    assert {k.split(".")[0] for k, _ in NUMERIC} == {"model", "text", "data", "flow", "optim", "train", "distill", "apt", "stream", "eval", "perf", "lora"}
     assert set(ZERO_IS_OUT) | set(ABOVE) <= {k for k, _ in NUMERIC}
 
 

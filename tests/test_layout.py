@@ -86,7 +86,7 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_methods_sampling_and_export_import_no_training_stack():
-    code = ("import sys; import apt.methods.apt, apt.methods.consistency, apt.methods.flow_matching, apt.inference, apt.sample, apt.export; "
+    code = ("import sys; import apt.methods.apt, apt.methods.consistency, apt.methods.flow_matching, apt.methods.streaming, apt.inference, apt.sample, apt.export, apt.streaming; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'deepspeed'}))")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "LOCAL_RANK", "MASTER_"))} | {"HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

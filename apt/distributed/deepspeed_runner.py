@@ -28,7 +28,7 @@ from lightning.fabric.strategies import DDPStrategy as FabricDDPStrategy
 from lightning.fabric.strategies import DeepSpeedStrategy as FabricDeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
 
-from apt.config import Config, ConfigError
+from apt.config import ADVERSARIAL_STAGES, Config, ConfigError
 from apt.distributed import sharded_checkpoint
 from apt.distributed.engines import EngineUpdate
 from apt.distributed.parallelize import parallelize_apt
@@ -107,18 +107,19 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None, *, prepare_run_dir: C
     from apt.data.faults import merge_snapshots
     from apt.data.latent_shards import is_latent_shards, latent_train_loader
     from apt.data.shards import resolve_shards, train_loader
-    from apt.lit.apt import AptModule
     from apt.lit.callbacks import SampleMedia, checkpoint_path
     from apt.progress import ProgressLog
     from apt.prompts import sample_prompts
 
-    if c.stage != "apt":
-        raise ConfigError(f"the DeepSpeed runner trains the APT stage; stage '{c.stage}' uses Lightning's strategies")
+    if c.stage not in ADVERSARIAL_STAGES:
+        raise ConfigError(f"the DeepSpeed runner trains the APT stages ({', '.join(ADVERSARIAL_STAGES)}); stage '{c.stage}' uses Lightning's strategies")
+    from apt.lit.apt import AptModule
+    from apt.lit.stream import StreamAptModule  # the same step with a student-forcing rollout and a per-chunk D
     accumulate = accumulate_batches(c)
     fabric = build_fabric(c)
     fabric.launch()
     L.seed_everything(c.train.seed, workers=True, verbose=False)
-    module = AptModule(c)
+    module = (StreamAptModule if c.stage == "stream_apt" else AptModule)(c)
     update_g, update_d = setup_apt(fabric, module, accumulate)
     if ckpt_path is not None:
         sharded_checkpoint.load(fabric, ckpt_path, module)

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from apt.config import DEEPSPEED_STAGES, Config, ConfigError, check_strategy
+from apt.config import ADVERSARIAL_STAGES, DEEPSPEED_STAGES, Config, ConfigError, check_strategy
 
 def uses_deepspeed(config: Config) -> bool:
     return config.train.strategy.startswith("deepspeed")
@@ -49,7 +49,7 @@ def make_strategy(config: Config):
         world = config.train.devices * num_nodes(config) if isinstance(config.train.devices, int) else "auto"
         return FSDP2Strategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False)
     if s in DEEPSPEED_STAGES:
-        if config.stage == "apt":
+        if config.stage in ADVERSARIAL_STAGES:
             raise ConfigError(f"train.strategy={s}: the APT stage runs through apt.distributed.deepspeed_runner (apt.train.fit dispatches to it)")
         return s  # teacher / distill: one network, one optimiser; Lightning's own DeepSpeed strategy (CUDA only)
     check_strategy(config)

@@ -27,7 +27,7 @@ from apt.distributed.sequence_parallel import data_parallel_rank
 from apt.distributed.zero3_ema import PartitionedEma
 from apt.ema import ema_update, local_shard
 from apt.lit.base import StageModule
-from apt.methods.apt import AptProgress, apt_step, build_discriminator, make_optimizer
+from apt.methods.apt import AptProgress, apt_step, build_discriminator, make_optimizer, one_step
 from apt.methods.update import NetUpdate, OptimizerUpdate
 
 
@@ -44,11 +44,17 @@ class AptModule(StageModule):
             self.generator_ema = self.frozen_copy(self.generator)
         d_backbone = self.load_backbone(a.teacher, "net_ema")  # the ORIGINAL diffusion weights
         d_backbone.requires_grad_(a.train_d_backbone)
-        self.discriminator = build_discriminator(d_backbone, a)
+        self.discriminator = self.build_discriminator(d_backbone)
         self.progress = AptProgress()
         # A sharded EMA (set by apt.distributed.parallelize): FSDP2 shards the module like G; ZeRO-3 keeps partitions.
         self.ema_sharded = False
         self.ema_partitions: PartitionedEma | None = None
+
+    make_fakes = staticmethod(one_step)
+    """How G makes fakes in ``apt_step`` (the streaming stage rolls out chunk by chunk)."""
+
+    def build_discriminator(self, backbone):
+        return build_discriminator(backbone, self.config.apt)
 
     def load_generator_init(self, path: str):
         """Stage-1 student (net_ema) or an earlier APT stage's EMA generator (generator_ema)."""
@@ -164,7 +170,7 @@ class AptModule(StageModule):
         return apt_step(
             self.generator, self.discriminator, [(b["x"], self.encode_batch(b)) for b in micro_batches],
             update_g=update_g, update_d=update_d, update_ema=self.update_ema, a=self.config.apt,
-            progress=self.progress, step_seed=step_seed, rank=rank, world_size=world_size,
+            progress=self.progress, step_seed=step_seed, rank=rank, world_size=world_size, generate=self.make_fakes,
         )
 
     def configure_optimizers(self):

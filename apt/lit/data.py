@@ -10,7 +10,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
 
-from apt.config import Config
+from apt.config import ADVERSARIAL_STAGES, Config
 from apt.data.latent_shards import is_latent_shards, latent_train_loader
 from apt.data.shards import resolve_shards, train_loader
 from apt.distributed.sequence_parallel import data_parallel_rank
@@ -44,7 +44,7 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self):
         c = self.config
         video = self._loader(self.shards, c.data.batch_size, c.train.seed)
-        if c.stage == "apt" and c.train.accumulate_grad_batches > 1:
+        if c.stage in ADVERSARIAL_STAGES and c.train.accumulate_grad_batches > 1:
             # APT steps by hand (two networks): its step takes a list of micro-batches per update.
             return MicroBatches(video, c.train.accumulate_grad_batches)
         if self.image_shards is None:

@@ -6,6 +6,11 @@
     L_G = softplus(-D(G(z, c), c))                              D frozen in the G step
     G_ema <- decay G_ema + (1 - decay) G                        the product (§3.5: decay 0.995)
 
+Two generalisations serve the streaming stage (AAPT, arXiv 2506.09350; ``apt.methods.streaming``), both off by
+default: ``generate`` says how fakes are made (``one_step``, or a student-forcing rollout of a causal G), and
+``apt.gan_loss: relativistic`` with ``apt.r2_lambda`` > 0 swaps in AAPT's relativistic loss with approximate R2
+on the fakes. D may return logits of any shape (e.g. one per chunk): every loss is a mean over them.
+
 D is a copy of the ORIGINAL diffusion weights with readout heads at several depths (``build_discriminator``,
 §3.3), trained in full; it sees clean inputs at an ensemble timestep t ~ shift(U(0, 1), s) per sample.
 
@@ -26,7 +31,7 @@ from torch import nn
 
 from apt.config import AptConfig
 from apt.discriminator import Discriminator
-from apt.losses import approximate_r1, d_loss_nonsaturating, g_loss_nonsaturating
+from apt.losses import approximate_r1, d_loss_nonsaturating, d_loss_relativistic, g_loss_nonsaturating, g_loss_relativistic
 from apt.methods.text_terms import g_loss_with_text_contrast, mismatch_term, mismatched_pairs
 from apt.methods.update import NetUpdate, check_finite
 from apt.models.backbone import TextCond
@@ -41,6 +46,10 @@ def one_step(G: nn.Module, z: torch.Tensor, text: TextCond) -> torch.Tensor:
     """G(z, c) = z - G^(z, c, T) at the final timestep T = 1."""
     T = torch.ones(z.shape[0], device=z.device)
     return z - G(z, T, text)
+
+
+Generate = Callable[[nn.Module, torch.Tensor, TextCond], torch.Tensor]
+"""How G makes fakes from noise z shaped like the real clips: ``one_step``, or a streaming rollout."""
 
 
 @dataclass
@@ -77,7 +86,8 @@ def _mean(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor, TextCond]], *, update_g: NetUpdate, update_d: NetUpdate,
-             update_ema: Callable[[float], None], a: AptConfig, progress: AptProgress, step_seed: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+             update_ema: Callable[[float], None], a: AptConfig, progress: AptProgress, step_seed: int, rank: int = 0, world_size: int = 1,
+             generate: Generate = one_step) -> dict[str, torch.Tensor]:
     """One APT iteration on this rank's gradient-accumulation micro-batches (real clips, their text); returns the metrics.
 
     Every D (and G) update accumulates over all micro-batches before it steps, so G and D updates stay
@@ -94,30 +104,40 @@ def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor,
     where = f"generator update {progress.g_updates}"
     metrics: dict[str, torch.Tensor] = {}
 
-    # 1. D step(s) (§3.3-3.4): real vs detached one-step fakes, plus approximate R1 on real data:
-    #    D(x) and D(x + sigma n) with the same t and text. One batched D forward.
+    relativistic, use_r2 = a.gan_loss == "relativistic", a.r2_lambda > 0
+    # 1. D step(s) (§3.3-3.4): real vs detached fakes, plus approximate R1 on real data: D(x) and D(x + sigma n)
+    #    with the same t and text (and, with apt.r2_lambda > 0, approximate R2 on the fakes, AAPT). One batched D forward.
     for _ in range(a.d_steps_per_g_step):
         update_d.zero_grad()
         stats: dict[str, list[torch.Tensor]] = {"loss_d": [], "loss_adv": [], "d_real": [], "d_fake": [], "r1": []}
+        if use_r2:
+            stats["r2"] = []
         for x_real, text, noise in parts:
             B = x_real.shape[0]
             with torch.no_grad():
-                x_fake = one_step(G, noise.randn(x_real.shape[1:], device), text)
+                x_fake = generate(G, noise.randn(x_real.shape[1:], device), text)
             t = noise.timesteps(D, device)
             x_perturbed = x_real + a.r1_sigma * noise.randn(x_real.shape[1:], device)
             x_in, texts = [x_real, x_perturbed, x_fake], [text, text, text]
+            if use_r2:
+                x_in, texts = x_in + [x_fake + a.r1_sigma * noise.randn(x_real.shape[1:], device)], texts + [text]
             if a.mismatch_weight > 0:  # optional, not in the paper (apt.methods.text_terms)
                 x_mm, text_mm = mismatched_pairs(x_real, text)
                 x_in, texts = x_in + [x_mm], texts + [text_mm]
-            d_real, d_perturbed, d_fake, *d_mismatched = D(torch.cat(x_in), t.repeat(len(x_in)), TextCond.cat(texts)).split(B)
-            loss_adv = d_loss_nonsaturating(d_real, d_fake)
-            if d_mismatched:
-                loss_adv = loss_adv + mismatch_term(d_mismatched[0], a.mismatch_weight)
+            d_real, d_perturbed, d_fake, *extra = D(torch.cat(x_in), t.repeat(len(x_in)), TextCond.cat(texts)).split(B)
+            d_fake_perturbed = extra.pop(0) if use_r2 else None
+            loss_adv = d_loss_relativistic(d_real, d_fake) if relativistic else d_loss_nonsaturating(d_real, d_fake)
+            if extra:
+                loss_adv = loss_adv + mismatch_term(extra[0], a.mismatch_weight)
             r1 = approximate_r1(d_real, d_perturbed, weight=a.r1_lambda) if a.use_r1 else torch.zeros((), device=device)
             loss_d = loss_adv + r1
+            if use_r2:
+                r2 = approximate_r1(d_fake, d_fake_perturbed, weight=a.r2_lambda)
+                loss_d = loss_d + r2
+                stats["r2"].append(r2)
             check_finite("D loss", loss_d, where)
             update_d.backward(loss_d / k)
-            for key, value in zip(stats, (loss_d, loss_adv, d_real.mean(), d_fake.mean(), r1)):
+            for key, value in zip(("loss_d", "loss_adv", "d_real", "d_fake", "r1"), (loss_d, loss_adv, d_real.mean(), d_fake.mean(), r1)):
                 stats[key].append(value)
         grad_norm_d = update_d.step()
         progress.d_updates += 1
@@ -129,10 +149,14 @@ def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor,
         update_g.zero_grad()
         losses_g = []
         for x_real, text, noise in parts:
-            x_fake = one_step(G, noise.randn(x_real.shape[1:], device), text)
+            x_fake = generate(G, noise.randn(x_real.shape[1:], device), text)
             t = noise.timesteps(D, device)
             if a.text_contrast_weight > 0:  # optional, not in the paper (apt.methods.text_terms)
                 loss_g = g_loss_with_text_contrast(D, x_fake, t, text, a.text_contrast_weight)
+            elif relativistic:  # D(real) is a constant of G's loss
+                with torch.no_grad():
+                    d_real = D(x_real, t, text)
+                loss_g = g_loss_relativistic(D(x_fake, t, text), d_real)
             else:
                 loss_g = g_loss_nonsaturating(D(x_fake, t, text))
             check_finite("G loss", loss_g, where)
@@ -149,6 +173,8 @@ def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor,
     # 4. Training health: D(real), D(fake), aR1, gradient norms; warn when D wins outright.
     d = {key: _mean(values) for key, values in stats.items()}
     metrics.update(loss_d=d["loss_d"], d_real=d["d_real"], d_fake=d["d_fake"], r1=d["r1"], grad_norm_d=grad_norm_d)
+    if use_r2:
+        metrics["r2"] = d["r2"]
     watch_collapse(progress, d["loss_adv"].item(), d["d_real"].item(), d["d_fake"].item(), patience=a.collapse_patience, warn=rank == 0)
     return metrics
 

@@ -8,6 +8,15 @@ one temporal patch on the way in and the patch's frames are averaged on the way 
 References: Goku (arXiv 2502.04896) §2 (full attention, 3D RoPE, QK-norm); APT (arXiv 2501.08316)
 §3 (36-layer 8B MMDiT); DiT (arXiv 2212.09748) adaLN-Zero.
 
+Causal mode (``DiTConfig.causal_chunk_frames`` > 0; AAPT, arXiv 2506.09350 §3.1): block-causal attention
+over chunks of frames, the previous chunk recycled as input, and a chunk-by-chunk forward with a rolling
+key/value cache (``apt.models.causal``, ``apt.models.kv_cache``). Positions: the additive sin-cos table
+becomes spatial only (every chunk gets the table's first temporal row), and time is carried by the
+temporal part of the 3D RoPE alone, at window-relative positions. An additive table is added to the
+input, so a cached key carries its position through every layer and cannot be moved when the window
+rolls; a RoPE key is stored unrotated and rotated at each step, so positions stay in the trained range
+(0 .. sink + window) however long the stream runs. With the switch off the model is unchanged.
+
 Legend: B batch, C channels, T/H/W frames/height/width, N visual tokens, L text tokens, S = L + N,
 D width, P values per patch, K heads, E head dim.
 """
@@ -24,7 +33,9 @@ from torch.utils.checkpoint import checkpoint
 
 from apt.models.attention import TextLayoutCache, attention, text_key_layout
 from apt.models.backbone import TextCond
+from apt.models.causal import block_causal_mask, shift_chunks, step_mask, step_rope
 from apt.models.checkpointing import checkpoint_kwargs
+from apt.models.kv_cache import KVCache
 from apt.models.layers import RMSNorm, apply_rope, rms_norm_rope, rope_3d, sincos_3d, timestep_embedding
 
 
@@ -43,6 +54,14 @@ class DiTConfig:
     min_t: float = 0.05
     abs_pos_embed: bool = True  # fixed 3D sin-cos table at unit scale (docs/design.md §5)
     rope_theta: float = 10000.0
+    causal_chunk_frames: int = 0
+    """0: bidirectional (full attention). > 0: block-causal streaming over chunks of this many input frames
+    (a multiple of the temporal patch), with the previous chunk recycled as input (AAPT §3.1)."""
+    sink_chunks: int = 1
+    """Causal mode: the first chunks every later chunk attends to (the attention sink)."""
+    window_chunks: int = 2
+    """Causal mode: how many chunks before the current one it attends to (the rolling window); a full forward
+    takes at most sink_chunks + window_chunks + 1 chunks, a stream any number."""
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
@@ -52,6 +71,15 @@ class DiTConfig:
             raise ValueError(f"hidden_dim {self.hidden_dim} not divisible by num_heads {self.num_heads}")
         if (self.hidden_dim // self.num_heads) % 2:
             raise ValueError(f"head dim {self.hidden_dim // self.num_heads} must be even for RoPE")
+        if self.causal_chunk_frames < 0 or self.causal_chunk_frames % self.patch_size[0]:
+            raise ValueError(f"causal_chunk_frames={self.causal_chunk_frames} must be 0 (off) or a multiple of the temporal patch {self.patch_size[0]}")
+        if self.causal_chunk_frames and (self.sink_chunks < 1 or self.window_chunks < 0):
+            raise ValueError(f"causal mode needs sink_chunks >= 1 and window_chunks >= 0, got {self.sink_chunks} and {self.window_chunks}")
+
+    @property
+    def max_chunks(self) -> int:
+        """Chunks a full (uncached) causal forward may take: the sink, the window and the current chunk."""
+        return self.sink_chunks + self.window_chunks + 1
 
 
 class Attention(nn.Module):
@@ -66,8 +94,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fused_qk_norm_rope = False  # perf switch, set by apt.perf.apply_perf
 
-    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask_B11S: torch.Tensor | None):
+    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask_B11S: torch.Tensor | None, kv: tuple["CacheStep", int] | None = None):
         q, k, v = rearrange(self.qkv(x_BSD), "b s (three k e) -> three b k s e", three=3, k=self.num_heads)
+        if kv is not None:
+            return self.proj(rearrange(self._cached(q, k, v, rope, mask_B11S, *kv), "b k s e -> b s (k e)"))
         if self.fused_qk_norm_rope:
             q = rms_norm_rope(q, self.q_norm.weight, *rope, eps=self.q_norm.eps)
             k = rms_norm_rope(k, self.k_norm.weight, *rope, eps=self.k_norm.eps)
@@ -75,6 +105,25 @@ class Attention(nn.Module):
             q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         out_BKSE = attention(q, k, v, mask_B11S)
         return self.proj(rearrange(out_BKSE, "b k s e -> b s (k e)"))
+
+    def _cached(self, q, k, v, rope, mask, step: "CacheStep", layer: int) -> torch.Tensor:
+        """One streaming step: store this step's keys (normed, not rotated) and values in the cache, then attend
+        over the whole buffer with every key rotated to its window-relative position (``apt.models.kv_cache``)."""
+        k = self.k_norm(k)
+        for buffer_start, token_start, count in step.writes:
+            step.cache.write(layer, buffer_start, k[:, :, token_start : token_start + count], v[:, :, token_start : token_start + count])
+        keys = apply_rope(step.cache.k[layer], step.cos_kv, step.sin_kv)
+        return attention(apply_rope(self.q_norm(q), *rope), keys, step.cache.v[layer], mask)
+
+
+@dataclass
+class CacheStep:
+    """What every layer needs for one cached step: the cache, where this step's tokens go, the keys' RoPE tables."""
+
+    cache: KVCache
+    writes: list[tuple[int, int, int]]  # (first buffer slot, first token of the step's sequence, count)
+    cos_kv: torch.Tensor
+    sin_kv: torch.Tensor
 
 
 class DiTBlock(nn.Module):
@@ -91,9 +140,9 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.modulation.weight)  # adaLN-Zero: every block starts as the identity
         nn.init.zeros_(self.modulation.bias)
 
-    def forward(self, x_BSD, c_BD, rope, mask_B11S):
+    def forward(self, x_BSD, c_BD, rope, mask_B11S, kv=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c_BD))[:, None].chunk(6, dim=-1)
-        x_BSD = x_BSD + gate1 * self.attn(self.norm1(x_BSD) * (1 + scale1) + shift1, rope, mask_B11S)
+        x_BSD = x_BSD + gate1 * self.attn(self.norm1(x_BSD) * (1 + scale1) + shift1, rope, mask_B11S, kv)
         return x_BSD + gate2 * self.mlp(self.norm2(x_BSD) * (1 + scale2) + shift2)
 
 
@@ -117,6 +166,10 @@ class DiT(nn.Module):
         for layer in (self.final_modulation, self.final_proj):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if c.causal_chunk_frames:  # input recycling; zero-initialised so the causal model starts as the bidirectional one
+            self.recycle_embed = nn.Linear(patch_values, c.hidden_dim)
+            nn.init.zeros_(self.recycle_embed.weight)
+            nn.init.zeros_(self.recycle_embed.bias)
         self.gradient_checkpointing = False
         self.checkpoint_policy = "full"  # full | attention | attention_and_matmul (apt.models.checkpointing)
         self.text_padding = "mask"  # perf switch (apt.perf.apply_perf): mask | trim | varlen (apt.models.attention.text_key_layout)
@@ -157,10 +210,21 @@ class DiT(nn.Module):
             raise ValueError(f"resolution {H}x{W} is not divisible by the patch size {ph}x{pw}")
         if T != 1 and T % pt:
             raise ValueError(f"{T} frames is not divisible by the temporal patch size {pt} (images: 1 frame)")
+        cf = self.config.causal_chunk_frames
+        if cf and T % cf:
+            raise ValueError(f"{T} frames is not a whole number of the causal model's {cf}-frame chunks")
 
-    def forward(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> torch.Tensor:
-        """Predict the velocity v = eps - x0 at noise level t (t=1 is pure noise)."""
+    def forward(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, prev_BCTHW: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Predict the velocity v = eps - x0 at noise level t (t=1 is pure noise).
+
+        Causal mode only: ``prev_BCTHW`` is the recycled input (the previous chunk of every chunk; default: x's own
+        chunks shifted by one, i.e. x taken as clean), and with ``cache`` x is the next chunk of a stream."""
         c = self.config
+        if c.causal_chunk_frames:
+            return self._forward_causal(x_BCTHW, t_B, text, prev_BCTHW, cache)
+        if prev_BCTHW is not None or cache is not None:
+            raise ValueError("prev_BCTHW and cache need a causal model (DiTConfig.causal_chunk_frames > 0)")
         B, C, T, H, W = x_BCTHW.shape
         pt, ph, pw = c.patch_size
         is_image = T == 1 and pt > 1
@@ -194,6 +258,94 @@ class DiT(nn.Module):
         out = rearrange(out_BNP, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=Tp, h=Hp, w=Wp, pt=pt, ph=ph, pw=pw)
         if is_image:
             out = out.mean(dim=2, keepdim=True)
+        if c.prediction == "x0":
+            t = t_B.to(out.dtype).clamp(min=c.min_t)[:, None, None, None, None]
+            return (x_BCTHW - out) / t
+        return out
+
+    # -- causal mode (AAPT §3.1) -----------------------------------------------------------------
+    def new_cache(self, *, batch: int, height: int, width: int, text_tokens: int, device=None, dtype: torch.dtype = torch.float32,
+                  inplace: bool = True) -> KVCache:
+        """An empty rolling key/value cache for streaming ``batch`` videos of height x width with ``text_tokens`` text tokens."""
+        c = self.config
+        if not c.causal_chunk_frames:
+            raise ValueError("a key/value cache needs a causal model (DiTConfig.causal_chunk_frames > 0)")
+        pt, ph, pw = c.patch_size
+        self.check_input_shape((batch, c.in_channels, c.causal_chunk_frames, height, width))
+        return KVCache(depth=c.depth, batch=batch, num_heads=c.num_heads, head_dim=c.hidden_dim // c.num_heads, text_tokens=text_tokens,
+                       chunk_tokens=(c.causal_chunk_frames // pt) * (height // ph) * (width // pw), sink_chunks=c.sink_chunks,
+                       window_chunks=c.window_chunks, device=device, dtype=dtype, inplace=inplace)
+
+    def _forward_causal(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, prev_BCTHW: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        c = self.config
+        B, C, T, H, W = x_BCTHW.shape
+        self.check_input_shape(x_BCTHW.shape)
+        pt, ph, pw = c.patch_size
+        num_chunks, Tp, Hp, Wp = T // c.causal_chunk_frames, T // pt, H // ph, W // pw
+        n = Tp // num_chunks * Hp * Wp  # tokens per chunk
+        if prev_BCTHW is None:
+            if cache is not None and cache.chunks_written > 0:
+                raise ValueError(f"streaming chunk {cache.chunks_written} needs prev_BCTHW (the chunk made before it)")
+            prev_BCTHW = shift_chunks(x_BCTHW, c.causal_chunk_frames)
+        elif prev_BCTHW.shape != x_BCTHW.shape:
+            raise ValueError(f"prev_BCTHW has shape {tuple(prev_BCTHW.shape)}, x has {tuple(x_BCTHW.shape)}")
+
+        def patchify(v: torch.Tensor) -> torch.Tensor:
+            return rearrange(v, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+
+        # 1. Tokens: the noisy chunk and the recycled previous chunk (AAPT §3.1), plus a spatial-only position table.
+        h_BND = self.patch_embed(patchify(x_BCTHW)) + self.recycle_embed(patchify(prev_BCTHW.to(x_BCTHW.dtype)))
+        if c.abs_pos_embed:
+            h_BND = h_BND + self._tables("sincos", 1, Hp, Wp, 0, h_BND).repeat(Tp, 1)
+        text_BLD = self.text_proj(text.emb_BLD.to(h_BND.dtype))
+        L = text_BLD.shape[1]
+        mask_BL = text.mask_BL.bool()
+        pooled_BD = (text.emb_BLD * mask_BL[..., None]).sum(1) / mask_BL.sum(1, keepdim=True).clamp(min=1)
+        c_BD = self.time_mlp(timestep_embedding(t_B * 1000.0, 256).to(h_BND.dtype)) + self.pooled_text_mlp(pooled_BD.to(h_BND.dtype))
+
+        # 2. Attention inputs: the whole clip under the block-causal mask, or one chunk against the cache.
+        kv = None
+        if cache is None:
+            if num_chunks > c.max_chunks:
+                raise ValueError(f"a full causal forward takes at most sink_chunks + window_chunks + 1 = {c.max_chunks} chunks, got {num_chunks}; "
+                                 "stream longer videos chunk by chunk with a cache")
+            x_BSD = torch.cat([text_BLD, h_BND], dim=1)
+            mask = block_causal_mask(mask_BL, num_chunks, n, sink_chunks=c.sink_chunks, window_chunks=c.window_chunks)
+            rope = self._tables("rope", Tp, Hp, Wp, L, h_BND)
+            first = L
+        else:
+            if num_chunks != 1:
+                raise ValueError(f"a cached step takes one {c.causal_chunk_frames}-frame chunk, got {T} frames")
+            if (cache.k[0].shape[0], cache.text_tokens, cache.chunk_tokens) != (B, L, n):
+                raise ValueError(f"cache made for batch {cache.k[0].shape[0]}, {cache.text_tokens} text tokens, {cache.chunk_tokens} tokens per chunk; "
+                                 f"got batch {B}, {L} text tokens, {n} tokens per chunk")
+            with_text = not cache.has_text  # the first step also computes the text's keys and values
+            if with_text:
+                cache.set_text_mask(mask_BL)
+            table_cos, table_sin = self._tables("rope", c.max_chunks * (Tp // num_chunks), Hp, Wp, 0, h_BND)
+            cos_kv, sin_kv, cos_q, sin_q = step_rope(cache, table_cos, table_sin)
+            start = cache.token_start(cache.chunks_written)
+            if with_text:
+                ident = (cos_q.new_ones(L, cos_q.shape[1]), sin_q.new_zeros(L, sin_q.shape[1]))
+                rope = (torch.cat([ident[0], cos_q]), torch.cat([ident[1], sin_q]))
+                x_BSD, writes, first = torch.cat([text_BLD, h_BND], dim=1), [(0, 0, L), (start, L, n)], L
+            else:
+                rope, x_BSD, writes, first = (cos_q, sin_q), h_BND, [(start, 0, n)], 0
+            mask = step_mask(cache, with_text)
+            kv = CacheStep(cache, writes, cos_kv, sin_kv)
+        self._num_text_tokens = first
+
+        for i, block in enumerate(self._blocks):
+            if kv is None and self.gradient_checkpointing and torch.is_grad_enabled():
+                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
+            else:
+                x_BSD = block(x_BSD, c_BD, rope, mask, None if kv is None else (kv, i))
+        if cache is not None:
+            cache.commit()
+
+        shift, scale = self.final_modulation(F.silu(c_BD))[:, None].chunk(2, dim=-1)
+        out_BNP = self.final_proj(self.final_norm(x_BSD[:, first:]) * (1 + scale) + shift)
+        out = rearrange(out_BNP, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=Tp, h=Hp, w=Wp, pt=pt, ph=ph, pw=pw)
         if c.prediction == "x0":
             t = t_B.to(out.dtype).clamp(min=c.min_t)[:, None, None, None, None]
             return (x_BCTHW - out) / t

@@ -74,6 +74,14 @@ def _diffusers_backbone(config: Config, *, text_dim: int, weights_dir: str | Non
     return net
 
 
+def causal_overrides(config: Config) -> dict:
+    """The DiTConfig fields of ``model.causal_chunk_frames`` (none when off: the flavour as registered)."""
+    m = config.model
+    if not m.causal_chunk_frames:
+        return {}
+    return {"causal_chunk_frames": m.causal_chunk_frames, "sink_chunks": m.sink_chunks, "window_chunks": m.window_chunks}
+
+
 def _python_backbone(config: Config, *, text_dim: int, weights: dict[str, torch.Tensor] | None, source: str = "") -> nn.Module:
     from apt.models.in_house import build_in_house, load_state
 
@@ -102,7 +110,7 @@ def build_backbone(config: Config, *, text_dim: int) -> nn.Module:
 
         path = config.model.path
         return _python_backbone(config, text_dim=text_dim, weights=read_weights(path) if path else None, source=f"model.path={path}")
-    net = build_dit(config.model.flavour, text_dim=text_dim)
+    net = build_dit(config.model.flavour, text_dim=text_dim, **causal_overrides(config))
     net.gradient_checkpointing = config.model.gradient_checkpointing
     net.checkpoint_policy = config.model.checkpoint_policy
     return net
@@ -190,3 +198,22 @@ def weights_available(config: Config, path: str, name: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def load_causal_from_bidirectional(config: Config, path: str, name: str, *, text_dim: int) -> nn.Module:
+    """The run's causal DiT (``model.causal_chunk_frames`` > 0) initialised from a bidirectional checkpoint: every weight
+    of the bidirectional model loads unchanged; the input-recycling layer, which it lacks, keeps its zero init (AAPT's
+    causal adaptation starts from the bidirectional model's function)."""
+    net = build_backbone(config, text_dim=text_dim)
+    state = load_weights(path, name)
+    own = net.state_dict()
+    added = sorted(set(own) - set(state))
+    if added != ["recycle_embed.bias", "recycle_embed.weight"]:
+        unexpected = sorted(set(state) - set(own))
+        raise ValueError(f"weights {name} in {path} are not a bidirectional '{config.model.flavour}' DiT: missing {added or 'nothing'}, "
+                         f"unexpected {unexpected or 'nothing'} (a causal checkpoint already has recycle_embed.*)")
+    try:
+        net.load_state_dict({**state, **{k: own[k] for k in added}})
+    except RuntimeError as e:
+        raise ValueError(f"weights {name} in {path} do not fit model flavour '{config.model.flavour}': {str(e).splitlines()[0]}") from None
+    return net

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from apt.config import Config
+from apt.config import MANY_STEP_STAGES, Config
 from apt.media import save_samples
 from apt.toy.metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED
 
@@ -48,8 +48,9 @@ class ToyEvalCallback(L.Callback):
         if step == self._last or not (rank_zero_only.rank == 0 or module.samples_on_every_rank):
             return {}
         self._last = step
-        steps = self.config.flow.sample_steps if self.config.stage == "teacher" else 1
-        cfg = self.config.flow.cfg_scale if self.config.stage == "teacher" else 1.0
+        many = self.config.stage in MANY_STEP_STAGES
+        steps = self.config.flow.sample_steps if many else 1
+        cfg = self.config.flow.cfg_scale if many else 1.0
         seeds = [VAL_NOISE_SEED + i for i in range(len(self.prompts))]
         x = torch.cat([module.generate(self.prompts[i : i + 256], seeds[i : i + 256], steps=steps, cfg_scale=cfg) for i in range(0, len(self.prompts), 256)])
         if rank_zero_only.rank != 0:

@@ -26,12 +26,24 @@ def write_toy_shards(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    world: str = "demo",
 ) -> dict:
     """Render `num_samples` toy clips into WebDataset shards under `out_dir`; returns the manifest.
 
     Each shard is written under a ".part" name and renamed when complete; `manifest.json` is
-    written last (atomically), so a directory with a manifest is complete.
+    written last (atomically), so a directory with a manifest is complete. ``world``: ``demo``, or ``long`` /
+    ``free-shape`` (``apt.toy.long_world``: motion that wraps around the frame, for the streaming stages; the latter
+    captioned without the shape), recorded in the manifest.
     """
+    make = make_sample
+    if world != "demo":
+        from functools import partial
+
+        from apt.toy.long_world import WORLDS, make_long_sample
+
+        if world not in WORLDS:
+            raise ValueError(f"unknown toy world {world!r}; choose from {', '.join(WORLDS)}")
+        make = partial(make_long_sample, free_shape=world == "free-shape")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if samples_per_shard < 1:
@@ -52,7 +64,7 @@ def write_toy_shards(
     pattern = os.path.join(out_dir, SHARD_PATTERN + ".part")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, post=_finish, verbose=0, mtime=0.0) as sink:
         for index in tqdm(range(num_samples), desc=f"toy shards -> {out_dir}", disable=not progress):
-            s = make_sample(index, seed, frames)
+            s = make(index, seed, frames)
             pixels_THWC = s["pixels"]
             meta = {
                 "caption": s["caption"],
@@ -75,6 +87,7 @@ def write_toy_shards(
         "width": SIZE,
         "fps": FPS,
         "seed": seed,
+        **({"world": world} if world != "demo" else {}),
         "shards": [SHARD_PATTERN % i for i in range(num_shards)],
     }
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".json.part")

@@ -12,7 +12,8 @@ split into ``--accumulate`` micro-batches, so the losses can be compared number 
 The output holds the metrics, the whole EMA after every iteration (gathered when sharded), the EMA
 elements each rank holds, and samples of the final EMA (every rank sampling when it is sharded).
 ``--roundtrip DIR`` (DeepSpeed modes): after the last-but-one iteration, save a sharded checkpoint to
-DIR, zero the EMA, load the checkpoint back and go on.
+DIR, zero the EMA, load the checkpoint back and go on. ``--stage stream_apt``: the streaming stage (a causal G
+rolled out chunk by chunk, student forcing; a per-chunk D on windows), on clips of the long-clip world.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ import torch  # noqa: E402
 from apt.config import load_config  # noqa: E402
 from apt.data.shards import pixels_to_tensor  # noqa: E402
 from apt.lit.apt import AptModule  # noqa: E402
+from apt.lit.stream import StreamAptModule  # noqa: E402
 from apt.methods.update import OptimizerUpdate  # noqa: E402
+from apt.toy.long_world import make_long_sample  # noqa: E402
 from apt.toy.world import make_sample  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 
-def global_batch(n: int, frames: int) -> dict:
-    samples = [make_sample(i, seed=0, frames=frames) for i in range(n)]
+def global_batch(n: int, frames: int, long_clips: bool = False) -> dict:
+    samples = [(make_long_sample if long_clips else make_sample)(i, seed=0, frames=frames) for i in range(n)]
     return {"x": pixels_to_tensor(torch.stack([torch.from_numpy(s["pixels"]) for s in samples]).numpy()), "caption": [s["caption"] for s in samples]}
 
 
@@ -50,6 +53,7 @@ def main() -> None:
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides")
+    p.add_argument("--stage", default="apt", choices=["apt", "stream_apt"])
     p.add_argument("--roundtrip", default=None, help="sharded checkpoint dir written and read back before the last iteration")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -58,11 +62,13 @@ def main() -> None:
                  f"train.strategy={'auto' if args.mode == 'single' else args.mode}", f"train.devices={world}",
                  f"data.batch_size={local_batch // args.accumulate}", f"train.accumulate_grad_batches={args.accumulate}", f"train.precision={args.precision}",
                  f"run_dir={Path(args.out).parent / ('run-' + args.mode)}", *args.extra]
-    c = load_config("recipes/demo/apt_video.yaml", ["tiny"], overrides)
+    recipe = "recipes/demo/stream_apt.yaml" if args.stage == "stream_apt" else "recipes/demo/apt_video.yaml"
+    c = load_config(recipe, ["tiny"], overrides)
+    Module = StreamAptModule if args.stage == "stream_apt" else AptModule
     torch.manual_seed(0)
     if args.mode == "single":
         rank = 0
-        module = AptModule(c)
+        module = Module(c)
         opt_g, opt_d = module.configure_optimizers()
         update_g, update_d = OptimizerUpdate(opt_g, module.generator), OptimizerUpdate(opt_d, module.discriminator)
         all_reduce = lambda t: t  # noqa: E731
@@ -74,7 +80,7 @@ def main() -> None:
 
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        module = AptModule(c)
+        module = Module(c)
         fully_shard_apt(module, init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",)))
         opt_g, opt_d = module.configure_optimizers()
         update_g, update_d = OptimizerUpdate(opt_g, module.generator), OptimizerUpdate(opt_d, module.discriminator)
@@ -85,10 +91,10 @@ def main() -> None:
         fabric = build_fabric(c)
         fabric.launch()
         rank, world = fabric.global_rank, fabric.world_size
-        module = AptModule(c)
+        module = Module(c)
         update_g, update_d = setup_apt(fabric, module, args.accumulate)
         all_reduce = lambda t: fabric.all_reduce(t, reduce_op="mean")  # noqa: E731
-    batch = global_batch(args.global_batch, c.data.frames)
+    batch = global_batch(args.global_batch, c.data.frames, long_clips=args.stage == "stream_apt")
     mine = slice(rank * local_batch, (rank + 1) * local_batch)
     x, captions = batch["x"][mine], batch["caption"][mine]
     mb = local_batch // args.accumulate

@@ -1,0 +1,63 @@
+"""AAPT's three stages under Lightning (arXiv 2506.09350 §3.2-3.4), each reusing the holder and method of its APT
+counterpart on a causal model (``model.causal_chunk_frames`` > 0):
+
+    stream_teacher   causal adaptation: ``teacher_loss``, teacher-forced, from the bidirectional teacher (``stream.init``)
+    stream_distill   per-chunk consistency distillation: ``consistency_loss``, student and causal teacher teacher-forced
+    stream_apt       adversarial training with student forcing: ``apt_step`` with a rollout as ``generate`` and a
+                     per-chunk discriminator on windows of the training length (``apt.methods.streaming``)
+
+Sampling (the sample callback, ``apt.inference``) streams chunk by chunk with the key/value cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from apt.config import Config
+from apt.lit.apt import AptModule
+from apt.lit.distill import DistillModule
+from apt.lit.teacher import TeacherModule
+from apt.methods.consistency import consistency_loss
+from apt.methods.flow_matching import teacher_loss
+from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced
+from apt.models import factory
+
+
+class StreamTeacherModule(TeacherModule):
+    """Causal adaptation with teacher forcing: flow matching on the causal model, clean previous chunks recycled."""
+
+    loss_label = "causal teacher loss"
+
+    def build_backbone(self):
+        return factory.load_causal_from_bidirectional(self.config, self.config.stream.init, "net_ema", text_dim=self.text_encoder.dim)
+
+    def part_loss(self, batch: dict) -> torch.Tensor:
+        c = self.config
+        encode = lambda captions: self.encode(captions, allow_empty=True)  # noqa: E731
+        return teacher_loss(TeacherForced(self.net, batch["x"]), batch["x"], batch["caption"], encode=encode, rng=self.rng,
+                            flow=c.flow, text_dropout=c.text.dropout)
+
+
+class StreamDistillModule(DistillModule):
+    """Per-chunk consistency distillation of the causal teacher; both networks see the clean previous chunks."""
+
+    def part_loss(self, batch: dict) -> torch.Tensor:
+        d, x0 = self.config.distill, batch["x"]
+        text = self.encode_batch(batch)
+        negative = self.encode([d.negative_prompt] * x0.shape[0], allow_empty=True)
+        return consistency_loss(TeacherForced(self.net, x0), TeacherForced(self.teacher, x0), x0, text, negative, ts=self.ts, rng=self.rng, d=d)
+
+
+class StreamAptModule(AptModule):
+    """Adversarial training with student forcing: G rolls out as at inference; D (from the causal teacher) gives one
+    logit per chunk on windows of ``stream.window_frames``."""
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        s = config.stream
+        self.make_fakes = StudentForcing(grad_chunks=s.grad_chunks, detach_context=s.detach_context)
+
+    def build_discriminator(self, backbone):
+        a, c = self.config.apt, self.config
+        return ChunkDiscriminator(backbone, fractions=list(a.readout_fractions), num_heads=backbone.config.num_heads,
+                                  timestep_shift=a.d_timestep_shift, window_frames=c.stream.window_frames or c.data.frames)

@@ -1,0 +1,138 @@
+"""``python -m apt demo --stream``: streaming APT on the toy world, end to end on CPU.
+
+long-clip shards -> causal teacher and teacher-forced one-step generator (shipped, made by
+recipes/demo/stream_teacher.yaml and stream_distill.yaml) -> adversarial training with student forcing
+(recipes/demo/stream_apt.yaml) -> the streaming table and bar (``runs/demo-stream/report.json``,
+``apt.toy.stream_report``). The student-forced checkpoint is picked on a validation set (prompts and seeds
+disjoint from the report's) by the distance of the window ending a video 4x the training length. The whole-clip
+APT row comes from ``python -m apt demo`` when its report exists (``runs/demo/report.json``), or ``apt_whole``.
+A finished stage is skipped, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from apt.checkpoint import list_checkpoints
+from apt.toy.demo import run_stage
+
+CAUSAL_TEACHER_ASSET = "assets/demo_stream_teacher"
+DISTILLED_ASSET = "assets/demo_stream_distilled"
+WHOLE_CLIP_TEACHER = "assets/demo_teacher"
+LONG_DATA = {"train": ("runs/data/toy-long-8f", 8, 20000, 2), "rollout": ("runs/data/toy-long-16f", 16, 10000, 3)}
+VAL_PROMPT_SEED, VAL_NOISE_SEED = 4242, 40_000
+REPORT_SAMPLES = 128
+VALIDATION_SAMPLES = 128
+
+
+def ensure_long_shards(quick: bool, keys: tuple[str, ...]) -> dict[str, str]:
+    from apt.toy.shards import write_toy_shards
+
+    out = {}
+    for key in keys:
+        path, frames, n, seed = LONG_DATA[key]
+        if quick:
+            path, n = path + "-quick", 128
+        if not (Path(path) / "manifest.json").exists():
+            print(f"[demo-stream] writing {n} long-world clips of {frames} frames to {path}")
+            write_toy_shards(path, num_samples=n, frames=frames, seed=seed, world="long", progress=False)
+        out[key] = path
+    return out
+
+
+def pick_checkpoint(candidates: list, *, train_frames: int, n: int, classifier_path: str) -> tuple[str, list[dict]]:
+    """The candidate whose window at 4x the training length is nearest the real windows, on the validation split."""
+    from apt.inference import load_generator
+    from apt.toy.classifier import load_toy_classifier
+    from apt.toy.drift import long_real_stats, window_metrics
+    from apt.toy.stream_report import generate_videos
+    from apt.toy.world import eval_prompts
+
+    classifier = load_toy_classifier(classifier_path)
+    real = long_real_stats(classifier, frames=train_frames, n=n, seed=VAL_PROMPT_SEED)
+    prompts = eval_prompts(n, seed=VAL_PROMPT_SEED, frames=train_frames)
+    seeds = [VAL_NOISE_SEED + i for i in range(n)]
+    selection = []
+    for ckpt in candidates:
+        x = generate_videos(load_generator(ckpt), prompts, seeds, frames=4 * train_frames, steps=1, cfg_scale=1.0, batch=128)
+        m = window_metrics(classifier, x, prompts, real, window_frames=train_frames, starts=[3 * train_frames])[0]
+        selection.append({"checkpoint": str(ckpt), "val_distance_4x": m["distance"], "val_attribute_accuracy_4x": m["attribute_accuracy"]})
+        print(f"[demo-stream] validation {ckpt}: distance {m['distance']:.2f}, attribute accuracy {m['attribute_accuracy']:.3f} at 4x", flush=True)
+    return min(selection, key=lambda s: s["val_distance_4x"])["checkpoint"], selection
+
+
+def whole_clip_checkpoint(apt_whole: str | None) -> str | None:
+    """The bidirectional APT generator: ``apt_whole``, or the one ``python -m apt demo`` picked (runs/demo/report.json)."""
+    if apt_whole:
+        return apt_whole
+    report = Path("runs/demo/report.json")
+    if report.exists():
+        return json.loads(report.read_text()).get("apt_checkpoint")
+    return None
+
+
+def run_stream_demo(out: str = "runs/demo-stream", *, quick: bool = False, apt_whole: str | None = None) -> dict:
+    from apt.inference import load_generator
+    from apt.toy.stream_report import check_stream_bar, evaluate_stream_rows, print_stream_table, speed_and_memory
+
+    t_start = time.perf_counter()
+    out_dir = Path(out)
+    overlays = ["tiny"] if quick else []
+    stage_seconds: dict[str, float | None] = {}
+    teacher, distilled = CAUSAL_TEACHER_ASSET, DISTILLED_ASSET
+    if quick:  # tiny models of our own through every stage (the shipped ones are the demo flavour)
+        from apt.toy.demo import ensure_shards
+
+        shards = {**ensure_long_shards(True, ("train", "rollout")), "video": ensure_shards(True)["video"]}
+        bidirectional = str(run_stage("recipes/demo/teacher.yaml", out_dir / "bidirectional", [f"data.shards={shards['video']}", "data.image_shards=''"], overlays, stage_seconds))
+        teacher = str(run_stage("recipes/demo/stream_teacher.yaml", out_dir / "teacher", [f"data.shards={shards['train']}", f"stream.init={bidirectional}"], overlays, stage_seconds))
+        distilled = str(run_stage("recipes/demo/stream_distill.yaml", out_dir / "distill", [f"data.shards={shards['train']}", f"distill.teacher={teacher}"], overlays, stage_seconds))
+    else:
+        for asset in (teacher, distilled):
+            if not (Path(asset) / "net_ema.safetensors").exists():
+                raise FileNotFoundError(f"shipped streaming asset missing: {asset}/net_ema.safetensors (made by recipes/demo/stream_*.yaml; {asset}/README.md)")
+        shards = ensure_long_shards(False, ("rollout",))
+    quick_apt = ["apt.d_warmup_steps=1"] if quick else []
+    ours = run_stage("recipes/demo/stream_apt.yaml", out_dir / "apt", [f"apt.generator={distilled}", f"apt.teacher={teacher}", f"data.shards={shards['rollout']}",
+                                                                        *quick_apt], overlays, stage_seconds)
+    train_seconds = time.perf_counter() - t_start
+
+    t_gen = load_generator(teacher)
+    train_frames = t_gen.config.data.frames
+    best, selection = pick_checkpoint(list_checkpoints(ours), train_frames=train_frames, n=16 if quick else VALIDATION_SAMPLES,
+                                      classifier_path=t_gen.config.eval.classifier or "assets/toy_classifier")
+    rows = []
+    whole = whole_clip_checkpoint(apt_whole)
+    if whole:
+        rows.append(("whole-clip-apt", load_generator(whole), 1, 1.0, 16, 16))
+    rows += [("teacher-forced-1step", load_generator(distilled), 1, 1.0, 128, 16),
+             ("student-forced-1step", load_generator(best), 1, 1.0, 128, 16),
+             # flow.sample_steps Euler steps with CFG per chunk: 50 network evaluations; 16x-long videos would take most of
+             # the demo's time, so its quality is measured to 4x (its speed and memory at every length).
+             ("causal-teacher", t_gen, t_gen.config.flow.sample_steps, t_gen.config.flow.cfg_scale, 128, 4)]
+    report = evaluate_stream_rows(rows, out_dir=out_dir, num_samples=16 if quick else REPORT_SAMPLES, train_frames=train_frames,
+                                  timing_calls=3 if quick else 20)
+    if not whole:  # the bar's latency line needs the time of a whole training-length clip: the same network at one step
+        ref = load_generator(out_dir / "bidirectional" if quick else WHOLE_CLIP_TEACHER)
+        report["whole_clip_seconds"] = speed_and_memory(ref, "a red circle moving left on a black background", steps=1, cfg_scale=1.0,
+                                                        train_frames=train_frames, calls=3 if quick else 20)["first_chunk_seconds"]
+        report["whole_clip_note"] = ("no whole-clip APT generator (run `python -m apt demo` first): its row is missing, and the time of a "
+                                     "training-length clip made whole in one step is the bidirectional teacher's network at one step (same shapes)")
+    report["stream_checkpoint"], report["stream_selection"] = best, selection
+    report["train_seconds"] = round(train_seconds, 1)
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["stage_seconds"] = {**stage_seconds, "evaluation": round(report["total_seconds"] - train_seconds, 1)}
+    report["torch_threads"] = torch.get_num_threads()
+    report["bar"] = check_stream_bar(report)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    print_stream_table(report)
+    if report.get("whole_clip_note"):
+        print(f"[demo-stream] {report['whole_clip_note']}")
+    if quick:
+        print("[demo-stream] --quick: tiny models trained for seconds, a smoke test of the chain; the bar above is for the full demo")
+    print(f"[demo-stream] report: {out_dir / 'report.json'}; total {report['total_seconds']:.0f} s")
+    return report

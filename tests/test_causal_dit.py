@@ -1,0 +1,187 @@
+"""Causal mode of the built-in DiT (AAPT §3.1): block-causal attention, input recycling, the rolling
+key/value cache. Exactness: a cached chunk-by-chunk stream equals one block-causal forward; future
+frames never change past outputs; the cache stops growing once the window is full."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apt.models import build_dit
+from apt.models.backbone import TextCond
+from apt.models.causal import block_causal_mask, shift_chunks
+from apt.models.kv_cache import KVCache
+from tests.conftest import random_text
+
+CF = 2  # frames per chunk of the tiny causal model (its temporal patch)
+
+
+def causal_tiny(sink: int = 1, window: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    net = build_dit("tiny", causal_chunk_frames=CF, sink_chunks=sink, window_chunks=window)
+    for p in net.parameters():  # past the zero inits, so every path carries signal
+        torch.nn.init.normal_(p, std=0.05)
+    return net.eval()
+
+
+def stream(net, x, t, text, prev, cache=None):
+    """Chunk by chunk through a cache; returns the outputs concatenated over time."""
+    B, _, T, H, W = x.shape
+    cache = cache or net.new_cache(batch=B, height=H, width=W, text_tokens=text.emb_BLD.shape[1])
+    outs = [net(x[:, :, i : i + CF], t, text, prev[:, :, i : i + CF], cache=cache) for i in range(0, T, CF)]
+    return torch.cat(outs, dim=2), cache
+
+
+def test_causal_switch_off_is_the_bidirectional_model_and_loads_the_shipped_teacher():
+    # Recorded with the code before causal mode existed (same seed, inputs and tiny flavour).
+    torch.manual_seed(0)
+    net = build_dit("tiny")
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 3, 4, 16, 16, generator=g), torch.tensor([0.3, 0.9])
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    text = TextCond(torch.randn(2, 5, 32, generator=g), mask)
+    with torch.no_grad():
+        out = net(x, t, text)
+    torch.testing.assert_close(out.double().sum().item(), -56.40908394561848, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(out.flatten()[:3].tolist(), [-5.218098163604736, -2.57368803024292, -1.634594440460205], rtol=1e-5, atol=1e-6)
+    assert not any("recycle" in k for k in net.state_dict())
+    build_dit("demo").load_state_dict(load_file("assets/demo_teacher/net_ema.safetensors"))  # strict: unchanged keys
+    with pytest.raises(ValueError, match="causal model"):
+        net(x, t, text, prev_BCTHW=x)
+
+
+def test_causal_model_holds_the_bidirectional_weights_plus_a_zero_recycling_layer():
+    bidirectional, causal = build_dit("tiny").state_dict(), build_dit("tiny", causal_chunk_frames=CF).state_dict()
+    assert set(causal) - set(bidirectional) == {"recycle_embed.weight", "recycle_embed.bias"}
+    assert set(bidirectional) <= set(causal)
+    net = build_dit("tiny", causal_chunk_frames=CF)
+    assert not net.recycle_embed.weight.any() and not net.recycle_embed.bias.any()
+
+
+def test_recycled_input_has_no_effect_at_init():
+    net = causal_tiny()
+    torch.nn.init.zeros_(net.recycle_embed.weight)
+    torch.nn.init.zeros_(net.recycle_embed.bias)
+    x, t, text = torch.randn(2, 3, 6, 16, 16), torch.rand(2), random_text(2, 4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, text, torch.randn_like(x)), net(x, t, text, torch.randn_like(x)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sink,window", [(1, 2), (2, 1), (1, 0)])
+def test_cached_stream_equals_one_block_causal_forward(sink, window):
+    net = causal_tiny(sink, window)
+    T = CF * (sink + window + 1)
+    x, prev, t = torch.randn(2, 3, T, 16, 16), torch.randn(2, 3, T, 16, 16), torch.rand(2)
+    text = random_text(2, 5, 32, pad_from=3)
+    with torch.no_grad():
+        full = net(x, t, text, prev)
+        streamed, _ = stream(net, x, t, text, prev)
+    torch.testing.assert_close(streamed, full, rtol=0, atol=1e-5)
+
+
+def test_an_empty_prompt_streams_finite_and_equal():
+    net = causal_tiny()
+    x, t = torch.randn(1, 3, 8, 16, 16), torch.rand(1)
+    text = TextCond(torch.zeros(1, 1, 32), torch.zeros(1, 1, dtype=torch.bool))  # what the encoder gives ""
+    with torch.no_grad():
+        full = net(x, t, text)
+        streamed, _ = stream(net, x, t, text, shift_chunks(x, CF))
+    assert torch.isfinite(full).all()
+    torch.testing.assert_close(streamed, full, rtol=0, atol=1e-5)
+
+
+def test_future_frames_never_change_past_outputs():
+    net = causal_tiny()
+    x, prev, t, text = torch.randn(2, 3, 8, 16, 16), torch.randn(2, 3, 8, 16, 16), torch.rand(2), random_text(2, 4, 32)
+    x2, prev2 = x.clone(), prev.clone()
+    x2[:, :, 4:] += torch.randn_like(x2[:, :, 4:])
+    prev2[:, :, 4:] += 1.0
+    with torch.no_grad():
+        a, b = net(x, t, text, prev), net(x2, t, text, prev2)
+        sa, _ = stream(net, torch.cat([x, x], 2), t, text, torch.cat([prev, prev], 2))
+        sb, _ = stream(net, torch.cat([x, x2], 2), t, text, torch.cat([prev, prev2], 2))
+    torch.testing.assert_close(a[:, :, :4], b[:, :, :4], rtol=0, atol=0)
+    assert (a[:, :, 4:] - b[:, :, 4:]).abs().max() > 1e-3
+    torch.testing.assert_close(sa[:, :, :12], sb[:, :, :12], rtol=0, atol=0)  # a long stream too
+
+
+def test_clean_input_recycles_its_own_chunks_by_default():
+    net = causal_tiny()
+    x, t, text = torch.randn(2, 3, 6, 16, 16), torch.rand(2), random_text(2, 4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, text), net(x, t, text, shift_chunks(x, CF)), rtol=0, atol=0)
+    assert torch.equal(shift_chunks(x, CF)[:, :, 2:4], x[:, :, 0:2]) and not shift_chunks(x, CF)[:, :, :2].any()
+
+
+def test_cache_stops_growing_once_the_window_is_full():
+    net = causal_tiny(sink=1, window=2)
+    B, n_chunks = 2, 12
+    x, t, text = torch.randn(B, 3, CF * n_chunks, 16, 16), torch.rand(B), random_text(B, 4, 32)
+    cache = net.new_cache(batch=B, height=16, width=16, text_tokens=4)
+    nbytes, shapes, visible, positions = cache.nbytes(), [k.shape for k in cache.k], [], []
+    prev = torch.zeros_like(x[:, :, :CF])
+    with torch.no_grad():
+        for i in range(n_chunks):
+            positions.append(max(p for p in cache.step_positions() if p is not None))
+            prev = net(x[:, :, CF * i : CF * (i + 1)], t, text, prev, cache=cache)
+            visible.append(len(cache.visible_chunks()))
+            assert torch.isfinite(prev).all()
+    assert cache.nbytes() == nbytes and [k.shape for k in cache.k] == shapes
+    assert visible == [1, 2, 3, 4] + [4] * (n_chunks - 4)  # sink + window + current, then constant
+    assert positions == [0, 1, 2, 3] + [3] * (n_chunks - 4)  # RoPE positions never leave the trained range
+    assert cache.visible_chunks() == [0, n_chunks - 3, n_chunks - 2, n_chunks - 1]
+
+
+def test_kv_cache_bookkeeping_sink_ring_and_positions():
+    cache = KVCache(depth=1, batch=1, num_heads=1, head_dim=2, text_tokens=3, chunk_tokens=2, sink_chunks=2, window_chunks=3)
+    for i in range(20):
+        positions = cache.step_positions()
+        held = dict(zip(range(cache.chunk_slots), cache.chunk_in_slot))
+        held[cache.chunk_slot(i)] = i
+        expected_visible = sorted({j for j in range(i + 1) if j < 2 or j >= i - 3})
+        assert sorted(j for j in held.values() if j is not None) == expected_visible
+        for slot, j in held.items():
+            if j is not None:
+                assert positions[slot] == (j if j < 2 else j - max(0, i - 5))
+        assert positions[cache.chunk_slot(i)] == min(i, 5)
+        cache.commit()
+
+
+def test_full_forward_refuses_more_chunks_than_the_window_and_streams_need_prev():
+    net = causal_tiny(sink=1, window=1)
+    x, t, text = torch.randn(1, 3, 8, 16, 16), torch.rand(1), random_text(1, 4, 32)
+    with pytest.raises(ValueError, match="at most sink_chunks"):
+        net(x, t, text)
+    with pytest.raises(ValueError, match="whole number"):
+        build_dit("tiny", patch_size=(1, 4, 4), causal_chunk_frames=2)(x[:, :, :3], t, text)
+    cache = net.new_cache(batch=1, height=16, width=16, text_tokens=4)
+    with torch.no_grad():
+        net(x[:, :, :2], t, text, cache=cache)
+        with pytest.raises(ValueError, match="needs prev_BCTHW"):
+            net(x[:, :, 2:4], t, text, cache=cache)
+    with pytest.raises(ValueError, match="multiple of the temporal patch"):
+        build_dit("tiny", causal_chunk_frames=3)
+
+
+def test_block_causal_mask_text_sees_text_only():
+    mask = block_causal_mask(torch.tensor([[True, True, False]]), 4, 2, sink_chunks=1, window_chunks=1)[0, 0]
+    L = 3
+    assert not mask[:L, L:].any()  # text queries never see visual keys
+    assert mask[2, 2] and not mask[0, 2]  # a padded text token sees itself only among padding
+    chunk = lambda q, k: bool(mask[L + 2 * q, L + 2 * k])  # noqa: E731
+    assert [chunk(3, k) for k in range(4)] == [True, False, True, True]  # sink, (evicted), previous, itself
+    assert [chunk(1, k) for k in range(4)] == [True, True, False, False]
+
+
+def test_gradients_flow_through_a_functional_cache():
+    net = causal_tiny()
+    x, t, text = torch.randn(1, 3, 4, 16, 16), torch.ones(1), random_text(1, 4, 32)
+    cache = net.new_cache(batch=1, height=16, width=16, text_tokens=4, inplace=False)
+    a = net(x[:, :, :2], t, text, cache=cache)
+    b = net(x[:, :, 2:], t, text, a, cache=cache)
+    b.sum().backward()  # through the recycled chunk and the cached keys/values of chunk 0
+    assert net.recycle_embed.weight.grad is not None and net.recycle_embed.weight.grad.abs().sum() > 0

@@ -1,0 +1,81 @@
+"""Streaming end to end at tiny size: AAPT's three stages through the CLI (the streaming demo's --quick chain),
+its report and bar, ``python -m apt stream`` with a prompt switch, and the streaming session."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from apt.checkpoint import latest_checkpoint
+from apt.cli import main
+from apt.inference import load_generator
+from apt.streaming import StreamSession
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stream_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-stream")
+    assert main(["demo", "--stream", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_stream_demo_quick_writes_the_report(stream_demo):
+    report = json.loads((stream_demo / "report.json").read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["teacher-forced-1step", "student-forced-1step", "causal-teacher"]  # no whole-clip APT run in a fresh folder
+    for r in report["rows"]:
+        for k in (1, 4, 16) if r["name"] != "causal-teacher" else (1, 4):  # the teacher's quality is measured to 4x
+            assert 0 <= r[f"attribute_accuracy_{k}x"] <= 1 and r[f"distance_{k}x"] > 0
+        assert r["first_chunk_seconds"] > 0 and r["fps"] > 0 and r["peak_bytes_16x"] > 0
+    assert len(report["drift"]["student-forced-1step"]) == 16  # every 8-frame window of a 128-frame video
+    assert [x["line"].split(" ")[0] for x in report["bar"]][:2] == ["student-forced", "student-forced"]
+    assert report["whole_clip_seconds"] > 0 and "total_seconds" in report
+    ours = report["rows"][1]
+    assert report["rows"][2]["attribute_accuracy_16x"] is None
+    assert ours["peak_bytes_16x"] <= 1.1 * ours["peak_bytes_1x"]  # the rolling cache: memory does not grow with length
+    for stage in ("teacher", "distill", "apt"):
+        assert latest_checkpoint(stream_demo / stage) is not None
+    assert (latest_checkpoint(stream_demo / "apt") / "discriminator.safetensors").exists()
+
+
+def test_stream_command_writes_frames_as_they_come_and_switches_prompts(stream_demo, tmp_path, capsys):
+    out = tmp_path / "stream"
+    assert main(["stream", str(stream_demo / "apt"), "--prompt", "a red circle moving left on a black background",
+                 "--prompt", "a blue square moving up on a gray background", "--switch-at", "9", "--frames", "19", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "frames").glob("*.png")) == [f"{i:06d}.png" for i in range(19)]
+    assert (out / "stream.gif").exists()
+    printed = capsys.readouterr().out
+    assert "latency to the first frame" in printed and "frames per second" in printed
+    assert main(["stream", str(stream_demo / "apt"), "--prompt", "a red circle moving left on a black background", "--prompt", "x",
+                 "--frames", "4", "--out", str(out)]) == 2  # a second prompt needs its --switch-at
+
+
+def test_session_prompt_switch_rebuilds_the_cache(stream_demo):
+    gen = load_generator(stream_demo / "apt")
+    torch.manual_seed(0)
+    with torch.no_grad():  # past the zero inits of a 2-step run, so that the prompt shows in the output
+        for p in gen.net.parameters():
+            p.normal_(0.0, 0.05)
+    prompt, other = "a red circle moving left on a black background", "a blue square moving up on a gray background"
+
+    def chunks(switch_to: str | None, n: int = 6, at: int = 3):
+        s = StreamSession(gen, prompt, seed=5)
+        out = []
+        for i in range(n):
+            if i == at and switch_to:
+                s.set_prompt(switch_to)
+            out.append(s.next_chunk())
+        return out
+
+    plain, same, switched = chunks(None), chunks(prompt), chunks(other)
+    # Nothing has left the window at chunk 3 (sink 1 + window 2): a re-cache under the same prompt rebuilds the same cache.
+    for a, b in zip(plain, same):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(plain[:3], switched[:3]))
+    assert (plain[3] - switched[3]).abs().max() > 1e-4  # the new prompt from the next chunk on
+    frames = list(StreamSession(gen, prompt, seed=5).frames(7))
+    assert len(frames) == 7 and frames[0].shape == (3, 16, 16)

@@ -1,0 +1,109 @@
+"""The long-clip toy world, the drift report, the peak-memory meter and the streaming bar."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from apt.eval.tensor_memory import PeakTensorMemory
+from apt.toy.long_world import make_long_sample
+from apt.toy.stream_report import check_stream_bar
+from apt.toy.world import DIRECTIONS, make_sample, parse_caption
+
+
+def centroid_x(frame_HWC: np.ndarray, colour) -> float:
+    mask = (np.abs(frame_HWC.astype(int) - np.array(colour)).sum(-1) < 60)
+    return np.angle(np.exp(2j * np.pi * np.nonzero(mask)[1] / 16).mean()) * 16 / (2 * np.pi)  # circular mean on the torus
+
+
+def test_long_clips_keep_moving_and_wrap_around():
+    from apt.toy.world import COLOURS
+
+    moved = 0
+    for i in range(40):
+        s = make_long_sample(i, seed=0, frames=128)
+        a = s["attributes"]
+        assert s["pixels"].shape == (128, 16, 16, 3) and s["caption"] == f"a {a.colour} {a.shape} moving {a.direction} on a {a.background} background"
+        if a.direction not in ("left", "right"):
+            continue
+        colour, sign = COLOURS[a.colour], DIRECTIONS[a.direction][0]
+        steps = [(centroid_x(s["pixels"][t + 1], colour) - centroid_x(s["pixels"][t], colour) + 8) % 16 - 8 for t in range(100, 120)]
+        moved += np.median(steps) * sign > 0.5  # still moving its captioned way after 100 frames
+    assert moved >= 10
+
+
+def test_every_window_of_a_long_clip_is_a_clip_of_the_world():
+    s = make_long_sample(3, seed=1, frames=64)
+    assert np.array_equal(make_long_sample(3, seed=1, frames=64)["pixels"], s["pixels"])  # determined by (seed, index)
+    a = parse_caption(s["caption"])
+    assert a.direction is not None
+    with pytest.raises(ValueError, match="frames >= 2"):
+        make_long_sample(0, seed=0, frames=1)
+
+
+def test_the_demo_world_is_untouched():
+    """The long world draws from its own stream: the demo world's clip of the same (seed, index) is unchanged."""
+    a, b = make_sample(5, seed=0, frames=4), make_long_sample(5, seed=0, frames=4)
+    assert not np.array_equal(a["pixels"], b["pixels"])
+    assert np.array_equal(a["pixels"], make_sample(5, seed=0, frames=4)["pixels"])
+
+
+def test_peak_tensor_memory_counts_live_storages():
+    with PeakTensorMemory() as m:
+        for _ in range(5):
+            x = torch.randn(100, 1000)
+            y = x * 2
+        del x, y
+    assert m.peak == 3 * 400_000  # x, y and the next x
+    with PeakTensorMemory() as m:
+        keep = [torch.randn(100, 1000) for _ in range(5)]
+        view = keep[0][:10]  # a view allocates nothing
+    assert m.peak == 5 * 400_000 and view.shape == (10, 1000)
+
+
+def row(name, **kw):
+    base = {"name": name, "attribute_accuracy_1x": 0.9, "attribute_accuracy_4x": 0.9, "first_chunk_seconds": 0.01, "fps": 1000.0,
+            "peak_bytes_1x": 100, "peak_bytes_16x": 105}
+    return base | kw
+
+
+def report(**rows):
+    return {"rows": [rows.get(n, row(n)) for n in ("teacher-forced-1step", "student-forced-1step", "causal-teacher")], "whole_clip_seconds": 0.1}
+
+
+def test_stream_bar_lines():
+    r = report(**{"teacher-forced-1step": row("teacher-forced-1step", attribute_accuracy_4x=0.8), "causal-teacher": row("causal-teacher", fps=10.0)})
+    lines = check_stream_bar(r)
+    assert [x["met"] for x in lines] == [True, True, True, True, True]
+    r["rows"][1] = row("student-forced-1step", attribute_accuracy_4x=0.84, first_chunk_seconds=0.03, fps=500.0, peak_bytes_16x=120)
+    assert [x["met"] for x in check_stream_bar(r)] == [False, False, False, False, False]
+    with pytest.raises(KeyError, match="causal-teacher"):
+        check_stream_bar({"rows": [row("student-forced-1step"), row("teacher-forced-1step")]})
+
+
+def test_free_shape_world_and_its_drift_metric():
+    """Captioned without the shape; a window's shape counts as right when it is the first window's. Real videos keep
+    their shape, so the metric reads them as (nearly) always right; a video whose shape changes is caught."""
+    from apt.toy.classifier import load_toy_classifier
+    from apt.toy.drift import long_real_batches, long_real_stats, window_metrics
+    from apt.toy.long_world import free_shape_caption, parse_free_shape_caption
+
+    s, f = make_long_sample(2, seed=4, frames=16), make_long_sample(2, seed=4, frames=16, free_shape=True)
+    assert np.array_equal(s["pixels"], f["pixels"]) and f["caption"] == free_shape_caption(s["attributes"])
+    assert parse_free_shape_caption(f["caption"]) == (s["attributes"].colour, s["attributes"].direction, s["attributes"].background)
+    with pytest.raises(ValueError, match="free-shape"):
+        parse_free_shape_caption(s["caption"])
+    classifier = load_toy_classifier("assets/toy_classifier")
+    n = 48
+    real = long_real_stats(classifier, frames=8, n=n, seed=9)
+    videos = [make_long_sample(i, seed=11, frames=24, free_shape=True) for i in range(n)]
+    x = torch.from_numpy(np.stack([v["pixels"] for v in videos])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    prompts = [v["caption"] for v in videos]
+    curve = window_metrics(classifier, x, prompts, real, window_frames=8)
+    assert [w["first_frame"] for w in curve] == [0, 8, 16]
+    assert all(w["per_attribute"]["shape_kept"] >= 0.75 for w in curve) and curve[0]["per_attribute"]["shape_kept"] == 1.0
+    swapped = x.clone()
+    swapped[:, :, 16:] = x.roll(1, dims=0)[:, :, 16:]  # the last window shows another video: shapes (and more) change
+    assert window_metrics(classifier, swapped, prompts, real, window_frames=8)[2]["attribute_accuracy"] < curve[2]["attribute_accuracy"] - 0.3
+    assert next(iter(long_real_batches(8, 2, seed=9)))[0].shape == (2, 3, 8, 16, 16)

@@ -1,0 +1,145 @@
+"""Streaming generation and the streaming stages' pieces: the chunk sampler, student forcing (the rollout is the
+inference path; how far gradients reach), teacher forcing, the per-chunk discriminator on windows, AAPT's
+relativistic loss with approximate R2 inside ``apt_step``, the streaming session and its prompt switch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from apt.config import AptConfig
+from apt.ema import ema_update
+from apt.losses import d_loss_relativistic, g_loss_relativistic
+from apt.methods.apt import AptProgress, SampleNoise, apt_step
+from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced, windows
+from apt.methods.update import OptimizerUpdate
+from apt.models import build_dit
+from apt.models.causal import shift_chunks
+from apt.streaming import ChunkStepper, stream_sample
+from tests.conftest import random_text
+
+CF = 2
+
+
+def causal_tiny(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    net = build_dit("tiny", causal_chunk_frames=CF, sink_chunks=1, window_chunks=2, **kw)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return net
+
+
+def chunk_d(window_frames: int = 8, seed: int = 1):
+    a = AptConfig(readout_fractions=[0.5, 1.0])
+    return ChunkDiscriminator(causal_tiny(seed), fractions=list(a.readout_fractions), num_heads=2, window_frames=window_frames), a
+
+
+def test_student_forcing_rolls_out_exactly_as_inference():
+    G = causal_tiny().eval()
+    z, text = torch.randn(2, 3, 16, 16, 16), random_text(2, 4, 32)
+    with torch.no_grad():
+        rolled = StudentForcing()(G, z, text)
+        streamed = stream_sample(G, z, text)
+    torch.testing.assert_close(rolled, streamed, rtol=0, atol=1e-6)
+    # The first chunks equal one block-causal forward on G's own outputs recycled (what "as at inference" means).
+    with torch.no_grad():
+        x = rolled[:, :, :8]
+        full = z[:, :, :8] - G(z[:, :, :8], torch.ones(2), text, shift_chunks(x, CF))
+    torch.testing.assert_close(full, x, rtol=0, atol=1e-5)
+
+
+def test_student_forcing_gradient_reach():
+    G = causal_tiny()
+    text = random_text(1, 4, 32)
+
+    def grad_wrt_first_noise(**kw):
+        z = torch.randn(1, 3, 8, 16, 16, requires_grad=True)
+        x = StudentForcing(**kw)(G, z, text)
+        x[:, :, 6:].sum().backward()  # the last chunk only
+        return z.grad[:, :, :2].abs().sum()
+
+    assert grad_wrt_first_noise(detach_context=True) == 0  # the last chunk's gradient stops at its own forward
+    assert grad_wrt_first_noise(detach_context=False) > 0  # through the cache and the recycled chunks
+    for part, carries in ((slice(0, 6), False), (slice(6, 8), True)):  # grad_chunks=1: only the last chunk carries gradient
+        G.zero_grad(set_to_none=True)
+        StudentForcing(grad_chunks=1)(G, torch.randn(1, 3, 8, 16, 16), text)[:, :, part].sum().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in G.parameters()) == carries
+
+
+def test_teacher_forcing_recycles_the_clean_clip_and_tiles_for_cfg():
+    net = causal_tiny().eval()
+    x0, x_t, t, text = torch.randn(2, 3, 6, 16, 16), torch.randn(2, 3, 6, 16, 16), torch.rand(2), random_text(2, 4, 32)
+    tf = TeacherForced(net, x0)
+    with torch.no_grad():
+        torch.testing.assert_close(tf(x_t, t, text), net(x_t, t, text, shift_chunks(x0, CF)), rtol=0, atol=0)
+        both = tf(torch.cat([x_t, x_t]), torch.cat([t, t]), random_text(4, 4, 32))
+    assert both.shape[0] == 4
+    assert tf.config.prediction == "x0"
+
+
+def test_chunk_discriminator_one_logit_per_chunk_per_window():
+    D, _ = chunk_d(window_frames=8)
+    D.eval()
+    x, t, text = torch.randn(2, 3, 16, 16, 16), torch.rand(2), random_text(2, 4, 32)
+    with torch.no_grad():
+        logits = D(x, t, text)
+        assert logits.shape == (2, 8)  # 2 windows x 4 chunks per sample
+        y = x.clone()
+        y[:, :, 14:] += 1.0  # the last chunk of the second window
+        other = D(y, t, text)
+    torch.testing.assert_close(other[:, :7], logits[:, :7], rtol=0, atol=1e-6)  # windows judged apart, chunks causal
+    assert (other[:, 7] - logits[:, 7]).abs().max() > 0
+    # Window w of sample b is judged alone, as a clip of its own.
+    with torch.no_grad():
+        alone = D(windows(x, 8)[1:2], t[:1], text[0:1])
+    torch.testing.assert_close(alone[0], logits[0, 4:], rtol=0, atol=1e-6)
+
+
+def test_apt_step_relativistic_with_r2_on_per_chunk_logits():
+    G, (D, a) = causal_tiny(), chunk_d(window_frames=8)
+    a.gan_loss, a.r2_lambda, a.r1_sigma, a.d_warmup_steps = "relativistic", 10.0, 0.1, 10  # D step only, lr 0
+    x, text = torch.randn(2, 3, 8, 16, 16), random_text(2, 4, 32)
+    rollout = StudentForcing()
+    metrics = apt_step(G, D, [(x, text)], update_g=OptimizerUpdate(torch.optim.SGD(G.parameters(), lr=0.0), G),
+                       update_d=OptimizerUpdate(torch.optim.SGD(D.parameters(), lr=0.0), D), update_ema=lambda d: None, a=a,
+                       progress=AptProgress(), step_seed=5, generate=rollout)
+    noise = SampleNoise(5, range(2))
+    with torch.no_grad():
+        fake = rollout(G, noise.randn(x.shape[1:], "cpu"), text)
+        t = noise.timesteps(D, "cpu")
+        real_p = x + a.r1_sigma * noise.randn(x.shape[1:], "cpu")
+        fake_p = fake + a.r1_sigma * noise.randn(x.shape[1:], "cpu")
+        d_real, d_fake, d_rp, d_fp = (D(v, t, text) for v in (x, fake, real_p, fake_p))
+    assert d_real.shape == (2, 4)
+    torch.testing.assert_close(metrics["r2"], a.r2_lambda * (d_fake - d_fp).pow(2).mean(), rtol=1e-4, atol=1e-7)
+    expected = d_loss_relativistic(d_real, d_fake) + a.r1_lambda * (d_real - d_rp).pow(2).mean() + metrics["r2"]
+    torch.testing.assert_close(metrics["loss_d"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_apt_step_relativistic_g_step_trains_g_through_the_rollout():
+    G, (D, a) = causal_tiny(), chunk_d(window_frames=8)
+    a.gan_loss = "relativistic"
+    G0 = copy.deepcopy(G.state_dict())
+    G_ema = copy.deepcopy(G)
+    x, text = torch.randn(2, 3, 8, 16, 16), random_text(2, 4, 32)
+    metrics = apt_step(G, D, [(x, text)], update_g=OptimizerUpdate(torch.optim.Adam(G.parameters(), lr=1e-3), G),
+                       update_d=OptimizerUpdate(torch.optim.Adam(D.parameters(), lr=1e-3), D), update_ema=lambda d: ema_update(G_ema, G, d),
+                       a=a, progress=AptProgress(), step_seed=3, generate=StudentForcing(grad_chunks=2))
+    assert "loss_g" in metrics and torch.isfinite(metrics["loss_g"])
+    assert any(not torch.equal(v, G0[k]) for k, v in G.state_dict().items())
+    assert g_loss_relativistic(torch.zeros(3), torch.zeros(3)) == pytest.approx(torch.nn.functional.softplus(torch.zeros(())).item())
+
+
+def test_many_step_causal_sampling_keeps_one_cache_per_step_level():
+    net = causal_tiny().eval()
+    text, negative = random_text(1, 4, 32), random_text(1, 1, 32)
+    stepper = ChunkStepper(net, text, height=16, width=16, steps=3, negative=negative, cfg_scale=2.0)
+    prev = torch.zeros(1, 3, 2, 16, 16)
+    with torch.no_grad():
+        for _ in range(5):
+            prev, inputs = stepper.step(torch.randn(1, 3, 2, 16, 16), prev)
+    assert len(stepper.caches) == 3 and len(inputs) == 3
+    assert all(c.chunks_written == 5 and c.k[0].shape[0] == 2 for c in stepper.caches)  # CFG: prompt and negative batched
+    assert torch.isfinite(prev).all()
