@@ -12,15 +12,17 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: setup.cfg constraints.txt
 	python3 -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test,lora]'
 	touch $@
 
 install: $(VENV)/.installed
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not integration and not multiprocess and not experiments"
 
 demo: install

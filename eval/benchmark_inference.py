@@ -41,7 +41,13 @@ from apt.models import TextCond, build_dit  # noqa: E402
 from apt.models.flops import count_flops, dit_forward_flops, visual_tokens  # noqa: E402
 from apt.perf import apply_perf, perf_from_overrides  # noqa: E402
 from apt.perf.bench import (  # noqa: E402
-    PAPER_1xH100_SECONDS, environment, peak_memory_bytes, randomize_zero_init, relative_error, reset_peak_memory, time_call,
+    PAPER_1xH100_SECONDS,
+    environment,
+    peak_memory_bytes,
+    randomize_zero_init,
+    relative_error,
+    reset_peak_memory,
+    time_call,
 )
 from apt.perf.vae import decode_latents  # noqa: E402
 

@@ -43,7 +43,14 @@ from apt.methods.update import OptimizerUpdate  # noqa: E402
 from apt.models import TextCond, build_dit  # noqa: E402
 from apt.models.flops import apt_step_flops, count_flops, visual_tokens  # noqa: E402
 from apt.perf import apply_perf, perf_from_overrides  # noqa: E402
-from apt.perf.bench import H100_BF16_DENSE_TFLOPS, environment, peak_memory_bytes, randomize_zero_init, reset_peak_memory, time_call  # noqa: E402
+from apt.perf.bench import (  # noqa: E402
+    H100_BF16_DENSE_TFLOPS,
+    environment,
+    peak_memory_bytes,
+    randomize_zero_init,
+    reset_peak_memory,
+    time_call,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 READOUT_FRACTIONS = [16 / 36, 26 / 36, 1.0]  # APT: layers 16, 26, 36 of 36

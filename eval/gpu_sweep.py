@@ -60,7 +60,14 @@ from apt.models.attention import attention, attention_backend  # noqa: E402
 from apt.models.attention_kernels import EXTRAS  # noqa: E402
 from apt.models.flops import dit_forward_flops  # noqa: E402
 from apt.perf import PerfConfig, apply_perf  # noqa: E402
-from apt.perf.bench import environment, peak_memory_bytes, randomize_zero_init, relative_error, reset_peak_memory, time_call  # noqa: E402
+from apt.perf.bench import (  # noqa: E402
+    environment,
+    peak_memory_bytes,
+    randomize_zero_init,
+    relative_error,
+    reset_peak_memory,
+    time_call,
+)
 from apt.perf.fp8 import convert_to_fp8  # noqa: E402
 from apt.perf.vae import apply_vae_perf, decode_latents  # noqa: E402
 
@@ -225,7 +232,7 @@ def stage_linears(s: Sweep, device: torch.device, shape: dict) -> None:
         ref = x[:rows].float() @ base.weight.float().T + base.bias.float()
         variants = {"bf16": None, "fp8_tensor": ("tensor", False), "fp8_row": ("row", False), "fp8_tensor_fast": ("tensor", True), "fp8_row_fast": ("row", True)}
         for vname, opt in variants.items():
-            def run(opt=opt):
+            def run(opt=opt, base=base, x=x, k_in=k_in, n_out=n_out, rows=rows, ref=ref):
                 layer = copy.deepcopy(base)
                 if opt is not None:
                     convert_to_fp8(layer, emulate=emulate, scaling=opt[0], fast_accum=opt[1], filter=lambda n, m: isinstance(m, torch.nn.Linear))
@@ -256,7 +263,7 @@ def stage_dit(s: Sweep, device: torch.device, shape: dict, rows: list, stage: st
         if valid is not None and s.a.tiny:
             valid = max(1, shape["text_tokens"] // 4)
 
-        def run(overrides=overrides, valid=valid):
+        def run(name=name, overrides=overrides, valid=valid):
             z, text = build_inputs(c, shape, device, valid)
             t1 = torch.ones(1, device=device)
             perf = PerfConfig(compile_backend=s.a.compile_backend, **overrides)
@@ -277,7 +284,6 @@ def stage_dit(s: Sweep, device: torch.device, shape: dict, rows: list, stage: st
                    "seconds": sec, "tflops_per_s": flops / sec / 1e12, "peak_memory_gib": peak_memory_bytes(device) / 2**30}
             if key in plain and name not in ("plain", "padded64_mask"):
                 row["rel_error_vs_plain"] = relative_error(out, plain[key])
-            del net
             return row
 
         s.row(stage, name, run, needs_s=s.a.dit_row_s * (4 if "compile" in overrides else 1))
@@ -308,7 +314,6 @@ def stage_vae(s: Sweep, device: torch.device, shape: dict, rows: list, stage: st
                 plain["out"] = out
             else:
                 row["rel_error_vs_plain"] = relative_error(out, plain["out"])
-            del vae
             return row
 
         s.row(stage, name, run, needs_s=s.a.vae_row_s * (3 if "vae_compile" in overrides else 1))

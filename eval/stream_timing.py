@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         stepper = ChunkStepper(net, text, height=latent[1], width=latent[2])
         prev, first = torch.zeros(1, latent[0], 1, *latent[1:], device=device, dtype=dtype), None
-        for i in range(chunks):
+        for _ in range(chunks):
             t1 = time.perf_counter()
             prev, _ = stepper.step(torch.randn(1, latent[0], 1, *latent[1:], device=device, dtype=dtype), prev)
             sync(device)

@@ -66,7 +66,7 @@ def probe_auc(feats_ND: torch.Tensor, positive: np.ndarray, *, l2: float = 1e-2,
         w = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
 
-        def closure():
+        def closure(opt=opt, xt=xt, w=w, train=train):
             opt.zero_grad()
             logits = xt @ w[:-1] + w[-1]
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[train]) + l2 * (w[:-1] ** 2).sum()

@@ -19,7 +19,16 @@ import torch
 
 from apt.inference import load_discriminator
 from apt.toy.metrics import VAL_PROMPT_SEED
-from apt.toy.world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, caption, eval_prompts, parse_caption, render_batch
+from apt.toy.world import (
+    BACKGROUNDS,
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    caption,
+    eval_prompts,
+    parse_caption,
+    render_batch,
+)
 
 CHOICES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "direction": tuple(DIRECTIONS), "background": tuple(BACKGROUNDS)}
 

@@ -32,7 +32,7 @@ import torch
 from apt.eval.frechet import FeatureStats, stats_distance
 from apt.inference import load_generator
 from apt.toy.classifier import load_toy_classifier
-from apt.toy.metrics import DEFAULT_CHUNK, rechunk, real_batches
+from apt.toy.metrics import DEFAULT_CHUNK, real_batches, rechunk
 from apt.toy.report import SPLITS, generate_seeded
 from apt.toy.world import eval_prompts
 

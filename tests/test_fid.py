@@ -15,9 +15,18 @@ import pytest
 import torch
 from eval_helpers import load_benchmark_with_generator
 
-from apt.eval.fid import (INCEPTION_PUBLIC_URL, InceptionFeatures, _feed, _make_metric, compute_fid,
-                          fid_report_markdown, frechet_distance_psd, list_images, load_inception,
-                          preprocess_image)
+from apt.eval.fid import (
+    INCEPTION_PUBLIC_URL,
+    InceptionFeatures,
+    _feed,
+    _make_metric,
+    compute_fid,
+    fid_report_markdown,
+    frechet_distance_psd,
+    list_images,
+    load_inception,
+    preprocess_image,
+)
 from apt.eval.frechet import frechet_distance
 from apt.eval.standins import save_standin_inception
 from apt.eval.video_io import write_png

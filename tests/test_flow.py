@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from apt.flow import add_noise, euler_sample, sample_timesteps, shift_timestep, timestep_schedule, velocity_target
+from apt.flow import (
+    add_noise,
+    euler_sample,
+    sample_timesteps,
+    shift_timestep,
+    timestep_schedule,
+    velocity_target,
+)
 from tests.conftest import random_text
 
 

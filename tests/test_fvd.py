@@ -16,9 +16,19 @@ from eval_helpers import ROOT, load_benchmark_with_generator
 from torch import nn
 
 from apt.eval import fvd
-from apt.eval.fvd import (I3D_KWARGS, ClipTooShortError, FVDProtocol, clip_frame_indices, compute_fvd,
-                          compute_set_stats, fvd_report_markdown, load_clip, load_i3d, preprocess_frame,
-                          spanning_stride)
+from apt.eval.fvd import (
+    I3D_KWARGS,
+    ClipTooShortError,
+    FVDProtocol,
+    clip_frame_indices,
+    compute_fvd,
+    compute_set_stats,
+    fvd_report_markdown,
+    load_clip,
+    load_i3d,
+    preprocess_frame,
+    spanning_stride,
+)
 from apt.eval.standins import save_standin_i3d
 from apt.eval.video_io import write_video
 

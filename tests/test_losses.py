@@ -3,7 +3,14 @@ import math
 import torch
 
 from apt.ema import ema_update
-from apt.losses import approximate_r1, d_loss_nonsaturating, flow_matching_loss, g_loss_nonsaturating, mismatch_loss, text_contrast_loss
+from apt.losses import (
+    approximate_r1,
+    d_loss_nonsaturating,
+    flow_matching_loss,
+    g_loss_nonsaturating,
+    mismatch_loss,
+    text_contrast_loss,
+)
 
 
 def sp(x: float) -> float:

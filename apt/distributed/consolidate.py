@@ -20,7 +20,15 @@ import torch
 from safetensors.torch import load_file
 
 from apt.checkpoint import atomic_write_dir, latest_checkpoint, save_weights
-from apt.distributed.sharded_checkpoint import EMA_FILE, EMA_PARTITIONS, ENGINES, TAG, ema_partition_file, engine_dir, is_sharded
+from apt.distributed.sharded_checkpoint import (
+    EMA_FILE,
+    EMA_PARTITIONS,
+    ENGINES,
+    TAG,
+    ema_partition_file,
+    engine_dir,
+    is_sharded,
+)
 from apt.distributed.zero3_ema import join_partitions
 
 

@@ -114,7 +114,9 @@ def fit_deepspeed(c: Config, ckpt_path: str | None = None, *, prepare_run_dir: C
     if c.stage not in ADVERSARIAL_STAGES:
         raise ConfigError(f"the DeepSpeed runner trains the APT stages ({', '.join(ADVERSARIAL_STAGES)}); stage '{c.stage}' uses Lightning's strategies")
     from apt.lit.apt import AptModule
-    from apt.lit.stream import StreamAptModule  # the same step with a student-forcing rollout and a per-chunk D
+    from apt.lit.stream import (
+        StreamAptModule,  # the same step with a student-forcing rollout and a per-chunk D
+    )
     accumulate = accumulate_batches(c)
     fabric = build_fabric(c)
     fabric.launch()

@@ -20,6 +20,7 @@ import torch
 
 from apt.config import ADVERSARIAL_STAGES, DEEPSPEED_STAGES, Config, ConfigError, check_strategy
 
+
 def uses_deepspeed(config: Config) -> bool:
     return config.train.strategy.startswith("deepspeed")
 
@@ -95,7 +96,11 @@ def _fsdp2_strategy_class():
         """
 
         def load_checkpoint(self, checkpoint_path, weights_only=None):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
             from torch.distributed.fsdp import OptimStateKeyType
 

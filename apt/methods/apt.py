@@ -31,7 +31,13 @@ from torch import nn
 
 from apt.config import AptConfig
 from apt.discriminator import Discriminator
-from apt.losses import approximate_r1, d_loss_nonsaturating, d_loss_relativistic, g_loss_nonsaturating, g_loss_relativistic
+from apt.losses import (
+    approximate_r1,
+    d_loss_nonsaturating,
+    d_loss_relativistic,
+    g_loss_nonsaturating,
+    g_loss_relativistic,
+)
 from apt.methods.text_terms import g_loss_with_text_contrast, mismatch_term, mismatched_pairs
 from apt.methods.update import NetUpdate, check_finite
 from apt.models.backbone import TextCond

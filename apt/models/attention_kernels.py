@@ -98,17 +98,17 @@ def _online_softmax_pv(s_BKQS: torch.Tensor, v_BKSE: torch.Tensor, *, block: int
     of the unrounded P. ``s`` is already in log2 units (scale * log2 e applied)."""
     S = s_BKQS.shape[-1]
     m = torch.full(s_BKQS.shape[:-1], -math.inf, dtype=torch.float32, device=s_BKQS.device)
-    l = torch.zeros_like(m)
+    row_sum = torch.zeros_like(m)
     acc = torch.zeros(*s_BKQS.shape[:-1], v_BKSE.shape[-1], dtype=torch.float32, device=s_BKQS.device)
     for start in range(0, S, block):
         s = s_BKQS[..., start : start + block]
         m_new = torch.maximum(m, s.amax(-1))
         p = torch.exp2(s - (m_new - p_offset)[..., None])
         alpha = torch.exp2(m - m_new)
-        l = l * alpha + p.sum(-1)
+        row_sum = row_sum * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + pv_round(p_round(p) @ v_BKSE[:, :, start : start + block])
         m = m_new
-    return acc / l[..., None]
+    return acc / row_sum[..., None]
 
 
 # -- emulations (the CPU implementations) --------------------------------------------------------------

@@ -27,7 +27,12 @@ import warnings
 from torch import nn
 
 from apt.config import PerfConfig
-from apt.models.attention import KERNEL_BACKENDS, attention_backend, get_attention_backend, set_attention_backend
+from apt.models.attention import (
+    KERNEL_BACKENDS,
+    attention_backend,
+    get_attention_backend,
+    set_attention_backend,
+)
 
 __all__ = ["PerfConfig", "apply_perf", "attention_backend", "perf_from_overrides"]
 

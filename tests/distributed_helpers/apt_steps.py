@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 from apt.config import load_config  # noqa: E402
 from apt.data.shards import pixels_to_tensor  # noqa: E402
@@ -35,7 +36,6 @@ from apt.lit.stream import StreamAptModule  # noqa: E402
 from apt.methods.update import OptimizerUpdate  # noqa: E402
 from apt.toy.long_world import make_long_sample  # noqa: E402
 from apt.toy.world import make_sample  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
 
 
 def global_batch(n: int, frames: int, long_clips: bool = False) -> dict:

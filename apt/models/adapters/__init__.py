@@ -6,7 +6,13 @@ docs/byo_model.md. An in-house model needs no adapter class: implement the proto
 ``apt.models.backbone`` directly (docs/byo_model.md shows a 30-line example).
 """
 
-from apt.models.adapters.base import AdapterConfig, DiffusersAdapter, is_diffusers_dir, load_adapter_state, read_model_config
+from apt.models.adapters.base import (
+    AdapterConfig,
+    DiffusersAdapter,
+    is_diffusers_dir,
+    load_adapter_state,
+    read_model_config,
+)
 from apt.models.adapters.cogvideox import CogVideoXAdapter
 from apt.models.adapters.flux import FluxAdapter
 from apt.models.adapters.hunyuan import HunyuanVideoAdapter
