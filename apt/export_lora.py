@@ -92,15 +92,33 @@ def export_lora(checkpoint: str | Path, out_dir: str | Path, *, merge: bool = Fa
         "stage": config.stage,
         "model_source": config.model.source,
         "family": config.model.family,
-        "num_inference_steps": 1,
-        "sigmas": [1.0],
-        "guidance_scale": 1.0,
+        **(_one_step_call(config, out) if config.model.source == "diffusers" else {"num_inference_steps": 1}),
         "latent_shape_CTHW": [config.data.channels, config.data.frames, config.data.height, config.data.width],
         "text_encoder": config.text.encoder,
     }
     (out / "apt_lora.json").write_text(json.dumps(info, indent=2))
     (out / "README.md").write_text(_readme(info))
     return out
+
+
+def _one_step_call(config: Config, out: Path) -> dict:
+    """The stock pipeline's one-step call, as ``python -m apt export`` writes it for a full model
+    (``apt.export``): a one-step scheduler saved under ``out/scheduler`` and the call's keyword arguments
+    (``call``; needs the run's VAE for the pixel size, else only the scheduler is written)."""
+    from apt.export import base_pipeline_dir, export_scheduler, pipeline_call
+    from apt.models.adapters import adapter_class
+
+    base = base_pipeline_dir(config)
+    scheduler = export_scheduler(config, base)
+    scheduler.save_pretrained(str(out / "scheduler"))
+    settings = {"scheduler": type(scheduler).__name__, "base_pipeline": None if base is None else str(base),
+                "diffusers_class": adapter_class(config.model.family).model_class}
+    if config.model.vae:
+        from apt.codecs import LatentCodec
+
+        net = adapter_class(config.model.family).from_config_dir(config.model.path)
+        settings["call"] = pipeline_call(config, net, LatentCodec.load(config.model.vae))
+    return settings
 
 
 def _is_diffusers_dir(path: str) -> bool:
@@ -174,14 +192,28 @@ def _apt_merged(config: Config, ckpt: Path, name: str, out: Path) -> str:
 
 
 def _readme(i: dict) -> str:
-    load = {
-        False: f"""```python
-pipe = {PIPELINES.get(i['family'], 'Pipeline')}.from_pretrained("<pipeline dir with base transformer {i['base']}>")
-pipe.load_lora_weights("<this directory>")          # or pipe.transformer.load_lora_adapter("<this directory>", prefix="transformer")
-```""" if i["model_source"] == "diffusers" else "`peft` layout: `inject_adapter_in_model(LoraConfig.from_pretrained(DIR), net)`, then "
-        "`set_peft_model_state_dict(net, load_file(DIR/adapter_model.safetensors))` on the base network.",
-        True: "A full model: load it as the base model is loaded (diffusers: `from_pretrained`; apt: `python -m apt sample <this directory>`).",
+    pipe_class = PIPELINES.get(i["family"], "Pipeline")
+    base = i.get("base_pipeline") or f"<the {i['family']} pipeline directory whose transformer is {i['base']}>"
+    call = ", ".join(f"{k}={v!r}" for k, v in (i.get("call") or {"num_inference_steps": 1}).items())
+    diffusers_load = {
+        False: """pipe.load_lora_weights("<this directory>")          # or pipe.transformer.load_lora_adapter("<this directory>", prefix="transformer")""",
+        True: f"""pipe.transformer = diffusers.{i.get('diffusers_class')}.from_pretrained("<this directory>")  # the merged transformer""",
     }[i["merged"]]
+    if i["model_source"] == "diffusers":
+        load = f"""```python
+import diffusers
+from diffusers import {pipe_class}
+
+pipe = {pipe_class}.from_pretrained("{base}")
+pipe.scheduler = getattr(diffusers, "{i.get('scheduler', 'FlowMatchEulerDiscreteScheduler')}").from_pretrained("<this directory>", subfolder="scheduler")
+{diffusers_load}
+out = pipe(prompt="...", {call})
+```"""
+    elif i["merged"]:  # built-in DiT / in-house: an apt checkpoint directory
+        load = "A full model: `python -m apt sample <this directory>`."
+    else:
+        load = ("`peft` layout: `inject_adapter_in_model(LoraConfig.from_pretrained(DIR), net)`, then "
+                "`set_peft_model_state_dict(net, load_file(DIR/adapter_model.safetensors))` on the base network.")
     return f"""# One-step LoRA generator (apt, {i['stage']} stage){' -- merged' if i['merged'] else ''}
 
 Exported by `apt.export_lora` from `{i['source_checkpoint']}` (the EMA adapters of `{i['weights']}`): {i['format']}.
@@ -189,6 +221,7 @@ LoRA rank {i['rank']}, alpha {i['alpha']}, target modules {i['target_modules']};
 
 {load}
 
-One step from the final timestep (sigma 1 -> 0, `num_inference_steps=1`), `guidance_scale=1.0` (CFG was distilled in);
-latent shape (C, T, H, W) = {tuple(i['latent_shape_CTHW'])}.
+One step from the final timestep (sigma 1 -> 0) with the one-step scheduler written beside the weights, the call's
+arguments as `python -m apt export` writes them for a full model (`apt_lora.json`: `call`); latent shape
+(C, T, H, W) = {tuple(i['latent_shape_CTHW'])}.
 """

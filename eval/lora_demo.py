@@ -5,7 +5,7 @@
 
 Each ``--config NAME:RANK:LR_G`` runs recipes/demo/apt_image.yaml then apt_video.yaml (the demo's settings;
 ``lora.rank`` RANK, alpha = rank, default targets qkv + proj; ``apt.lr_g`` LR_G) from the same distillation
-checkpoint, D always fully trained from the teacher. Then, as the demo does (``apt.eval.toy_report``): the
+checkpoint, D always fully trained from the teacher. Then, as the demo does (``apt.toy.report``): the
 video-stage checkpoint with the best validation distance (256 samples) is scored on the report's prompts and
 seeds (N = 5000) at 1 and 2 steps; the distillation checkpoint is scored alike. A finished stage is skipped,
 so an interrupted run continues. Writes OUT/lora_demo.json and prints the table.
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from apt.checkpoint import list_checkpoints  # noqa: E402
-from apt.demo import run_stage  # noqa: E402
+from apt.toy.demo import run_stage  # noqa: E402
 
 
 def main() -> int:
@@ -34,10 +34,10 @@ def main() -> int:
     ap.add_argument("--image-shards", default="runs/data/toy-image")
     ap.add_argument("--num-samples", type=int, default=5000)
     args = ap.parse_args()
-    from apt.eval.toy_classifier import load_toy_classifier
-    from apt.eval.toy_metrics import VAL_PROMPT_SEED, real_stats
-    from apt.eval.toy_report import EVAL_SEED, report_set_metrics, validation_metrics
     from apt.inference import load_generator
+    from apt.toy.classifier import load_toy_classifier
+    from apt.toy.metrics import VAL_PROMPT_SEED, real_stats
+    from apt.toy.report import EVAL_SEED, report_set_metrics, validation_metrics
 
     out = Path(args.out)
     seconds: dict = {}

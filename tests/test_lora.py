@@ -348,3 +348,9 @@ def test_wan_lora_chain_exports_a_lora_the_stock_pipeline_loads(tmp_path):
                                  transformer=diffusers.WanTransformer3DModel.from_pretrained(tiny["transformer"]))
     pipe.load_lora_weights(str(tmp_path / "lora"))
     torch.testing.assert_close(one_step(ADAPTERS["wan"](pipe.transformer).eval(), z, text), expected, rtol=0, atol=1e-5)
+    # the stock call beside the adapters, as `apt export` writes it for a full model: a one-step scheduler at t = 1000
+    info = json.loads((tmp_path / "lora" / "apt_lora.json").read_text())
+    assert info["call"]["num_inference_steps"] == 1 and info["call"]["guidance_scale"] == 1.0 and "prompt=" in (tmp_path / "lora" / "README.md").read_text()
+    scheduler = getattr(diffusers, info["scheduler"]).from_pretrained(str(tmp_path / "lora"), subfolder="scheduler")
+    scheduler.set_timesteps(1)
+    assert scheduler.timesteps.tolist() == [1000.0]
