@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
     demo.add_argument("--stream", action="store_true",
                       help="streaming APT (AAPT): student-forced training of the shipped causal models, then the long-video table (runs/demo-stream)")
+    demo.add_argument("--world", default=None, choices=["free-shape", "long"],
+                      help="with --stream: the streaming toy world (default free-shape: captions without the shape; docs/streaming.md)")
     demo.add_argument("--whole-clip", default=None, help="with --stream: the whole-clip APT checkpoint of its first row (default: runs/demo's pick)")
     demo.add_argument("--text-terms", action="store_true",
                       help="NOT the paper's objective: stage 1 at CFG 5 and two text-alignment terms in both APT stages (docs/demo.md)")
@@ -130,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.stream:
                 if args.text_terms:
                     parser.error("--stream and --text-terms are separate demos")
-                from apt.toy.stream_demo import run_stream_demo
+                from apt.toy.stream_demo import DEFAULT_WORLD, run_stream_demo
 
-                run_stream_demo(args.out or "runs/demo-stream", quick=args.quick, apt_whole=args.whole_clip)
+                run_stream_demo(args.out or "runs/demo-stream", quick=args.quick, apt_whole=args.whole_clip, world=args.world or DEFAULT_WORLD)
                 return 0
+            if args.world:
+                parser.error("--world picks the world of the streaming demo (--stream)")
             from apt.toy.demo import run_demo
 
             run_demo(args.out, quick=args.quick, text_terms=args.text_terms)

@@ -268,7 +268,7 @@ class StreamConfig:
 
     init: str = ""
     """stream_teacher: the bidirectional teacher (a checkpoint or run dir with net_ema) the causal model starts from;
-    its weights load unchanged, the recycling layer starts at zero."""
+    its weights load unchanged, the recycling layer starts at zero. A causal checkpoint continues its adaptation."""
     window_frames: int = 0
     """stream_apt: D judges every clip (real and rolled out) in windows of this many frames, the training length of the
     earlier stages (AAPT: long rollouts judged on segments); 0 = data.frames (one window)."""

@@ -30,7 +30,16 @@ from apt.checkpoint import (
     list_checkpoints,
     verify_checkpoint,
 )
-from apt.config import ADVERSARIAL_STAGES, MANY_STEP_STAGES, Config, ConfigError, check_config, load_config, save_config, to_yaml
+from apt.config import (
+    ADVERSARIAL_STAGES,
+    MANY_STEP_STAGES,
+    Config,
+    ConfigError,
+    check_config,
+    load_config,
+    save_config,
+    to_yaml,
+)
 from apt.distributed.strategies import make_strategy, num_nodes, uses_deepspeed
 from apt.lit.apt import AptModule
 from apt.lit.callbacks import DataFaultMetrics, LogProgress, PeriodicCheckpoint, SampleMedia, Throughput

@@ -107,3 +107,17 @@ def test_free_shape_world_and_its_drift_metric():
     swapped[:, :, 16:] = x.roll(1, dims=0)[:, :, 16:]  # the last window shows another video: shapes (and more) change
     assert window_metrics(classifier, swapped, prompts, real, window_frames=8)[2]["attribute_accuracy"] < curve[2]["attribute_accuracy"] - 0.3
     assert next(iter(long_real_batches(8, 2, seed=9)))[0].shape == (2, 3, 8, 16, 16)
+
+
+def test_world_prompts_leave_the_shape_out_of_free_shape_captions():
+    from apt.toy.long_world import parse_free_shape_caption, world_prompts
+
+    prompts = ["a red circle moving left on a black background", "a cyan triangle moving down on a gray background"]
+    assert world_prompts(prompts, "long") == prompts
+    free = world_prompts(prompts, "free-shape")
+    assert free == ["a red moving left on a black background", "a cyan moving down on a gray background"]
+    assert [parse_free_shape_caption(p) for p in free] == [("red", "left", "black"), ("cyan", "down", "gray")]
+    with pytest.raises(ValueError, match="unknown streaming world"):
+        world_prompts(prompts, "demo")
+    with pytest.raises(ValueError, match="not a toy caption"):
+        world_prompts(["a red circle"], "free-shape")

@@ -203,15 +203,16 @@ def weights_available(config: Config, path: str, name: str) -> bool:
 def load_causal_from_bidirectional(config: Config, path: str, name: str, *, text_dim: int) -> nn.Module:
     """The run's causal DiT (``model.causal_chunk_frames`` > 0) initialised from a bidirectional checkpoint: every weight
     of the bidirectional model loads unchanged; the input-recycling layer, which it lacks, keeps its zero init (AAPT's
-    causal adaptation starts from the bidirectional model's function)."""
+    causal adaptation starts from the bidirectional model's function). A causal checkpoint of the same shape loads
+    whole (adaptation continued, e.g. on another world)."""
     net = build_backbone(config, text_dim=text_dim)
     state = load_weights(path, name)
     own = net.state_dict()
     added = sorted(set(own) - set(state))
-    if added != ["recycle_embed.bias", "recycle_embed.weight"]:
+    if added not in (["recycle_embed.bias", "recycle_embed.weight"], []):
         unexpected = sorted(set(state) - set(own))
         raise ValueError(f"weights {name} in {path} are not a bidirectional '{config.model.flavour}' DiT: missing {added or 'nothing'}, "
-                         f"unexpected {unexpected or 'nothing'} (a causal checkpoint already has recycle_embed.*)")
+                         f"unexpected {unexpected or 'nothing'}")
     try:
         net.load_state_dict({**state, **{k: own[k] for k in added}})
     except RuntimeError as e:

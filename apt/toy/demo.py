@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from apt.checkpoint import latest_checkpoint, list_checkpoints
-from apt.config import load_config
+from apt.config import ADVERSARIAL_STAGES, load_config
 
 TEACHER_ASSET = "assets/demo_teacher"
 # ``--text-terms``: NOT the paper's objective. Stage 1 at CFG 5, and both APT stages with a matching-aware D
@@ -70,7 +70,7 @@ def run_stage(recipe: str, run_dir: Path, overrides: list[str], overlays: list[s
         print(f"[demo] {header}{c.stage} stage already done: {latest}")
         seconds[run_dir.name] = None
         return run_dir
-    steps = f"{c.train.max_steps} {'generator updates' if c.stage == 'apt' else 'steps'}"
+    steps = f"{c.train.max_steps} {'generator updates' if c.stage in ADVERSARIAL_STAGES else 'steps'}"
     print(f"[demo] {header}{c.stage} stage, {steps}: {recipe} -> {run_dir}", flush=True)
     t0 = time.perf_counter()
     fit(c)

@@ -105,5 +105,21 @@ def make_long_sample(index: int, seed: int, frames: int = 64, *, free_shape: boo
     return {"pixels": render_long_clip(attrs, rng, frames), "caption": text, "attributes": attrs}
 
 
+def without_shape(text: str) -> str:
+    """A demo-world caption ("a red circle moving left on a black background") with its shape left out."""
+    m = re.match(r"^a (\w+) (\w+) moving (\w+) on a (\w+) background$", text.strip())
+    if m is None:
+        raise ValueError(f"not a toy caption: {text!r}")
+    colour, _, direction, background = m.groups()
+    return f"a {colour} moving {direction} on a {background} background"
+
+
+def world_prompts(prompts: list[str], world: str) -> list[str]:
+    """The prompts as the streaming world ``world`` ("long" or "free-shape") captions them."""
+    if world not in ("long", "free-shape"):
+        raise ValueError(f"unknown streaming world {world!r}; choose long or free-shape")
+    return [without_shape(p) for p in prompts] if world == "free-shape" else list(prompts)
+
+
 WORLDS = ("demo", "long", "free-shape")
 """World names of ``apt.toy.shards.write_toy_shards``: the demo's, the long-clip world, and it captioned without the shape."""

@@ -20,41 +20,48 @@ import torch
 from apt.checkpoint import list_checkpoints
 from apt.toy.demo import run_stage
 
-CAUSAL_TEACHER_ASSET = "assets/demo_stream_teacher"
-DISTILLED_ASSET = "assets/demo_stream_distilled"
 WHOLE_CLIP_TEACHER = "assets/demo_teacher"
-LONG_DATA = {"train": ("runs/data/toy-long-8f", 8, 20000, 2), "rollout": ("runs/data/toy-long-16f", 16, 10000, 3)}
+WORLDS = {
+    # world: shipped causal teacher, shipped teacher-forced one-step generator, shards (path, frames, clips, seed)
+    "free-shape": {"teacher": "assets/demo_stream_free_teacher", "distilled": "assets/demo_stream_free_distilled",
+                   "train": ("runs/data/toy-free-8f", 8, 20000, 2), "rollout": ("runs/data/toy-free-16f", 16, 10000, 3)},
+    "long": {"teacher": "assets/demo_stream_teacher", "distilled": "assets/demo_stream_distilled",
+             "train": ("runs/data/toy-long-8f", 8, 20000, 2), "rollout": ("runs/data/toy-long-16f", 16, 10000, 3)},
+}
+DEFAULT_WORLD = "free-shape"
+"""The world whose captions leave the shape out, so a stream must keep it from its own context (docs/streaming.md)."""
 VAL_PROMPT_SEED, VAL_NOISE_SEED = 4242, 40_000
 REPORT_SAMPLES = 128
 VALIDATION_SAMPLES = 128
 
 
-def ensure_long_shards(quick: bool, keys: tuple[str, ...]) -> dict[str, str]:
+def ensure_long_shards(quick: bool, keys: tuple[str, ...], world: str = DEFAULT_WORLD) -> dict[str, str]:
     from apt.toy.shards import write_toy_shards
 
     out = {}
     for key in keys:
-        path, frames, n, seed = LONG_DATA[key]
+        path, frames, n, seed = WORLDS[world][key]
         if quick:
             path, n = path + "-quick", 128
         if not (Path(path) / "manifest.json").exists():
-            print(f"[demo-stream] writing {n} long-world clips of {frames} frames to {path}")
-            write_toy_shards(path, num_samples=n, frames=frames, seed=seed, world="long", progress=False)
+            print(f"[demo-stream] writing {n} {world}-world clips of {frames} frames to {path}")
+            write_toy_shards(path, num_samples=n, frames=frames, seed=seed, world=world, progress=False)
         out[key] = path
     return out
 
 
-def pick_checkpoint(candidates: list, *, train_frames: int, n: int, classifier_path: str) -> tuple[str, list[dict]]:
+def pick_checkpoint(candidates: list, *, train_frames: int, n: int, classifier_path: str, world: str = DEFAULT_WORLD) -> tuple[str, list[dict]]:
     """The candidate whose window at 4x the training length is nearest the real windows, on the validation split."""
     from apt.inference import load_generator
     from apt.toy.classifier import load_toy_classifier
     from apt.toy.drift import long_real_stats, window_metrics
+    from apt.toy.long_world import world_prompts
     from apt.toy.stream_report import generate_videos
     from apt.toy.world import eval_prompts
 
     classifier = load_toy_classifier(classifier_path)
     real = long_real_stats(classifier, frames=train_frames, n=n, seed=VAL_PROMPT_SEED)
-    prompts = eval_prompts(n, seed=VAL_PROMPT_SEED, frames=train_frames)
+    prompts = world_prompts(eval_prompts(n, seed=VAL_PROMPT_SEED, frames=train_frames), world)
     seeds = [VAL_NOISE_SEED + i for i in range(n)]
     selection = []
     for ckpt in candidates:
@@ -75,19 +82,26 @@ def whole_clip_checkpoint(apt_whole: str | None) -> str | None:
     return None
 
 
-def run_stream_demo(out: str = "runs/demo-stream", *, quick: bool = False, apt_whole: str | None = None) -> dict:
+def run_stream_demo(out: str = "runs/demo-stream", *, quick: bool = False, apt_whole: str | None = None, world: str = DEFAULT_WORLD) -> dict:
     from apt.inference import load_generator
-    from apt.toy.stream_report import check_stream_bar, evaluate_stream_rows, print_stream_table, speed_and_memory
+    from apt.toy.stream_report import (
+        check_stream_bar,
+        evaluate_stream_rows,
+        print_stream_table,
+        speed_and_memory,
+    )
 
     t_start = time.perf_counter()
     out_dir = Path(out)
     overlays = ["tiny"] if quick else []
     stage_seconds: dict[str, float | None] = {}
-    teacher, distilled = CAUSAL_TEACHER_ASSET, DISTILLED_ASSET
+    if world not in WORLDS:
+        raise ValueError(f"unknown streaming world {world!r}; choose from {', '.join(WORLDS)}")
+    teacher, distilled = WORLDS[world]["teacher"], WORLDS[world]["distilled"]
     if quick:  # tiny models of our own through every stage (the shipped ones are the demo flavour)
         from apt.toy.demo import ensure_shards
 
-        shards = {**ensure_long_shards(True, ("train", "rollout")), "video": ensure_shards(True)["video"]}
+        shards = {**ensure_long_shards(True, ("train", "rollout"), world), "video": ensure_shards(True)["video"]}
         bidirectional = str(run_stage("recipes/demo/teacher.yaml", out_dir / "bidirectional", [f"data.shards={shards['video']}", "data.image_shards=''"], overlays, stage_seconds))
         teacher = str(run_stage("recipes/demo/stream_teacher.yaml", out_dir / "teacher", [f"data.shards={shards['train']}", f"stream.init={bidirectional}"], overlays, stage_seconds))
         distilled = str(run_stage("recipes/demo/stream_distill.yaml", out_dir / "distill", [f"data.shards={shards['train']}", f"distill.teacher={teacher}"], overlays, stage_seconds))
@@ -95,7 +109,7 @@ def run_stream_demo(out: str = "runs/demo-stream", *, quick: bool = False, apt_w
         for asset in (teacher, distilled):
             if not (Path(asset) / "net_ema.safetensors").exists():
                 raise FileNotFoundError(f"shipped streaming asset missing: {asset}/net_ema.safetensors (made by recipes/demo/stream_*.yaml; {asset}/README.md)")
-        shards = ensure_long_shards(False, ("rollout",))
+        shards = ensure_long_shards(False, ("rollout",), world)
     quick_apt = ["apt.d_warmup_steps=1"] if quick else []
     ours = run_stage("recipes/demo/stream_apt.yaml", out_dir / "apt", [f"apt.generator={distilled}", f"apt.teacher={teacher}", f"data.shards={shards['rollout']}",
                                                                         *quick_apt], overlays, stage_seconds)
@@ -104,7 +118,7 @@ def run_stream_demo(out: str = "runs/demo-stream", *, quick: bool = False, apt_w
     t_gen = load_generator(teacher)
     train_frames = t_gen.config.data.frames
     best, selection = pick_checkpoint(list_checkpoints(ours), train_frames=train_frames, n=16 if quick else VALIDATION_SAMPLES,
-                                      classifier_path=t_gen.config.eval.classifier or "assets/toy_classifier")
+                                      classifier_path=t_gen.config.eval.classifier or "assets/toy_classifier", world=world)
     rows = []
     whole = whole_clip_checkpoint(apt_whole)
     if whole:
@@ -115,7 +129,7 @@ def run_stream_demo(out: str = "runs/demo-stream", *, quick: bool = False, apt_w
              # the demo's time, so its quality is measured to 4x (its speed and memory at every length).
              ("causal-teacher", t_gen, t_gen.config.flow.sample_steps, t_gen.config.flow.cfg_scale, 128, 4)]
     report = evaluate_stream_rows(rows, out_dir=out_dir, num_samples=16 if quick else REPORT_SAMPLES, train_frames=train_frames,
-                                  timing_calls=3 if quick else 20)
+                                  timing_calls=3 if quick else 20, world=world)
     if not whole:  # the bar's latency line needs the time of a whole training-length clip: the same network at one step
         ref = load_generator(out_dir / "bidirectional" if quick else WHOLE_CLIP_TEACHER)
         report["whole_clip_seconds"] = speed_and_memory(ref, "a red circle moving left on a black background", steps=1, cfg_scale=1.0,
