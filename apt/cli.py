@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error("--stream and --text-terms are separate demos")
                 from apt.toy.stream_demo import DEFAULT_WORLD, run_stream_demo
 
-                run_stream_demo(args.out or "runs/demo-stream", quick=args.quick, apt_whole=args.whole_clip, world=args.world or DEFAULT_WORLD)
+                run_stream_demo(args.out, quick=args.quick, apt_whole=args.whole_clip, world=args.world or DEFAULT_WORLD)
                 return 0
             if args.world:
                 parser.error("--world picks the world of the streaming demo (--stream)")

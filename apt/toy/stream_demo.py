@@ -82,7 +82,9 @@ def whole_clip_checkpoint(apt_whole: str | None) -> str | None:
     return None
 
 
-def run_stream_demo(out: str = "runs/demo-stream", *, quick: bool = False, apt_whole: str | None = None, world: str = DEFAULT_WORLD) -> dict:
+def run_stream_demo(out: str | None = None, *, quick: bool = False, apt_whole: str | None = None, world: str = DEFAULT_WORLD) -> dict:
+    """The streaming demo into ``out`` (default ``runs/demo-stream``, ``runs/demo-stream-long`` for the long world: a
+    finished stage is reused, so each world keeps its own folder)."""
     from apt.inference import load_generator
     from apt.toy.stream_report import (
         check_stream_bar,
@@ -92,7 +94,7 @@ def run_stream_demo(out: str = "runs/demo-stream", *, quick: bool = False, apt_w
     )
 
     t_start = time.perf_counter()
-    out_dir = Path(out)
+    out_dir = Path(out or ("runs/demo-stream" if world == DEFAULT_WORLD else f"runs/demo-stream-{world}"))
     overlays = ["tiny"] if quick else []
     stage_seconds: dict[str, float | None] = {}
     if world not in WORLDS:
