@@ -205,7 +205,7 @@ import diffusers
 from diffusers import {pipe_class}
 
 pipe = {pipe_class}.from_pretrained("{base}")
-pipe.scheduler = getattr(diffusers, "{i.get('scheduler', 'FlowMatchEulerDiscreteScheduler')}").from_pretrained("<this directory>", subfolder="scheduler")
+pipe.scheduler = diffusers.{i.get('scheduler', 'FlowMatchEulerDiscreteScheduler')}.from_pretrained("<this directory>", subfolder="scheduler")
 {diffusers_load}
 out = pipe(prompt="...", {call})
 ```"""
@@ -214,6 +214,10 @@ out = pipe(prompt="...", {call})
     else:
         load = ("`peft` layout: `inject_adapter_in_model(LoraConfig.from_pretrained(DIR), net)`, then "
                 "`set_peft_model_state_dict(net, load_file(DIR/adapter_model.safetensors))` on the base network.")
+    footer = ("One step from the final timestep (sigma 1 -> 0) with the one-step scheduler written beside the weights, the call's\n"
+              "arguments as `python -m apt export` writes them for a full model (`apt_lora.json`: `call`); latent shape\n"
+              f"(C, T, H, W) = {tuple(i['latent_shape_CTHW'])}." if i["model_source"] == "diffusers" else
+              f"One step per sample, as `python -m apt sample` of the LoRA run; latent shape (C, T, H, W) = {tuple(i['latent_shape_CTHW'])}.")
     return f"""# One-step LoRA generator (apt, {i['stage']} stage){' -- merged' if i['merged'] else ''}
 
 Exported by `apt.export_lora` from `{i['source_checkpoint']}` (the EMA adapters of `{i['weights']}`): {i['format']}.
@@ -221,7 +225,5 @@ LoRA rank {i['rank']}, alpha {i['alpha']}, target modules {i['target_modules']};
 
 {load}
 
-One step from the final timestep (sigma 1 -> 0) with the one-step scheduler written beside the weights, the call's
-arguments as `python -m apt export` writes them for a full model (`apt_lora.json`: `call`); latent shape
-(C, T, H, W) = {tuple(i['latent_shape_CTHW'])}.
+{footer}
 """

@@ -188,7 +188,7 @@ def test_not_a_diffusers_dir_names_the_directory(tiny_dirs, tmp_path):
         ADAPTERS["wan"].from_pretrained(tiny_dirs["sd3"]["transformer"])
     with pytest.raises(ConfigError, match="model.family 'sdxl' unknown"):
         load_config(None, [], ["model.source=diffusers", "model.family=sdxl", "model.path=x"])
-    with pytest.raises(ConfigError, match="model.source must be builtin or diffusers"):
+    with pytest.raises(ConfigError, match="model.source must be one of builtin, diffusers, python"):
         load_config(None, [], ["model.source=hub"])
     c = diffusers_config("wan", tiny_dirs["wan"])
     with pytest.raises(ConfigError, match="gives 32-wide embeddings but the WanTransformer3DModel .* expects 64"):
