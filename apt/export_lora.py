@@ -114,9 +114,12 @@ def _one_step_call(config: Config, out: Path) -> dict:
     settings = {"scheduler": type(scheduler).__name__, "base_pipeline": None if base is None else str(base),
                 "diffusers_class": adapter_class(config.model.family).model_class}
     if config.model.vae:
+        import torch
+
         from apt.codecs import LatentCodec
 
-        net = adapter_class(config.model.family).from_config_dir(config.model.path)
+        with torch.device("meta"):  # only the config and the adapter's settings are read: no memory for the weights
+            net = adapter_class(config.model.family).from_config_dir(config.model.path)
         settings["call"] = pipeline_call(config, net, LatentCodec.load(config.model.vae))
     return settings
 
