@@ -71,3 +71,20 @@ def random_text(B: int, L: int, D: int, *, pad_from: int | None = None) -> TextC
     if pad_from is not None:
         mask[:, pad_from:] = False
     return TextCond(torch.randn(B, L, D), mask)
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory) -> Path:
+    """A directory with net_ema.safetensors of a tiny DiT with non-trivial weights (G init, D backbone, teacher; the multiprocess tests)."""
+    from apt.checkpoint import save_weights
+    from apt.models import build_dit
+    from apt.text import TextEncoder
+
+    out = tmp_path_factory.mktemp("init")
+    torch.manual_seed(0)
+    net = build_dit("tiny", text_dim=TextEncoder.load("toy-t5").dim)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # adaLN-Zero starts every block as the identity
+    save_weights(net.state_dict(), out / "net_ema.safetensors")
+    return out

@@ -84,22 +84,6 @@ def deepspeed_comm_op():
         pytest.skip(f"DeepSpeed could not build its CPU comm op (ShareMemCommBuilder):\n{result.stdout[-2000:]}")
 
 
-@pytest.fixture(scope="module")
-def tiny_init(tmp_path_factory) -> Path:
-    """A directory with net_ema.safetensors of a tiny DiT with non-trivial weights (G init and D backbone)."""
-    from apt.models import build_dit
-    from apt.text import TextEncoder
-
-    out = tmp_path_factory.mktemp("init")
-    torch.manual_seed(0)
-    net = build_dit("tiny", text_dim=TextEncoder.load("toy-t5").dim)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # adaLN-Zero starts every block as the identity
-    save_weights(net.state_dict(), out / "net_ema.safetensors")
-    return out
-
-
 def apt_steps(init: Path, out: Path, mode: str, *extra: str, nproc: int = 0) -> dict:
     ok(launch([str(HELPERS / "apt_steps.py"), "--init", str(init), "--out", str(out), "--mode", mode, *extra], nproc=nproc))
     return torch.load(out, weights_only=True)

@@ -28,23 +28,6 @@ pytest.importorskip("peft")  # the `lora` extra (setup.cfg)
 KEYS = ("loss_d", "d_real", "d_fake", "r1", "grad_norm_d", "loss_g", "grad_norm_g", "g_updates")
 
 
-@pytest.fixture(scope="module")
-def tiny_init(tmp_path_factory):
-    """A directory with net_ema.safetensors of a tiny DiT with non-trivial weights (G init, D backbone, teacher)."""
-    from apt.checkpoint import save_weights
-    from apt.models import build_dit
-    from apt.text import TextEncoder
-
-    out = tmp_path_factory.mktemp("init")
-    torch.manual_seed(0)
-    net = build_dit("tiny", text_dim=TextEncoder.load("toy-t5").dim)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))  # adaLN-Zero starts every block as the identity
-    save_weights(net.state_dict(), out / "net_ema.safetensors")
-    return out
-
-
 def lora_fit(init, run, strategy: str, *extra: str, nproc: int = 0):
     return ok(launch([str(HELPERS / "lora_fit.py"), "--init", str(init), "--out", str(run), "--strategy", strategy, *extra], nproc=nproc, timeout=240))
 
