@@ -50,8 +50,8 @@ def check_bar(report: dict) -> list[dict]:
     return lines
 
 
-def format_bar(lines: list[dict]) -> str:
-    out = [f"bar (the paper's claim, docs/demo.md): {sum(x['met'] for x in lines)} of {len(lines)} lines met"]
+def format_bar(lines: list[dict], title: str = "the paper's claim, docs/demo.md") -> str:
+    out = [f"bar ({title}): {sum(x['met'] for x in lines)} of {len(lines)} lines met"]
     for x in lines:
         out.append(f"  {'met    ' if x['met'] else 'NOT met'}  {x['line']}: {x['value']:.4g} (bar {x['op']} {x['threshold']:.4g})")
     return "\n".join(out)

@@ -28,7 +28,7 @@ import torch
 
 from apt.eval.tensor_memory import PeakTensorMemory
 from apt.inference import Generator
-from apt.toy.bar import _line
+from apt.toy.bar import _line, format_bar
 from apt.toy.classifier import load_toy_classifier
 from apt.toy.drift import long_real_batches, long_real_stats, window_metrics
 from apt.toy.long_world import world_prompts
@@ -196,13 +196,6 @@ def check_stream_bar(report: dict) -> list[dict]:
     return lines
 
 
-def format_stream_bar(lines: list[dict]) -> str:
-    out = [f"bar (the streaming claim): {sum(x['met'] for x in lines)} of {len(lines)} lines met"]
-    for x in lines:
-        out.append(f"  {'met    ' if x['met'] else 'NOT met'}  {x['line']}: {x['value']:.4g} (bar {x['op']} {x['threshold']:.4g})")
-    return "\n".join(out)
-
-
 def print_stream_table(report: dict) -> None:
     f = report["train_frames"]
     print(f"\nwindows of {f} frames (the training length) ending a video of 1x / 4x / 16x that length; N = {report['num_samples']}")
@@ -220,4 +213,4 @@ def print_stream_table(report: dict) -> None:
         print(f"{'real videos':<22}{'-':>10}{d[0]:>9}{d[1]:>9}{d[2]:>10}{a[0]:>8}{a[1]:>8}{a[2]:>9}")
     print(f"real {report.get('world', 'long')}-world windows: attribute accuracy {real['attribute_accuracy']:.3f}; "
           f"real-vs-real floor {real['real_vs_real_floor']:.2f}")
-    print(format_stream_bar(check_stream_bar(report)) + "\n")
+    print(format_bar(check_stream_bar(report), "the streaming claim") + "\n")
