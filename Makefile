@@ -17,13 +17,15 @@ $(VENV)/.installed: setup.cfg constraints.txt
 
 install: $(VENV)/.installed
 
+# Two pytest workers (pytest-xdist), a test file each at a time: most of the slow tests wait on one-threaded imports
+# in subprocesses, so two cores finish the suite sooner (docs/log/scale_out.md, test durations).
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not integration and not multiprocess and not experiments"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not integration and not multiprocess and not experiments"
 
 demo: install
 	$(PY) -m apt demo

@@ -72,9 +72,10 @@ def pick_checkpoint(candidates: list, *, train_frames: int, n: int, classifier_p
     return min(selection, key=lambda s: s["val_distance_4x"])["checkpoint"], selection
 
 
-def whole_clip_checkpoint(apt_whole: str | None) -> str | None:
-    """The bidirectional APT generator: ``apt_whole``, or the one ``python -m apt demo`` picked (runs/demo/report.json)."""
-    if apt_whole:
+def whole_clip_checkpoint(apt_whole: str | None, *, quick: bool = False) -> str | None:
+    """The bidirectional APT generator: ``apt_whole``, or the one ``python -m apt demo`` picked (runs/demo/report.json);
+    none for ``--quick`` (its tiny models are not compared with the full demo's generator)."""
+    if apt_whole or quick:
         return apt_whole
     report = Path("runs/demo/report.json")
     if report.exists():
@@ -122,7 +123,7 @@ def run_stream_demo(out: str | None = None, *, quick: bool = False, apt_whole: s
     best, selection = pick_checkpoint(list_checkpoints(ours), train_frames=train_frames, n=16 if quick else VALIDATION_SAMPLES,
                                       classifier_path=t_gen.config.eval.classifier or "assets/toy_classifier", world=world)
     rows = []
-    whole = whole_clip_checkpoint(apt_whole)
+    whole = whole_clip_checkpoint(apt_whole, quick=quick)
     if whole:
         rows.append(("whole-clip-apt", load_generator(whole), 1, 1.0, 16, 16))
     rows += [("teacher-forced-1step", load_generator(distilled), 1, 1.0, 128, 16),
