@@ -121,3 +121,15 @@ def test_world_prompts_leave_the_shape_out_of_free_shape_captions():
         world_prompts(prompts, "demo")
     with pytest.raises(ValueError, match="not a toy caption"):
         world_prompts(["a red circle"], "free-shape")
+
+
+def test_whole_clip_row_comes_from_the_full_demo_only_when_not_quick(tmp_path, monkeypatch):
+    from apt.toy.stream_demo import whole_clip_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    assert whole_clip_checkpoint(None) is None  # no `python -m apt demo` run here
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "report.json").write_text('{"apt_checkpoint": "runs/demo/apt_video/checkpoints/step-000200"}')
+    assert whole_clip_checkpoint(None) == "runs/demo/apt_video/checkpoints/step-000200"
+    assert whole_clip_checkpoint(None, quick=True) is None  # tiny --quick models are not compared with the full demo's
+    assert whole_clip_checkpoint("given", quick=True) == "given"
