@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--frames", type=int, default=8, help="frames per clip (ignored with --image)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", action="store_true", help="the image variant (frames = 1, no motion)")
-    p.add_argument("--world", default="demo", choices=["demo", "long", "free-shape"],
-                   help="long: motion wraps around the frame (apt.toy.long_world); free-shape: that world captioned without the shape")
+    p.add_argument("--world", default="demo", choices=["demo", "long", "free-shape", "free-colour"],
+                   help="long: motion wraps around the frame (apt.toy.long_world); free-shape / free-colour: that world captioned without the shape / the colour")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     args = p.parse_args(argv)

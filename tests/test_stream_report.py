@@ -87,13 +87,14 @@ def test_free_shape_world_and_its_drift_metric():
     their shape, so the metric reads them as (nearly) always right; a video whose shape changes is caught."""
     from apt.toy.classifier import load_toy_classifier
     from apt.toy.drift import long_real_batches, long_real_stats, window_metrics
-    from apt.toy.long_world import free_shape_caption, parse_free_shape_caption
+    from apt.toy.long_world import free_shape_caption, parse_free_caption
 
     s, f = make_long_sample(2, seed=4, frames=16), make_long_sample(2, seed=4, frames=16, free_shape=True)
     assert np.array_equal(s["pixels"], f["pixels"]) and f["caption"] == free_shape_caption(s["attributes"])
-    assert parse_free_shape_caption(f["caption"]) == (s["attributes"].colour, s["attributes"].direction, s["attributes"].background)
+    a = s["attributes"]
+    assert parse_free_caption(f["caption"]) == ("free-shape", {"colour": a.colour, "direction": a.direction, "background": a.background})
     with pytest.raises(ValueError, match="free-shape"):
-        parse_free_shape_caption(s["caption"])
+        parse_free_caption(s["caption"])
     classifier = load_toy_classifier("assets/toy_classifier")
     n = 48
     real = long_real_stats(classifier, frames=8, n=n, seed=9)
@@ -110,13 +111,17 @@ def test_free_shape_world_and_its_drift_metric():
 
 
 def test_world_prompts_leave_the_shape_out_of_free_shape_captions():
-    from apt.toy.long_world import parse_free_shape_caption, world_prompts
+    from apt.toy.long_world import parse_free_caption, world_prompts
 
     prompts = ["a red circle moving left on a black background", "a cyan triangle moving down on a gray background"]
     assert world_prompts(prompts, "long") == prompts
     free = world_prompts(prompts, "free-shape")
     assert free == ["a red moving left on a black background", "a cyan moving down on a gray background"]
-    assert [parse_free_shape_caption(p) for p in free] == [("red", "left", "black"), ("cyan", "down", "gray")]
+    assert [parse_free_caption(p)[1]["colour"] for p in free] == ["red", "cyan"]
+    no_colour = world_prompts(prompts, "free-colour")
+    assert no_colour == ["a circle moving left on a black background", "a triangle moving down on a gray background"]
+    assert [parse_free_caption(p) for p in no_colour] == [("free-colour", {"shape": "circle", "direction": "left", "background": "black"}),
+                                                          ("free-colour", {"shape": "triangle", "direction": "down", "background": "gray"})]
     with pytest.raises(ValueError, match="unknown streaming world"):
         world_prompts(prompts, "demo")
     with pytest.raises(ValueError, match="not a toy caption"):
@@ -133,3 +138,29 @@ def test_whole_clip_row_comes_from_the_full_demo_only_when_not_quick(tmp_path, m
     assert whole_clip_checkpoint(None) == "runs/demo/apt_video/checkpoints/step-000200"
     assert whole_clip_checkpoint(None, quick=True) is None  # tiny --quick models are not compared with the full demo's
     assert whole_clip_checkpoint("given", quick=True) == "given"
+
+
+def test_free_colour_world_and_its_drift_metric():
+    """Captioned without the colour; a window's colour counts as right when it is the first window's. Real videos
+    keep their colour in every window; a video whose colour changes is caught."""
+    from apt.toy.classifier import load_toy_classifier
+    from apt.toy.drift import long_real_stats, window_metrics
+    from apt.toy.long_world import free_colour_caption
+
+    s, f = make_long_sample(3, seed=4, frames=16), make_long_sample(3, seed=4, frames=16, free_colour=True)
+    assert np.array_equal(s["pixels"], f["pixels"]) and f["caption"] == free_colour_caption(s["attributes"])
+    assert s["attributes"].colour not in f["caption"] and s["attributes"].shape in f["caption"]
+    with pytest.raises(ValueError, match="not both"):
+        make_long_sample(3, seed=4, frames=16, free_shape=True, free_colour=True)
+    classifier = load_toy_classifier("assets/toy_classifier")
+    n = 48
+    real = long_real_stats(classifier, frames=8, n=n, seed=9)
+    videos = [make_long_sample(i, seed=11, frames=24, free_colour=True) for i in range(n)]
+    x = torch.from_numpy(np.stack([v["pixels"] for v in videos])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    curve = window_metrics(classifier, x, [v["caption"] for v in videos], real, window_frames=8)
+    assert list(curve[0]["per_attribute"]) == ["shape", "direction", "background", "colour_kept"]
+    assert all(w["per_attribute"]["colour_kept"] >= 0.9 for w in curve) and curve[0]["per_attribute"]["colour_kept"] == 1.0
+    recoloured = x.clone()
+    recoloured[:, :, 16:] = recoloured[:, :, 16:].roll(1, dims=1)  # channels rotated in the last window: every colour changes
+    changed = window_metrics(classifier, recoloured, [v["caption"] for v in videos], real, window_frames=8)[2]["per_attribute"]["colour_kept"]
+    assert changed < curve[2]["per_attribute"]["colour_kept"] - 0.5

@@ -18,7 +18,7 @@ import torch
 
 from apt.eval.frechet import FeatureStats, stats_distance
 from apt.toy.classifier import ToyClassifier
-from apt.toy.long_world import make_long_sample, parse_free_shape_caption
+from apt.toy.long_world import FREE_ATTRIBUTE, make_long_sample, parse_free_caption
 from apt.toy.metrics import DEFAULT_CHUNK, evaluate_samples, features_and_predictions
 
 
@@ -47,40 +47,38 @@ def window_metrics(classifier: ToyClassifier, x_NCTHW: torch.Tensor, prompts: li
     """Distance and attribute accuracy of the windows [s, s + window_frames) of every video, one dict per start s
     (default: every non-overlapping window, i.e. the drift curve).
 
-    Prompts of the free-shape world (``apt.toy.long_world.free_shape_caption``) name no shape: a window's shape is
-    right when it is the shape the classifier reads in the video's first window (the shape must persist), the other
-    attributes are compared with the prompt."""
+    Prompts of the free-shape and free-colour worlds (``apt.toy.long_world``) leave one attribute out: a window's
+    value of it is right when it is the one the classifier reads in the video's first window (it must persist; the
+    per-attribute key is ``shape_kept`` / ``colour_kept``), the other attributes are compared with the prompt."""
     T = x_NCTHW.shape[2]
     starts = list(range(0, T - window_frames + 1, window_frames)) if starts is None else starts
-    free_shape = _is_free_shape(prompts)
-    first_shapes = features_and_predictions(classifier, [x_NCTHW[:, :, :window_frames]], DEFAULT_CHUNK)[1]["shape"] if free_shape else None
+    free = _free_attribute(prompts)
+    firsts = features_and_predictions(classifier, [x_NCTHW[:, :, :window_frames]], DEFAULT_CHUNK)[1][free] if free else None
     out = []
     for s in starts:
         if s < 0 or s + window_frames > T:
             raise ValueError(f"window [{s}, {s + window_frames}) outside a {T}-frame video")
         x = x_NCTHW[:, :, s : s + window_frames]
-        m = _free_shape_scores(classifier, x, prompts, real, first_shapes) if free_shape else evaluate_samples(classifier, x, prompts, real)
+        m = _free_scores(classifier, x, prompts, real, free, firsts) if free else evaluate_samples(classifier, x, prompts, real)
         out.append({"first_frame": s, "distance": round(m["distance"], 2), "attribute_accuracy": round(m["attribute_accuracy"], 4),
                     "per_attribute": {k: round(v, 4) for k, v in m["per_attribute"].items()}})
     return out
 
 
-def _is_free_shape(prompts: list[str]) -> bool:
+def _free_attribute(prompts: list[str]) -> str | None:
+    """"shape" or "colour" for prompts of a world captioned without it; None for full captions."""
     try:
-        parse_free_shape_caption(prompts[0])
-        return True
+        return FREE_ATTRIBUTE[parse_free_caption(prompts[0])[0]]
     except ValueError:
-        return False
+        return None
 
 
-def _free_shape_scores(classifier: ToyClassifier, x_NCTHW: torch.Tensor, prompts: list[str], real: FeatureStats, first_shapes: list[str]) -> dict:
-    """Distance, and the accuracy of the captioned attributes with the first window's shape kept."""
+def _free_scores(classifier: ToyClassifier, x_NCTHW: torch.Tensor, prompts: list[str], real: FeatureStats, free: str, firsts: list[str]) -> dict:
+    """Distance, and the accuracy of the captioned attributes with the first window's ``free`` attribute kept."""
     stats, preds = features_and_predictions(classifier, [x_NCTHW], DEFAULT_CHUNK)
-    wanted = [parse_free_shape_caption(p) for p in prompts]
-    hits = {"colour": [p == w[0] for p, w in zip(preds["colour"], wanted)],
-            "direction": [p == w[1] for p, w in zip(preds["direction"], wanted)],
-            "background": [p == w[2] for p, w in zip(preds["background"], wanted)],
-            "shape_kept": [p == f for p, f in zip(preds["shape"], first_shapes)]}
+    wanted = [parse_free_caption(p)[1] for p in prompts]
+    hits = {name: [p == w[name] for p, w in zip(preds[name], wanted)] for name in wanted[0]}
+    hits[f"{free}_kept"] = [p == f for p, f in zip(preds[free], firsts)]
     joint = np.logical_and.reduce([np.array(h) for h in hits.values()])
     return {"distance": stats_distance(stats, real), "attribute_accuracy": float(joint.mean()),
             "per_attribute": {k: float(np.mean(v)) for k, v in hits.items()}}

@@ -9,9 +9,11 @@ of its output by the same classifier and the same real statistics.
 
 Everything is numpy and determined by (seed, index, frames); the demo's world and its shards are untouched.
 
-The ``free-shape`` variant leaves the shape out of the caption ("a red moving left on a black background"): the
-generator picks a shape in the first chunk and must keep it from its own context for the rest of the video, so an
-error it makes and then reads back shows up as a change of shape (exposure bias; docs/streaming.md).
+The ``free-shape`` variant leaves the shape out of the caption ("a red moving left on a black background"), the
+``free-colour`` variant the colour ("a circle moving left on a black background"): the generator picks that attribute
+in the first chunk and must keep it from its own context for the rest of the video, so an error it makes and then
+reads back shows up as a change of it (exposure bias; docs/streaming.md). The toy's models draw the colour crisply
+from noise, not the shape (docs/log/streaming.md), so only ``free-colour`` keeps something to lose.
 
 Shape legend: clips are uint8 (T, H, W, C) = (frames, 16, 16, 3).
 """
@@ -85,23 +87,37 @@ def free_shape_caption(attrs: ToyAttributes) -> str:
     return f"a {attrs.colour} moving {attrs.direction} on a {attrs.background} background"
 
 
-_FREE_SHAPE_RE = re.compile(r"^a (\w+) moving (\w+) on a (\w+) background$")
+def free_colour_caption(attrs: ToyAttributes) -> str:
+    """The caption without the colour: "a circle moving left on a black background"."""
+    return f"a {attrs.shape} moving {attrs.direction} on a {attrs.background} background"
 
 
-def parse_free_shape_caption(text: str) -> tuple[str, str, str]:
-    """(colour, direction, background) of a ``free_shape_caption``; ValueError naming the text otherwise."""
-    m = _FREE_SHAPE_RE.match(text.strip())
-    if m is None:
-        raise ValueError(f"not a free-shape toy caption: {text!r}")
-    return m.groups()
+FREE_ATTRIBUTE = {"free-shape": "shape", "free-colour": "colour"}
+"""The worlds captioned without one attribute, and that attribute."""
+
+_FREE_RE = re.compile(r"^a (\w+) moving (\w+) on a (\w+) background$")
 
 
-def make_long_sample(index: int, seed: int, frames: int = 64, *, free_shape: bool = False) -> dict:
+def parse_free_caption(text: str) -> tuple[str, dict[str, str]]:
+    """(world, the attributes the caption names) of a free-shape or free-colour caption; ValueError naming the text otherwise."""
+    m = _FREE_RE.match(text.strip())
+    if m is not None:
+        first, direction, background = m.groups()
+        if first in COLOURS:
+            return "free-shape", {"colour": first, "direction": direction, "background": background}
+        if first in SHAPES:
+            return "free-colour", {"shape": first, "direction": direction, "background": background}
+    raise ValueError(f"not a free-shape or free-colour toy caption: {text!r}")
+
+
+def make_long_sample(index: int, seed: int, frames: int = 64, *, free_shape: bool = False, free_colour: bool = False) -> dict:
     """Sample ``index`` of the long-clip world with ``seed``: dict(pixels uint8 THWC, caption, attributes).
-    ``free_shape``: the same clip, captioned without its shape."""
+    ``free_shape`` / ``free_colour``: the same clip, captioned without its shape / its colour."""
+    if free_shape and free_colour:
+        raise ValueError("a caption leaves out the shape or the colour, not both")
     rng = np.random.default_rng([int(seed), int(index), 0x10])  # its own stream: never the demo world's clip
     attrs = sample_attributes(rng, frames)
-    text = free_shape_caption(attrs) if free_shape else caption(attrs)
+    text = free_shape_caption(attrs) if free_shape else free_colour_caption(attrs) if free_colour else caption(attrs)
     return {"pixels": render_long_clip(attrs, rng, frames), "caption": text, "attributes": attrs}
 
 
@@ -114,12 +130,23 @@ def without_shape(text: str) -> str:
     return f"a {colour} moving {direction} on a {background} background"
 
 
+def without_colour(text: str) -> str:
+    """A demo-world caption with its colour left out: "a circle moving left on a black background"."""
+    m = re.match(r"^a (\w+) (\w+) moving (\w+) on a (\w+) background$", text.strip())
+    if m is None:
+        raise ValueError(f"not a toy caption: {text!r}")
+    _, shape, direction, background = m.groups()
+    return f"a {shape} moving {direction} on a {background} background"
+
+
 def world_prompts(prompts: list[str], world: str) -> list[str]:
-    """The prompts as the streaming world ``world`` ("long" or "free-shape") captions them."""
-    if world not in ("long", "free-shape"):
-        raise ValueError(f"unknown streaming world {world!r}; choose long or free-shape")
-    return [without_shape(p) for p in prompts] if world == "free-shape" else list(prompts)
+    """The prompts as the streaming world ``world`` ("long", "free-shape" or "free-colour") captions them."""
+    if world not in ("long", *FREE_ATTRIBUTE):
+        raise ValueError(f"unknown streaming world {world!r}; choose long, free-shape or free-colour")
+    drop = {"free-shape": without_shape, "free-colour": without_colour}.get(world)
+    return [drop(p) for p in prompts] if drop else list(prompts)
 
 
-WORLDS = ("demo", "long", "free-shape")
-"""World names of ``apt.toy.shards.write_toy_shards``: the demo's, the long-clip world, and it captioned without the shape."""
+WORLDS = ("demo", "long", *FREE_ATTRIBUTE)
+"""World names of ``apt.toy.shards.write_toy_shards``: the demo's, the long-clip world, and it captioned without the
+shape or without the colour."""

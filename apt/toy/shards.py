@@ -32,8 +32,8 @@ def write_toy_shards(
 
     Each shard is written under a ".part" name and renamed when complete; `manifest.json` is
     written last (atomically), so a directory with a manifest is complete. ``world``: ``demo``, or ``long`` /
-    ``free-shape`` (``apt.toy.long_world``: motion that wraps around the frame, for the streaming stages; the latter
-    captioned without the shape), recorded in the manifest.
+    ``free-shape`` / ``free-colour`` (``apt.toy.long_world``: motion that wraps around the frame, for the streaming
+    stages; the latter two captioned without the shape / the colour), recorded in the manifest.
     """
     make = make_sample
     if world != "demo":
@@ -43,7 +43,7 @@ def write_toy_shards(
 
         if world not in WORLDS:
             raise ValueError(f"unknown toy world {world!r}; choose from {', '.join(WORLDS)}")
-        make = partial(make_long_sample, free_shape=world == "free-shape")
+        make = partial(make_long_sample, free_shape=world == "free-shape", free_colour=world == "free-colour")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if samples_per_shard < 1:

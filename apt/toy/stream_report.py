@@ -108,9 +108,9 @@ def evaluate_stream_rows(rows: list[tuple[str, Generator, int, float, int, int]]
     """``rows``: (name, generator, steps, cfg_scale, generation batch, longest video in training lengths). Returns the
     report (rows, drift curves, real windows' accuracy and the real-vs-real floor); a length a row does not reach is None.
 
-    ``world``: the streaming world the causal rows were trained on (``apt.toy.long_world``); under ``free-shape`` the
-    causal rows are prompted without the shape and every row is scored with the shape kept from the first window (a
-    whole-clip row, trained on the demo world's captions, is prompted with the shape)."""
+    ``world``: the streaming world the causal rows were trained on (``apt.toy.long_world``); under ``free-shape`` /
+    ``free-colour`` the causal rows are prompted without the shape / colour and every row is scored with it kept from
+    the first window (a whole-clip row, trained on the demo world's captions, is prompted with every attribute)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_toy_classifier(classifier_path)
