@@ -121,30 +121,21 @@ def make_long_sample(index: int, seed: int, frames: int = 64, *, free_shape: boo
     return {"pixels": render_long_clip(attrs, rng, frames), "caption": text, "attributes": attrs}
 
 
-def without_shape(text: str) -> str:
-    """A demo-world caption ("a red circle moving left on a black background") with its shape left out."""
+def without(text: str, attribute: str) -> str:
+    """A demo-world caption ("a red circle moving left on a black background") with its ``attribute`` ("shape" or
+    "colour") left out: "a red moving left on ..." / "a circle moving left on ..."."""
     m = re.match(r"^a (\w+) (\w+) moving (\w+) on a (\w+) background$", text.strip())
     if m is None:
         raise ValueError(f"not a toy caption: {text!r}")
-    colour, _, direction, background = m.groups()
-    return f"a {colour} moving {direction} on a {background} background"
-
-
-def without_colour(text: str) -> str:
-    """A demo-world caption with its colour left out: "a circle moving left on a black background"."""
-    m = re.match(r"^a (\w+) (\w+) moving (\w+) on a (\w+) background$", text.strip())
-    if m is None:
-        raise ValueError(f"not a toy caption: {text!r}")
-    _, shape, direction, background = m.groups()
-    return f"a {shape} moving {direction} on a {background} background"
+    colour, shape, direction, background = m.groups()
+    return f"a {shape if attribute == 'colour' else colour} moving {direction} on a {background} background"
 
 
 def world_prompts(prompts: list[str], world: str) -> list[str]:
     """The prompts as the streaming world ``world`` ("long", "free-shape" or "free-colour") captions them."""
     if world not in ("long", *FREE_ATTRIBUTE):
         raise ValueError(f"unknown streaming world {world!r}; choose long, free-shape or free-colour")
-    drop = {"free-shape": without_shape, "free-colour": without_colour}.get(world)
-    return [drop(p) for p in prompts] if drop else list(prompts)
+    return [without(p, FREE_ATTRIBUTE[world]) for p in prompts] if world in FREE_ATTRIBUTE else list(prompts)
 
 
 WORLDS = ("demo", "long", *FREE_ATTRIBUTE)
