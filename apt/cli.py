@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
     demo.add_argument("--stream", action="store_true",
                       help="streaming APT (AAPT): student-forced training of the shipped causal models, then the long-video table (runs/demo-stream)")
-    demo.add_argument("--world", default=None, choices=["free-shape", "long"],
+    demo.add_argument("--world", default=None, choices=["free-shape", "free-colour", "long"],
                       help="with --stream: the streaming toy world (default free-shape: captions without the shape; docs/streaming.md)")
     demo.add_argument("--whole-clip", default=None, help="with --stream: the whole-clip APT checkpoint of its first row (default: runs/demo's pick)")
     demo.add_argument("--text-terms", action="store_true",

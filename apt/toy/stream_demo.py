@@ -25,6 +25,8 @@ WORLDS = {
     # world: shipped causal teacher, shipped teacher-forced one-step generator, shards (path, frames, clips, seed)
     "free-shape": {"teacher": "assets/demo_stream_free_teacher", "distilled": "assets/demo_stream_free_distilled",
                    "train": ("runs/data/toy-free-8f", 8, 20000, 2), "rollout": ("runs/data/toy-free-16f", 16, 10000, 3)},
+    "free-colour": {"teacher": "assets/demo_stream_colour_teacher", "distilled": "assets/demo_stream_colour_distilled",
+                    "train": ("runs/data/toy-freecol-8f", 8, 20000, 2), "rollout": ("runs/data/toy-freecol-16f", 16, 10000, 3)},
     "long": {"teacher": "assets/demo_stream_teacher", "distilled": "assets/demo_stream_distilled",
              "train": ("runs/data/toy-long-8f", 8, 20000, 2), "rollout": ("runs/data/toy-long-16f", 16, 10000, 3)},
 }
