@@ -81,13 +81,17 @@ def random_text(B: int, L: int, D: int, *, pad_from: int | None = None) -> TextC
 @pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory) -> Path:
     """A directory with net_ema.safetensors of a tiny DiT with non-trivial weights (G init, D backbone, teacher; the multiprocess tests)."""
+    return write_tiny_init(tmp_path_factory.mktemp("init"))
+
+
+def write_tiny_init(out: Path, **dit_kwargs) -> Path:
+    """``out``/net_ema.safetensors: a tiny DiT (``build_dit("tiny", **dit_kwargs)``), seed 0, its weights moved off their init."""
     from apt.checkpoint import save_weights
     from apt.models import build_dit
     from apt.text import TextEncoder
 
-    out = tmp_path_factory.mktemp("init")
     torch.manual_seed(0)
-    net = build_dit("tiny", text_dim=TextEncoder.load("toy-t5").dim)
+    net = build_dit("tiny", text_dim=TextEncoder.load("toy-t5").dim, **dit_kwargs)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))  # adaLN-Zero starts every block as the identity

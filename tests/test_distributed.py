@@ -29,9 +29,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apt.checkpoint import latest_checkpoint, list_checkpoints, save_weights
+from apt.checkpoint import latest_checkpoint, list_checkpoints
 from apt.distributed.consolidate import ema_state_dict
 from apt.distributed.sequence_parallel import data_parallel_rank
+from tests.conftest import write_tiny_init
 
 pytestmark = pytest.mark.multiprocess
 
@@ -282,17 +283,7 @@ def test_fsdp2_save_then_resume_continues_identically(tiny_init, toy_shards, tmp
 @pytest.fixture(scope="module")
 def tiny_causal_init(tmp_path_factory) -> Path:
     """net_ema.safetensors of a tiny causal DiT (2-frame chunks, sink 1, window 2) with non-trivial weights."""
-    from apt.models import build_dit
-    from apt.text import TextEncoder
-
-    out = tmp_path_factory.mktemp("causal_init")
-    torch.manual_seed(0)
-    net = build_dit("tiny", text_dim=TextEncoder.load("toy-t5").dim, causal_chunk_frames=2, sink_chunks=1, window_chunks=2)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_weights(net.state_dict(), out / "net_ema.safetensors")
-    return out
+    return write_tiny_init(tmp_path_factory.mktemp("causal_init"), causal_chunk_frames=2, sink_chunks=1, window_chunks=2)
 
 
 @pytest.fixture(scope="module")
