@@ -139,7 +139,7 @@ def load(fabric, path: str | Path, module) -> None:
         )
     for name in ENGINES:
         engine = getattr(module, name)._forward_module
-        engine.checkpoint_engine.load = load_without_pickle  # DeepSpeed's default reads with weights_only=False
+        engine.checkpoint_engine.load = load_without_pickle  # DeepSpeed's default load unpickles any object
         load_path, _ = engine.load_checkpoint(str(engine_dir(path, name)), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load {engine_dir(path, name)}")
