@@ -36,6 +36,7 @@ from apt.lit.stream import StreamAptModule  # noqa: E402
 from apt.methods.update import OptimizerUpdate  # noqa: E402
 from apt.toy.long_world import make_long_sample  # noqa: E402
 from apt.toy.world import make_sample  # noqa: E402
+from apt.train import close_process_group  # noqa: E402
 
 
 def global_batch(n: int, frames: int, long_clips: bool = False) -> dict:
@@ -129,3 +130,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    close_process_group()  # gloo left to interpreter exit can abort a rank that finished

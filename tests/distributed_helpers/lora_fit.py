@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from apt.config import load_config  # noqa: E402
-from apt.train import STAGES, build_trainer  # noqa: E402
+from apt.train import STAGES, build_trainer, close_process_group  # noqa: E402
 from tests.distributed_helpers.apt_steps import global_batch  # noqa: E402
 
 
@@ -84,3 +84,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    close_process_group()  # gloo left to interpreter exit can abort a rank that finished
