@@ -277,6 +277,10 @@ class StreamConfig:
     detach_context: bool = True
     """stream_apt: each chunk's gradient stops at its own forward (the cache and the recycled chunk detached);
     False lets it flow back through them into the earlier chunks that carry gradient."""
+    d_context: str = "windows"
+    """stream_apt: how D sees a rollout longer than the training length. "windows": cut into ``window_frames`` windows
+    judged separately; "stream": chunk by chunk with D's own cache (the sink and rolling window G streams with), so
+    every chunk is judged with the stream's first chunk in view (``apt.methods.streaming.ChunkDiscriminator``)."""
 
 
 @dataclass
@@ -698,6 +702,7 @@ def check_stream(c: Config) -> None:
     s, cf = c.stream, c.model.causal_chunk_frames
     need(s.grad_chunks >= 0, f"stream.grad_chunks must be >= 0 (0 = every chunk), got {s.grad_chunks}")
     need(s.window_frames >= 0, f"stream.window_frames must be >= 0 (0 = data.frames), got {s.window_frames}")
+    need(s.d_context in ("windows", "stream"), f"stream.d_context must be 'windows' or 'stream', got {s.d_context!r}")
     if c.stage == "stream_teacher":
         need(bool(s.init), "stream.init must name the bidirectional teacher checkpoint the causal model starts from")
     if c.stage == "stream_apt":

@@ -78,8 +78,11 @@ class Discriminator(nn.Module):
         hidden = self.hidden_states(x_BCTHW, t_B, text)
         return torch.cat([head(hidden[i]) for head, i in zip(self.heads, self.layers)], dim=-1)
 
-    def hidden_states(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> dict[int, torch.Tensor]:
-        """The visual tokens (B, N, D) leaving each readout layer; the blocks after the deepest one are skipped."""
+    def hidden_states(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, **forward_kwargs) -> dict[int, torch.Tensor]:
+        """The visual tokens (B, N, D) leaving each readout layer; the blocks after the deepest one are skipped.
+
+        ``forward_kwargs`` go to the backbone (a causal one's recycled chunk and cache: ``prev_BCTHW``, ``cache``); a
+        cached step stopped after the deepest readout layer still counts its chunk as written."""
         last = self.layers[-1]
 
         def stop(_module, _inputs, _output):
@@ -88,9 +91,10 @@ class Discriminator(nn.Module):
         with tap_hidden_states(self.backbone, self.layers) as hidden:
             handle = self.backbone.blocks[last].register_forward_hook(stop) if last < len(self.backbone.blocks) - 1 else None
             try:
-                self.backbone(x_BCTHW, t_B, text)  # the velocity output is not used
+                self.backbone(x_BCTHW, t_B, text, **forward_kwargs)  # the velocity output is not used
             except _ReadoutDone:
-                pass
+                if forward_kwargs.get("cache") is not None:
+                    forward_kwargs["cache"].commit()  # its layers up to the deepest readout one are written; later ones are never read
             finally:
                 if handle is not None:
                     handle.remove()

@@ -97,6 +97,31 @@ def test_chunk_discriminator_one_logit_per_chunk_per_window():
     torch.testing.assert_close(alone[0], logits[0, 4:], rtol=0, atol=1e-6)
 
 
+def test_chunk_discriminator_streamed_context_sees_the_first_chunk():
+    """d_context="stream": the clip chunk by chunk with D's own cache (sink + rolling window, as G streams). On a clip of
+    the training length it is the windowed D; past it, every chunk is judged with the first chunk (the sink) in view,
+    and gradients reach it through the cache."""
+    D, _ = chunk_d(window_frames=8)
+    D.eval()
+    x, t, text = torch.randn(2, 3, 16, 16, 16), torch.rand(2), random_text(2, 4, 32)
+    Ds = copy.deepcopy(D)
+    Ds.context = "stream"
+    with torch.no_grad():
+        windowed, streamed = D(x, t, text), Ds(x, t, text)
+        assert streamed.shape == (2, 8)
+        torch.testing.assert_close(streamed[:, :4], windowed[:, :4], rtol=0, atol=1e-5)  # the first window: the same function
+        y = x.clone()
+        y[:, :, :2] += 1.0  # the first chunk only
+        other_w, other_s = D(y, t, text), Ds(y, t, text)
+    torch.testing.assert_close(other_w[:, 4:], windowed[:, 4:], rtol=0, atol=1e-6)  # the second window never sees it
+    assert (other_s[:, 7] - streamed[:, 7]).abs().min() > 1e-4  # the last chunk, 6 chunks later, sees it through the sink
+    x.requires_grad_(True)
+    Ds(x, t, text)[:, 7].sum().backward()
+    assert x.grad[:, :, :2].abs().sum() > 0  # the sink's chunk, through the cache
+    with pytest.raises(ValueError, match="'windows' or 'stream'"):
+        ChunkDiscriminator(causal_tiny(), fractions=[0.5, 1.0], num_heads=2, window_frames=8, context="all")
+
+
 def test_apt_step_relativistic_with_r2_on_per_chunk_logits():
     G, (D, a) = causal_tiny(), chunk_d(window_frames=8)
     a.gan_loss, a.r2_lambda, a.r1_sigma, a.d_warmup_steps = "relativistic", 10.0, 0.1, 10  # D step only, lr 0

@@ -60,4 +60,5 @@ class StreamAptModule(AptModule):
     def build_discriminator(self, backbone):
         a, c = self.config.apt, self.config
         return ChunkDiscriminator(backbone, fractions=list(a.readout_fractions), num_heads=backbone.config.num_heads,
-                                  timestep_shift=a.d_timestep_shift, window_frames=c.stream.window_frames or c.data.frames)
+                                  timestep_shift=a.d_timestep_shift, window_frames=c.stream.window_frames or c.data.frames,
+                                  context=c.stream.d_context)

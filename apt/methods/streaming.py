@@ -97,18 +97,32 @@ class ChunkDiscriminator(Discriminator):
     """AAPT's frame-level D (§3.3): the APT discriminator on the causal teacher, one logit per chunk.
 
     The readout heads (one learnable query each, at several depths) read each chunk's tokens on their own; the
-    backbone is block-causal, so chunk i's tokens carry the context of the chunks before it. Clips longer than
-    ``window_frames`` (the training length) are cut into windows that D judges separately (AAPT §3.4: long
-    rollouts judged on segments). Logits (B, windows * chunks), sample-major."""
+    backbone is block-causal, so chunk i's tokens carry the context of the chunks before it. How D sees a clip
+    longer than the training length (``context``):
 
-    def __init__(self, backbone: nn.Module, *, fractions: list[float], num_heads: int = 4, timestep_shift: float = 1.0, window_frames: int):
+    - ``"windows"``: cut into windows of ``window_frames`` (the training length) that D judges separately (AAPT
+      §3.4: long rollouts judged on segments); a window's first chunk sees nothing before it.
+    - ``"stream"``: the whole clip chunk by chunk with D's own key/value cache, the sink and rolling window that G
+      streams with: every chunk is judged in the context it was made in, the clip's first chunk (the sink)
+      included, so a chunk that contradicts the start of the stream is visible to D. Its view is still the
+      training length (sink + window + current chunk). On a clip of at most that length both modes are the same
+      function (the cache reproduces the block-causal forward).
+
+    Logits (B, chunks), sample-major (windows: window by window)."""
+
+    def __init__(self, backbone: nn.Module, *, fractions: list[float], num_heads: int = 4, timestep_shift: float = 1.0, window_frames: int,
+                 context: str = "windows"):
         super().__init__(backbone, fractions=fractions, num_heads=num_heads, timestep_shift=timestep_shift)
         self.chunk_frames = chunk_frames(backbone)
         if window_frames % self.chunk_frames:
             raise ValueError(f"D's window of {window_frames} frames is not a whole number of {self.chunk_frames}-frame chunks")
-        self.window_frames = window_frames
+        if context not in ("windows", "stream"):
+            raise ValueError(f"D's context must be 'windows' or 'stream', got {context!r}")
+        self.window_frames, self.context = window_frames, context
 
     def forward(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> torch.Tensor:
+        if self.context == "stream":
+            return self._streamed(x_BCTHW, t_B, text)
         B = x_BCTHW.shape[0]
         x_win = windows(x_BCTHW, self.window_frames)
         per_sample = torch.arange(B, device=t_B.device).repeat_interleave(x_win.shape[0] // B)
@@ -116,3 +130,20 @@ class ChunkDiscriminator(Discriminator):
         chunks = self.window_frames // self.chunk_frames
         feats = [head(h.reshape(h.shape[0] * chunks, h.shape[1] // chunks, h.shape[2])) for head, h in zip(self.heads, (hidden[i] for i in self.layers))]
         return self.logit(torch.cat(feats, dim=-1)).reshape(B, -1)
+
+    def _streamed(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> torch.Tensor:
+        """One cached step per chunk, the previous chunk recycled as at inference; the cache keeps the autograd graph
+        (out-of-place writes) when gradients are on, so a chunk's logit depends on the chunks before it."""
+        cf = self.chunk_frames
+        B, _, T, H, W = x_BCTHW.shape
+        if T % cf:
+            raise ValueError(f"{T} frames is not a whole number of {cf}-frame chunks")
+        cache = bare(self.backbone).new_cache(batch=B, height=H, width=W, text_tokens=text.emb_BLD.shape[1], device=x_BCTHW.device,
+                                              dtype=next(self.backbone.parameters()).dtype, inplace=not torch.is_grad_enabled())
+        prev, logits = torch.zeros_like(x_BCTHW[:, :, :cf]), []
+        for i in range(T // cf):
+            x = x_BCTHW[:, :, i * cf : (i + 1) * cf]
+            hidden = self.hidden_states(x, t_B, text, prev_BCTHW=prev, cache=cache)
+            logits.append(self.logit(torch.cat([head(hidden[layer]) for head, layer in zip(self.heads, self.layers)], dim=-1)))
+            prev = x
+        return torch.stack(logits, dim=1)
