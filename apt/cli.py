@@ -70,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     stream.add_argument("--out", default="stream", help="output directory (frames/NNNNNN.png as they come, stream.gif at the end)")
 
     demo = verbs.add_parser("demo", help="the embedded demo: teacher -> distillation -> APT (image, video) -> evaluation table")
-    demo.add_argument("--out", default=None, help="demo output directory (default runs/demo; with --text-terms runs/demo-text-terms)")
+    demo.add_argument("--out", default=None, help="demo output directory (default runs/demo; with --text-terms runs/demo-text-terms; with --stream "
+                                                  "runs/demo-stream, runs/demo-stream-WORLD for a --world other than free-colour)")
     demo.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test, numbers meaningless)")
     demo.add_argument("--stream", action="store_true",
                       help="streaming APT (AAPT): student-forced training of the shipped causal models, then the long-video table (runs/demo-stream)")
     demo.add_argument("--world", default=None, choices=["free-shape", "free-colour", "long"],
-                      help="with --stream: the streaming toy world (default free-shape: captions without the shape; docs/streaming.md)")
+                      help="with --stream: the streaming toy world (default free-colour: captions without the colour; docs/streaming.md)")
     demo.add_argument("--whole-clip", default=None, help="with --stream: the whole-clip APT checkpoint of its first row (default: runs/demo's pick)")
     demo.add_argument("--text-terms", action="store_true",
                       help="NOT the paper's objective: stage 1 at CFG 5 and two text-alignment terms in both APT stages (docs/demo.md)")

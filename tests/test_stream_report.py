@@ -164,3 +164,15 @@ def test_free_colour_world_and_its_drift_metric():
     recoloured[:, :, 16:] = recoloured[:, :, 16:].roll(1, dims=1)  # channels rotated in the last window: every colour changes
     changed = window_metrics(classifier, recoloured, [v["caption"] for v in videos], real, window_frames=8)[2]["per_attribute"]["colour_kept"]
     assert changed < curve[2]["per_attribute"]["colour_kept"] - 0.5
+
+
+def test_stream_demo_refuses_a_folder_trained_on_another_world(tmp_path):
+    """A finished stage is reused, so a folder whose adversarial stage trained on another world's clips is refused."""
+    from apt.toy.stream_demo import check_folder_world
+
+    check_folder_world(tmp_path, "runs/data/toy-freecol-16f", "free-colour")  # nothing there yet
+    (tmp_path / "apt").mkdir()
+    (tmp_path / "apt" / "config.yaml").write_text("stage: stream_apt\ndata:\n  shards: runs/data/toy-free-16f\n")
+    check_folder_world(tmp_path, "runs/data/toy-free-16f", "free-shape")
+    with pytest.raises(ValueError, match=r"toy-free-16f, not on the free-colour world's runs/data/toy-freecol-16f"):
+        check_folder_world(tmp_path, "runs/data/toy-freecol-16f", "free-colour")

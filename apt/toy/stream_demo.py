@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from apt.checkpoint import list_checkpoints
 from apt.toy.demo import run_stage
@@ -30,8 +31,8 @@ WORLDS = {
     "long": {"teacher": "assets/demo_stream_teacher", "distilled": "assets/demo_stream_distilled",
              "train": ("runs/data/toy-long-8f", 8, 20000, 2), "rollout": ("runs/data/toy-long-16f", 16, 10000, 3)},
 }
-DEFAULT_WORLD = "free-shape"
-"""The world whose captions leave the shape out, so a stream must keep it from its own context (docs/streaming.md)."""
+DEFAULT_WORLD = "free-colour"
+"""The world whose captions leave the colour out, so a stream must keep it from its own context (docs/streaming.md)."""
 VAL_PROMPT_SEED, VAL_NOISE_SEED = 4242, 40_000
 REPORT_SAMPLES = 128
 VALIDATION_SAMPLES = 128
@@ -72,6 +73,17 @@ def pick_checkpoint(candidates: list, *, train_frames: int, n: int, classifier_p
         selection.append({"checkpoint": str(ckpt), "val_distance_4x": m["distance"], "val_attribute_accuracy_4x": m["attribute_accuracy"]})
         print(f"[demo-stream] validation {ckpt}: distance {m['distance']:.2f}, attribute accuracy {m['attribute_accuracy']:.3f} at 4x", flush=True)
     return min(selection, key=lambda s: s["val_distance_4x"])["checkpoint"], selection
+
+
+def check_folder_world(out_dir: Path, rollout_shards: str, world: str) -> None:
+    """A finished stage is reused: refuse a folder whose adversarial stage trained on another world's clips."""
+    saved = out_dir / "apt" / "config.yaml"
+    if not saved.exists():
+        return
+    used = (yaml.safe_load(saved.read_text()).get("data") or {}).get("shards")
+    if used and Path(used) != Path(rollout_shards):
+        raise ValueError(f"{out_dir} holds a streaming demo trained on {used}, not on the {world} world's {rollout_shards}: "
+                         "pass --out DIR for this world, or move that folder")
 
 
 def whole_clip_checkpoint(apt_whole: str | None, *, quick: bool = False) -> str | None:
@@ -115,6 +127,7 @@ def run_stream_demo(out: str | None = None, *, quick: bool = False, apt_whole: s
             if not (Path(asset) / "net_ema.safetensors").exists():
                 raise FileNotFoundError(f"shipped streaming asset missing: {asset}/net_ema.safetensors (made by recipes/demo/stream_*.yaml; {asset}/README.md)")
         shards = ensure_long_shards(False, ("rollout",), world)
+    check_folder_world(out_dir, shards["rollout"], world)
     quick_apt = ["apt.d_warmup_steps=1"] if quick else []
     ours = run_stage("recipes/demo/stream_apt.yaml", out_dir / "apt", [f"apt.generator={distilled}", f"apt.teacher={teacher}", f"data.shards={shards['rollout']}",
                                                                         *quick_apt], overlays, stage_seconds)
