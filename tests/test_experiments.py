@@ -205,3 +205,45 @@ def test_ablations_script_trains_each_variant_with_its_one_change(tiny_teacher, 
     for r in results:
         assert math.isfinite(r["distance"]) and 0.0 <= r["attribute_accuracy"] <= 1.0 and math.isfinite(r["d_gap_last20"]), r
     assert (out / "ablations.md").read_text().count("\n|") == len(results) + 1
+
+
+# ----------------------------------------------------------------- streaming (free-colour world, shipped causal models)
+
+
+def test_stream_probe_follow_and_drift_on_the_shipped_generator() -> None:
+    """experiments/stream_probe.py: a stream started from a real chunk keeps that colour far above chance (1/7) at
+    first, and the validation drift reports colour kept 1.0 on the first window (its own reference)."""
+    probe = load_experiment("stream_probe")
+    (follow,) = probe.main(["follow", "assets/demo_stream_colour_distilled", "-n", "32"])
+    kept = follow["kept_by_first_frame"]
+    assert sorted(kept) == list(range(0, 25, 4)) and all(0.0 <= v <= 1.0 for v in kept.values())
+    assert kept[0] > 0.5, kept
+    (drift,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16"])
+    first, late = drift["windows"]
+    assert (first["first_frame"], late["first_frame"]) == (0, 24) and first["per_attribute"]["colour_kept"] == 1.0
+
+
+def test_stream_probe_d_switch_is_causal(tmp_path) -> None:
+    """d-switch on a D built from the shipped causal teacher (heads untrained): the recolouring starts at frame 8, so
+    the logits of chunks 0-3 are the real clip's in both contexts; the streamed D's later chunks see the change."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from apt.config import config_from_yaml
+    from apt.methods.streaming import ChunkDiscriminator
+    from apt.models import factory
+    from apt.text import TextEncoder
+
+    shutil.copy("assets/demo_stream_colour_teacher/config.yaml", tmp_path / "config.yaml")
+    c = config_from_yaml(tmp_path / "config.yaml")
+    backbone = factory.load_backbone(c, "assets/demo_stream_colour_teacher", "net_ema", text_dim=TextEncoder.load(c.text.encoder, max_length=c.text.max_length).dim)
+    torch.manual_seed(0)
+    D = ChunkDiscriminator(backbone, fractions=list(c.apt.readout_fractions), num_heads=backbone.config.num_heads, window_frames=8)
+    save_file({k: v.contiguous() for k, v in D.state_dict().items()}, str(tmp_path / "discriminator.safetensors"))
+    probe = load_experiment("stream_probe")
+    for context in ("windows", "stream"):
+        for r in probe.main(["d-switch", str(tmp_path), "--context", context, "-n", "8"]):
+            assert r["real"].shape == r["recoloured"].shape == (8, 8)
+            torch.testing.assert_close(r["recoloured"][:, :4], r["real"][:, :4], rtol=0, atol=1e-5)
+            assert (r["recoloured"][:, 4:] - r["real"][:, 4:]).abs().max() > 0

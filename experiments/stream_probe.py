@@ -1,0 +1,163 @@
+"""Probes of a streaming run on the free-colour toy world: does a stream keep its colour, and can D see a change?
+
+    # the demo's validation split (N = 128, prompts and seeds disjoint from the report's): attribute accuracy,
+    # distance and colour kept on the first window and the window ending a 4x-long video, one line per checkpoint
+    python experiments/stream_probe.py drift assets/demo_stream_colour_distilled runs/demo-stream/apt/checkpoints/step-000100
+    # streams whose first chunk is a real clip's (the cache written as teacher forcing would): how often each later
+    # window still shows that colour. Separates "keeps a colour it is shown" from "commits to a colour"
+    python experiments/stream_probe.py follow assets/demo_stream_colour_teacher --steps 25 --cfg 3
+    # D of a stream_apt checkpoint on real 16-frame clips and on the same clips with the object recoloured from
+    # frame 8 on (a window boundary): per-chunk logits, and how often the recoloured clip scores lower
+    python experiments/stream_probe.py d-switch runs/demo-stream/apt/checkpoints/step-000100 --context stream
+
+Everything is generated (toy world, shipped classifier); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+CLASSIFIER = "assets/toy_classifier"
+
+
+def drift(checkpoints: list[str], n: int) -> list[dict]:
+    from apt.inference import load_generator
+    from apt.toy.classifier import load_toy_classifier
+    from apt.toy.drift import long_real_stats, window_metrics
+    from apt.toy.long_world import world_prompts
+    from apt.toy.stream_demo import VAL_NOISE_SEED, VAL_PROMPT_SEED
+    from apt.toy.stream_report import generate_videos
+    from apt.toy.world import eval_prompts
+
+    classifier = load_toy_classifier(CLASSIFIER)
+    real = long_real_stats(classifier, frames=8, n=n, seed=VAL_PROMPT_SEED)
+    prompts = world_prompts(eval_prompts(n, seed=VAL_PROMPT_SEED, frames=8), "free-colour")
+    seeds = [VAL_NOISE_SEED + i for i in range(n)]
+    out = []
+    for ckpt in checkpoints:
+        x = generate_videos(load_generator(ckpt), prompts, seeds, frames=32, steps=1, cfg_scale=1.0, batch=128)
+        windows = window_metrics(classifier, x, prompts, real, window_frames=8, starts=[0, 24])
+        print(ckpt, " | ".join(f"frames {w['first_frame']}-{w['first_frame'] + 7}: distance {w['distance']:.1f}, accuracy "
+                               f"{w['attribute_accuracy']:.3f}, colour kept {w['per_attribute']['colour_kept']:.2f}" for w in windows), flush=True)
+        out.append({"checkpoint": ckpt, "windows": windows})
+    return out
+
+
+def follow(checkpoint: str, steps: int, cfg: float, n: int, frames: int = 32) -> dict:
+    from apt.data.shards import pixels_to_tensor
+    from apt.inference import load_generator
+    from apt.streaming import ChunkStepper, chunk_frames
+    from apt.toy.classifier import load_toy_classifier
+    from apt.toy.long_world import make_long_sample
+    from apt.toy.metrics import features_and_predictions
+
+    classifier, g = load_toy_classifier(CLASSIFIER), load_generator(checkpoint)
+    samples = [make_long_sample(i, seed=5, frames=8, free_colour=True) for i in range(n)]
+    real = pixels_to_tensor(np.stack([s["pixels"] for s in samples]))
+    colours = [s["attributes"].colour for s in samples]
+    text = g.text_encoder.encode([s["caption"] for s in samples])
+    negative = g.text_encoder.encode([g.config.flow.negative_prompt] * n, allow_empty=True) if cfg != 1.0 else None
+    cf, (_, C, _, H, W) = chunk_frames(g.net), real.shape
+    z = torch.randn(n, C, frames, H, W, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        stepper = ChunkStepper(g.net, text, height=H, width=W, steps=steps, shift=g.config.flow.sample_shift, negative=negative, cfg_scale=cfg)
+        prev, chunks = torch.zeros_like(z[:, :, :cf]), []
+        for i in range(frames // cf):
+            if i == 0:  # the real chunk; every step level caches it noised to its own t, as teacher forcing shows it
+                x = real[:, :, :cf]
+                for k in range(steps):
+                    t = stepper.ts[k]
+                    stepper.velocity((1 - t) * x + t * z[:, :, :cf], k, prev)
+            else:
+                x, _ = stepper.step(z[:, :, i * cf : (i + 1) * cf], prev)
+            chunks.append(x)
+            prev = x
+    video = torch.cat(chunks, dim=2)
+    kept = {}
+    for s in range(0, frames - 7, 4):
+        predicted = features_and_predictions(classifier, [video[:, :, s : s + 8]], 64)[1]["colour"]
+        kept[s] = round(float(np.mean([p == c for p, c in zip(predicted, colours)])), 2)
+    print(f"{checkpoint} ({steps} steps, CFG {cfg}, N = {n}): share of 8-frame windows showing the real first chunk's colour, by first frame: {kept}")
+    return {"checkpoint": checkpoint, "steps": steps, "cfg": cfg, "kept_by_first_frame": kept}
+
+
+def d_switch(checkpoint: str, context: str, n: int) -> list[dict]:
+    from safetensors.torch import load_file
+
+    from apt.config import config_from_yaml
+    from apt.data.shards import pixels_to_tensor
+    from apt.inference import resolve_checkpoint
+    from apt.methods.streaming import ChunkDiscriminator
+    from apt.models import factory
+    from apt.text import TextEncoder
+    from apt.toy.long_world import free_colour_caption, render_long_clip
+    from apt.toy.world import COLOURS, sample_attributes
+
+    ckpt = resolve_checkpoint(checkpoint)
+    c = config_from_yaml(ckpt / "config.yaml")
+    encoder = TextEncoder.load(c.text.encoder, max_length=c.text.max_length)
+    backbone = factory.build_backbone(c, text_dim=encoder.dim)
+    D = ChunkDiscriminator(backbone, fractions=list(c.apt.readout_fractions), num_heads=backbone.config.num_heads,
+                           timestep_shift=c.apt.d_timestep_shift, window_frames=8, context=context)
+    D.load_state_dict(load_file(str(ckpt / "discriminator.safetensors")))
+    D.eval()
+    real, switched, captions = [], [], []
+    for i in range(n):
+        rng = np.random.default_rng([9, i, 0x10])
+        attrs = sample_attributes(rng, 16)
+        state = rng.bit_generator.state
+        clip = render_long_clip(attrs, rng, 16)
+        rng.bit_generator.state = state  # the same clip (motion, background, distractor draws) in another colour
+        other = render_long_clip(dataclasses.replace(attrs, colour=[k for k in COLOURS if k != attrs.colour][i % (len(COLOURS) - 1)]), rng, 16)
+        recoloured = clip.copy()
+        recoloured[8:] = other[8:]
+        real.append(clip)
+        switched.append(recoloured)
+        captions.append(free_colour_caption(attrs))
+    text = encoder.encode(captions)
+    out = []
+    for t in (0.0, 0.3):
+        with torch.no_grad():
+            d_real, d_switched = (D(pixels_to_tensor(np.stack(v)), torch.full((n,), t), text) for v in (real, switched))
+        lower = (d_switched[:, 4:].mean(1) < d_real[:, 4:].mean(1)).float().mean()
+        print(f"{checkpoint} (D context {context}, t = {t}, N = {n}): mean logit per chunk, real {d_real.mean(0).numpy().round(2)}, "
+              f"recoloured from frame 8 {d_switched.mean(0).numpy().round(2)}; recoloured scored lower on frames 8-15 in {lower:.2f}")
+        out.append({"t": t, "real": d_real, "recoloured": d_switched, "recoloured_lower": float(lower)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="probe", required=True)
+    a = sub.add_parser("drift", help="validation drift of one-step checkpoints")
+    a.add_argument("checkpoints", nargs="+")
+    a.add_argument("-n", type=int, default=128)
+    b = sub.add_parser("follow", help="streams from a real first chunk")
+    b.add_argument("checkpoint")
+    b.add_argument("--steps", type=int, default=1)
+    b.add_argument("--cfg", type=float, default=1.0)
+    b.add_argument("-n", type=int, default=64)
+    d = sub.add_parser("d-switch", help="D on clips recoloured at a window boundary")
+    d.add_argument("checkpoint")
+    d.add_argument("--context", choices=["windows", "stream"], default="stream")
+    d.add_argument("-n", type=int, default=64)
+    args = p.parse_args(argv)
+    if args.probe == "drift":
+        return drift(args.checkpoints, args.n)
+    if args.probe == "follow":
+        return [follow(args.checkpoint, args.steps, args.cfg, args.n)]
+    return d_switch(args.checkpoint, args.context, args.n)
+
+
+if __name__ == "__main__":
+    main()
