@@ -7,7 +7,8 @@
     # window still shows that colour. Separates "keeps a colour it is shown" from "commits to a colour"
     python experiments/stream_probe.py follow assets/demo_stream_colour_teacher --steps 25 --cfg 3
     # D of a stream_apt checkpoint on real 16-frame clips and on the same clips with the object recoloured from
-    # frame 8 on (a window boundary): per-chunk logits, and how often the recoloured clip scores lower
+    # frame 8 on (a window boundary; --switch-at, --frames move it): per-chunk logits, how often the recoloured clip
+    # scores lower after the change
     python experiments/stream_probe.py d-switch runs/demo-stream/apt/checkpoints/step-000100 --context stream
 
 Everything is generated (toy world, shipped classifier); nothing is downloaded.
@@ -91,7 +92,7 @@ def follow(checkpoint: str, steps: int, cfg: float, n: int, frames: int = 32) ->
     return {"checkpoint": checkpoint, "steps": steps, "cfg": cfg, "kept_by_first_frame": kept}
 
 
-def d_switch(checkpoint: str, context: str, n: int) -> list[dict]:
+def d_switch(checkpoint: str, context: str, n: int, frames: int = 16, switch_at: int = 8) -> list[dict]:
     from safetensors.torch import load_file
 
     from apt.config import config_from_yaml
@@ -111,16 +112,19 @@ def d_switch(checkpoint: str, context: str, n: int) -> list[dict]:
                            timestep_shift=c.apt.d_timestep_shift, window_frames=8, context=context)
     D.load_state_dict(load_file(str(ckpt / "discriminator.safetensors")))
     D.eval()
+    cf = D.chunk_frames
+    if frames % cf or switch_at % cf or not 0 < switch_at < frames:
+        raise ValueError(f"--frames {frames} and --switch-at {switch_at} must be multiples of the {cf}-frame chunk, 0 < switch-at < frames")
     real, switched, captions = [], [], []
     for i in range(n):
         rng = np.random.default_rng([9, i, 0x10])
-        attrs = sample_attributes(rng, 16)
+        attrs = sample_attributes(rng, frames)
         state = rng.bit_generator.state
-        clip = render_long_clip(attrs, rng, 16)
+        clip = render_long_clip(attrs, rng, frames)
         rng.bit_generator.state = state  # the same clip (motion, background, distractor draws) in another colour
-        other = render_long_clip(dataclasses.replace(attrs, colour=[k for k in COLOURS if k != attrs.colour][i % (len(COLOURS) - 1)]), rng, 16)
+        other = render_long_clip(dataclasses.replace(attrs, colour=[k for k in COLOURS if k != attrs.colour][i % (len(COLOURS) - 1)]), rng, frames)
         recoloured = clip.copy()
-        recoloured[8:] = other[8:]
+        recoloured[switch_at:] = other[switch_at:]
         real.append(clip)
         switched.append(recoloured)
         captions.append(free_colour_caption(attrs))
@@ -129,9 +133,11 @@ def d_switch(checkpoint: str, context: str, n: int) -> list[dict]:
     for t in (0.0, 0.3):
         with torch.no_grad():
             d_real, d_switched = (D(pixels_to_tensor(np.stack(v)), torch.full((n,), t), text) for v in (real, switched))
-        lower = (d_switched[:, 4:].mean(1) < d_real[:, 4:].mean(1)).float().mean()
+        after = switch_at // cf
+        lower = (d_switched[:, after:].mean(1) < d_real[:, after:].mean(1)).float().mean()
         print(f"{checkpoint} (D context {context}, t = {t}, N = {n}): mean logit per chunk, real {d_real.mean(0).numpy().round(2)}, "
-              f"recoloured from frame 8 {d_switched.mean(0).numpy().round(2)}; recoloured scored lower on frames 8-15 in {lower:.2f}")
+              f"recoloured from frame {switch_at} {d_switched.mean(0).numpy().round(2)}; recoloured scored lower on frames "
+              f"{switch_at}-{frames - 1} in {lower:.2f}")
         out.append({"t": t, "real": d_real, "recoloured": d_switched, "recoloured_lower": float(lower)})
     return out
 
@@ -151,12 +157,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     d.add_argument("checkpoint")
     d.add_argument("--context", choices=["windows", "stream"], default="stream")
     d.add_argument("-n", type=int, default=64)
+    d.add_argument("--frames", type=int, default=16, help="clip length")
+    d.add_argument("--switch-at", type=int, default=8, help="first recoloured frame (8: the boundary of 8-frame windows)")
     args = p.parse_args(argv)
     if args.probe == "drift":
         return drift(args.checkpoints, args.n)
     if args.probe == "follow":
         return [follow(args.checkpoint, args.steps, args.cfg, args.n)]
-    return d_switch(args.checkpoint, args.context, args.n)
+    return d_switch(args.checkpoint, args.context, args.n, args.frames, args.switch_at)
 
 
 if __name__ == "__main__":
