@@ -44,6 +44,14 @@ def chunk_frames(net: nn.Module) -> int:
     return cf
 
 
+def cache_for(net: nn.Module, x_BCTHW: torch.Tensor, text: TextCond, *, inplace: bool) -> KVCache:
+    """An empty cache for streaming the clips of ``x`` (batch, height, width, device) under ``text``, in ``net``'s dtype.
+    ``inplace=False`` writes out of place, so autograd may keep the buffers of earlier chunks (training)."""
+    B, _, _, H, W = x_BCTHW.shape
+    return bare(net).new_cache(batch=B, height=H, width=W, text_tokens=text.emb_BLD.shape[1], device=x_BCTHW.device,
+                               dtype=next(net.parameters()).dtype, inplace=inplace)
+
+
 class ChunkStepper:
     """The caches of one batch of streams and the step that makes their next chunk (one or many Euler steps)."""
 

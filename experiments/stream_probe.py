@@ -32,22 +32,11 @@ CLASSIFIER = "assets/toy_classifier"
 
 
 def drift(checkpoints: list[str], n: int) -> list[dict]:
-    from apt.inference import load_generator
-    from apt.toy.classifier import load_toy_classifier
-    from apt.toy.drift import long_real_stats, window_metrics
-    from apt.toy.long_world import world_prompts
-    from apt.toy.stream_demo import VAL_NOISE_SEED, VAL_PROMPT_SEED
-    from apt.toy.stream_report import generate_videos
-    from apt.toy.world import eval_prompts
+    from apt.toy.stream_demo import validation_windows
 
-    classifier = load_toy_classifier(CLASSIFIER)
-    real = long_real_stats(classifier, frames=8, n=n, seed=VAL_PROMPT_SEED)
-    prompts = world_prompts(eval_prompts(n, seed=VAL_PROMPT_SEED, frames=8), "free-colour")
-    seeds = [VAL_NOISE_SEED + i for i in range(n)]
     out = []
-    for ckpt in checkpoints:
-        x = generate_videos(load_generator(ckpt), prompts, seeds, frames=32, steps=1, cfg_scale=1.0, batch=128)
-        windows = window_metrics(classifier, x, prompts, real, window_frames=8, starts=[0, 24])
+    for ckpt, windows in zip(checkpoints, validation_windows(checkpoints, train_frames=8, n=n, classifier_path=CLASSIFIER,
+                                                             world="free-colour", starts=[0, 24])):
         print(ckpt, " | ".join(f"frames {w['first_frame']}-{w['first_frame'] + 7}: distance {w['distance']:.1f}, accuracy "
                                f"{w['attribute_accuracy']:.3f}, colour kept {w['per_attribute']['colour_kept']:.2f}" for w in windows), flush=True)
         out.append({"checkpoint": ckpt, "windows": windows})

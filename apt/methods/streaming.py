@@ -25,7 +25,7 @@ from torch import nn
 from apt.discriminator import Discriminator
 from apt.models.backbone import TextCond
 from apt.models.causal import shift_chunks
-from apt.streaming import bare, chunk_frames
+from apt.streaming import bare, cache_for, chunk_frames
 
 
 class TeacherForced(nn.Module):
@@ -62,11 +62,10 @@ class StudentForcing:
 
     def __call__(self, G: nn.Module, z_BCTHW: torch.Tensor, text: TextCond) -> torch.Tensor:
         cf = chunk_frames(G)
-        B, _, T, H, W = z_BCTHW.shape
+        B, T = z_BCTHW.shape[0], z_BCTHW.shape[2]
         grad = torch.is_grad_enabled()
         # Out-of-place cache writes whenever autograd may hold a buffer from an earlier chunk.
-        cache = bare(G).new_cache(batch=B, height=H, width=W, text_tokens=text.emb_BLD.shape[1], device=z_BCTHW.device,
-                                  dtype=next(G.parameters()).dtype, inplace=not grad)
+        cache = cache_for(G, z_BCTHW, text, inplace=not grad)
         num_chunks = T // cf
         first_with_grad = 0 if self.grad_chunks == 0 else max(0, num_chunks - self.grad_chunks)
         t_B = torch.ones(B, device=z_BCTHW.device)
@@ -134,12 +133,10 @@ class ChunkDiscriminator(Discriminator):
     def _streamed(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> torch.Tensor:
         """One cached step per chunk, the previous chunk recycled as at inference; the cache keeps the autograd graph
         (out-of-place writes) when gradients are on, so a chunk's logit depends on the chunks before it."""
-        cf = self.chunk_frames
-        B, _, T, H, W = x_BCTHW.shape
+        cf, T = self.chunk_frames, x_BCTHW.shape[2]
         if T % cf:
             raise ValueError(f"{T} frames is not a whole number of {cf}-frame chunks")
-        cache = bare(self.backbone).new_cache(batch=B, height=H, width=W, text_tokens=text.emb_BLD.shape[1], device=x_BCTHW.device,
-                                              dtype=next(self.backbone.parameters()).dtype, inplace=not torch.is_grad_enabled())
+        cache = cache_for(self.backbone, x_BCTHW, text, inplace=not torch.is_grad_enabled())
         prev, logits = torch.zeros_like(x_BCTHW[:, :, :cf]), []
         for i in range(T // cf):
             x = x_BCTHW[:, :, i * cf : (i + 1) * cf]

@@ -53,8 +53,10 @@ def ensure_long_shards(quick: bool, keys: tuple[str, ...], world: str = DEFAULT_
     return out
 
 
-def pick_checkpoint(candidates: list, *, train_frames: int, n: int, classifier_path: str, world: str = DEFAULT_WORLD) -> tuple[str, list[dict]]:
-    """The candidate whose window at 4x the training length is nearest the real windows, on the validation split."""
+def validation_windows(candidates: list, *, train_frames: int, n: int, classifier_path: str, world: str = DEFAULT_WORLD,
+                       starts: list[int]) -> list[list[dict]]:
+    """``window_metrics`` of each one-step candidate's 4x-long videos on the validation split (prompts and seeds
+    disjoint from the report's), for the windows starting at ``starts``."""
     from apt.inference import load_generator
     from apt.toy.classifier import load_toy_classifier
     from apt.toy.drift import long_real_stats, window_metrics
@@ -66,10 +68,18 @@ def pick_checkpoint(candidates: list, *, train_frames: int, n: int, classifier_p
     real = long_real_stats(classifier, frames=train_frames, n=n, seed=VAL_PROMPT_SEED)
     prompts = world_prompts(eval_prompts(n, seed=VAL_PROMPT_SEED, frames=train_frames), world)
     seeds = [VAL_NOISE_SEED + i for i in range(n)]
-    selection = []
+    out = []
     for ckpt in candidates:
         x = generate_videos(load_generator(ckpt), prompts, seeds, frames=4 * train_frames, steps=1, cfg_scale=1.0, batch=128)
-        m = window_metrics(classifier, x, prompts, real, window_frames=train_frames, starts=[3 * train_frames])[0]
+        out.append(window_metrics(classifier, x, prompts, real, window_frames=train_frames, starts=starts))
+    return out
+
+
+def pick_checkpoint(candidates: list, *, train_frames: int, n: int, classifier_path: str, world: str = DEFAULT_WORLD) -> tuple[str, list[dict]]:
+    """The candidate whose window at 4x the training length is nearest the real windows, on the validation split."""
+    selection = []
+    for ckpt, (m,) in zip(candidates, validation_windows(candidates, train_frames=train_frames, n=n, classifier_path=classifier_path,
+                                                         world=world, starts=[3 * train_frames])):
         selection.append({"checkpoint": str(ckpt), "val_distance_4x": m["distance"], "val_attribute_accuracy_4x": m["attribute_accuracy"]})
         print(f"[demo-stream] validation {ckpt}: distance {m['distance']:.2f}, attribute accuracy {m['attribute_accuracy']:.3f} at 4x", flush=True)
     return min(selection, key=lambda s: s["val_distance_4x"])["checkpoint"], selection
