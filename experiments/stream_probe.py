@@ -3,6 +3,7 @@
     # the demo's validation split (N = 128, prompts and seeds disjoint from the report's): attribute accuracy,
     # distance and colour kept on the first window and the window ending a 4x-long video, one line per checkpoint
     python experiments/stream_probe.py drift assets/demo_stream_colour_distilled runs/demo-stream/apt/checkpoints/step-000100
+    python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --weights generator  # raw G, not EMA
     # streams whose first chunk is a real clip's (the cache written as teacher forcing would): how often each later
     # window still shows that colour. Separates "keeps a colour it is shown" from "commits to a colour"
     python experiments/stream_probe.py follow assets/demo_stream_colour_teacher --steps 25 --cfg 3
@@ -10,6 +11,9 @@
     # frame 8 on (a window boundary; --switch-at, --frames move it): per-chunk logits, how often the recoloured clip
     # scores lower after the change
     python experiments/stream_probe.py d-switch runs/demo-stream/apt/checkpoints/step-000100 --context stream
+    # the streams themselves: a PNG per checkpoint (rows = validation streams, columns = frames) and, per stream,
+    # the colour the classifier reads on each 8-frame window, so a change of colour can be seen and located
+    python experiments/stream_probe.py frames assets/demo_stream_colour_distilled runs/demo-stream/apt --out runs/probe-frames
 
 Everything is generated (toy world, shipped classifier); nothing is downloaded.
 """
@@ -31,12 +35,12 @@ import torch  # noqa: E402
 CLASSIFIER = "assets/toy_classifier"
 
 
-def drift(checkpoints: list[str], n: int) -> list[dict]:
+def drift(checkpoints: list[str], n: int, weights: str | None = None) -> list[dict]:
     from apt.toy.stream_demo import validation_windows
 
     out = []
     for ckpt, windows in zip(checkpoints, validation_windows(checkpoints, train_frames=8, n=n, classifier_path=CLASSIFIER,
-                                                             world="free-colour", starts=[0, 24])):
+                                                             world="free-colour", starts=[0, 24], weights=weights)):
         print(ckpt, " | ".join(f"frames {w['first_frame']}-{w['first_frame'] + 7}: distance {w['distance']:.1f}, accuracy "
                                f"{w['attribute_accuracy']:.3f}, colour kept {w['per_attribute']['colour_kept']:.2f}" for w in windows), flush=True)
         out.append({"checkpoint": ckpt, "windows": windows})
@@ -79,6 +83,32 @@ def follow(checkpoint: str, steps: int, cfg: float, n: int, frames: int = 32) ->
         kept[s] = round(float(np.mean([p == c for p, c in zip(predicted, colours)])), 2)
     print(f"{checkpoint} ({steps} steps, CFG {cfg}, N = {n}): share of 8-frame windows showing the real first chunk's colour, by first frame: {kept}")
     return {"checkpoint": checkpoint, "steps": steps, "cfg": cfg, "kept_by_first_frame": kept}
+
+
+def frames(checkpoints: list[str], out: str, n: int, frames: int = 32) -> list[dict]:
+    from apt.media import grid_image, save_png, to_uint8
+    from apt.inference import load_generator
+    from apt.toy.classifier import load_toy_classifier
+    from apt.toy.long_world import world_prompts
+    from apt.toy.metrics import features_and_predictions
+    from apt.toy.stream_demo import VAL_NOISE_SEED, VAL_PROMPT_SEED
+    from apt.toy.world import eval_prompts
+
+    classifier = load_toy_classifier(CLASSIFIER)
+    prompts = world_prompts(eval_prompts(n, seed=VAL_PROMPT_SEED, frames=8), "free-colour")  # the drift probe's first n
+    result = []
+    for i, ckpt in enumerate(checkpoints):
+        x = load_generator(ckpt).generate_tensor(prompts, [VAL_NOISE_SEED + k for k in range(n)], steps=1, cfg_scale=1.0, frames=frames)
+        path = Path(out) / f"{i:02d}-{Path(ckpt).name}.png"
+        save_png(grid_image(to_uint8(x), scale=3), path)
+        starts = list(range(0, frames - 7, 8))
+        colours = [features_and_predictions(classifier, [x[:, :, s : s + 8]], 64)[1]["colour"] for s in starts]
+        by_stream = [[c[k] for c in colours] for k in range(n)]
+        print(f"{ckpt} -> {path}: colour by 8-frame window (first frames {starts}), one stream per row")
+        for prompt, seq in zip(prompts, by_stream):
+            print(f"  {' '.join(f'{c:<8}' for c in seq)}  {prompt}")
+        result.append({"checkpoint": ckpt, "png": str(path), "window_starts": starts, "colours": by_stream})
+    return result
 
 
 def d_switch(checkpoint: str, context: str, n: int, frames: int = 16, switch_at: int = 8) -> list[dict]:
@@ -137,6 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = sub.add_parser("drift", help="validation drift of one-step checkpoints")
     a.add_argument("checkpoints", nargs="+")
     a.add_argument("-n", type=int, default=128)
+    a.add_argument("--weights", help="a checkpoint's weight file other than the product (e.g. generator: the raw G, not its EMA)")
     b = sub.add_parser("follow", help="streams from a real first chunk")
     b.add_argument("checkpoint")
     b.add_argument("--steps", type=int, default=1)
@@ -148,9 +179,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     d.add_argument("-n", type=int, default=64)
     d.add_argument("--frames", type=int, default=16, help="clip length")
     d.add_argument("--switch-at", type=int, default=8, help="first recoloured frame (8: the boundary of 8-frame windows)")
+    f = sub.add_parser("frames", help="PNG grids of validation streams and their colour by window")
+    f.add_argument("checkpoints", nargs="+")
+    f.add_argument("--out", default="runs/probe-frames", help="folder for the PNGs")
+    f.add_argument("-n", type=int, default=12, help="streams (rows)")
+    f.add_argument("--frames", type=int, default=32)
     args = p.parse_args(argv)
     if args.probe == "drift":
-        return drift(args.checkpoints, args.n)
+        return drift(args.checkpoints, args.n, args.weights)
+    if args.probe == "frames":
+        return frames(args.checkpoints, args.out, args.n, args.frames)
     if args.probe == "follow":
         return [follow(args.checkpoint, args.steps, args.cfg, args.n)]
     return d_switch(args.checkpoint, args.context, args.n, args.frames, args.switch_at)

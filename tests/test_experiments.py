@@ -221,6 +221,19 @@ def test_stream_probe_follow_and_drift_on_the_shipped_generator() -> None:
     (drift,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16"])
     first, late = drift["windows"]
     assert (first["first_frame"], late["first_frame"]) == (0, 24) and first["per_attribute"]["colour_kept"] == 1.0
+    with pytest.raises(FileNotFoundError, match="generator.safetensors"):  # --weights reaches the loader: this folder has net_ema only
+        probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--weights", "generator"])
+
+
+def test_stream_probe_frames_writes_a_grid_and_colours_by_window(tmp_path) -> None:
+    """frames: one PNG per checkpoint, a row per stream and a column per frame; one colour per 8-frame window."""
+    from PIL import Image
+
+    probe = load_experiment("stream_probe")
+    (r,) = probe.main(["frames", "assets/demo_stream_colour_distilled", "--out", str(tmp_path), "-n", "3", "--frames", "16"])
+    assert r["window_starts"] == [0, 8] and len(r["colours"]) == 3 and all(len(c) == 2 for c in r["colours"])
+    width, height = Image.open(r["png"]).size
+    assert (width, height) == (2 + 16 * (16 * 3 + 2), 2 + 3 * (16 * 3 + 2))
 
 
 def test_stream_probe_d_switch_is_causal(tmp_path) -> None:

@@ -54,9 +54,10 @@ def ensure_long_shards(quick: bool, keys: tuple[str, ...], world: str = DEFAULT_
 
 
 def validation_windows(candidates: list, *, train_frames: int, n: int, classifier_path: str, world: str = DEFAULT_WORLD,
-                       starts: list[int]) -> list[list[dict]]:
+                       starts: list[int], weights: str | None = None) -> list[list[dict]]:
     """``window_metrics`` of each one-step candidate's 4x-long videos on the validation split (prompts and seeds
-    disjoint from the report's), for the windows starting at ``starts``."""
+    disjoint from the report's), for the windows starting at ``starts``; ``weights``: which of a checkpoint's
+    weight files (None = the product, e.g. generator_ema)."""
     from apt.inference import load_generator
     from apt.toy.classifier import load_toy_classifier
     from apt.toy.drift import long_real_stats, window_metrics
@@ -70,7 +71,7 @@ def validation_windows(candidates: list, *, train_frames: int, n: int, classifie
     seeds = [VAL_NOISE_SEED + i for i in range(n)]
     out = []
     for ckpt in candidates:
-        x = generate_videos(load_generator(ckpt), prompts, seeds, frames=4 * train_frames, steps=1, cfg_scale=1.0, batch=128)
+        x = generate_videos(load_generator(ckpt, weights=weights), prompts, seeds, frames=4 * train_frames, steps=1, cfg_scale=1.0, batch=128)
         out.append(window_metrics(classifier, x, prompts, real, window_frames=train_frames, starts=starts))
     return out
 
