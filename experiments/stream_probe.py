@@ -85,9 +85,9 @@ def follow(checkpoint: str, steps: int, cfg: float, n: int, frames: int = 32) ->
     return {"checkpoint": checkpoint, "steps": steps, "cfg": cfg, "kept_by_first_frame": kept}
 
 
-def frames(checkpoints: list[str], out: str, n: int, frames: int = 32) -> list[dict]:
-    from apt.media import grid_image, save_png, to_uint8
+def stream_frames(checkpoints: list[str], out: str, n: int, frames: int = 32) -> list[dict]:
     from apt.inference import load_generator
+    from apt.media import grid_image, save_png, to_uint8
     from apt.toy.classifier import load_toy_classifier
     from apt.toy.long_world import world_prompts
     from apt.toy.metrics import features_and_predictions
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.probe == "drift":
         return drift(args.checkpoints, args.n, args.weights)
     if args.probe == "frames":
-        return frames(args.checkpoints, args.out, args.n, args.frames)
+        return stream_frames(args.checkpoints, args.out, args.n, args.frames)
     if args.probe == "follow":
         return [follow(args.checkpoint, args.steps, args.cfg, args.n)]
     return d_switch(args.checkpoint, args.context, args.n, args.frames, args.switch_at)
