@@ -73,9 +73,10 @@ class Discriminator(nn.Module):
             h = F.layer_norm(feats_BKD.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
             return F.linear(h, p.weight.float(), p.bias.float()).squeeze(-1)
 
-    def readout(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> torch.Tensor:
-        """The readout heads' outputs, concatenated (B, K * D): what the logit is a linear function of, after LayerNorm."""
-        hidden = self.hidden_states(x_BCTHW, t_B, text)
+    def readout(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, **forward_kwargs) -> torch.Tensor:
+        """The readout heads' outputs, concatenated (B, K * D): what the logit is a linear function of, after LayerNorm
+        (``forward_kwargs``: as ``hidden_states``)."""
+        hidden = self.hidden_states(x_BCTHW, t_B, text, **forward_kwargs)
         return torch.cat([head(hidden[i]) for head, i in zip(self.heads, self.layers)], dim=-1)
 
     def hidden_states(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, **forward_kwargs) -> dict[int, torch.Tensor]:

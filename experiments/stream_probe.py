@@ -89,16 +89,14 @@ def stream_frames(checkpoints: list[str], out: str, n: int, frames: int = 32) ->
     from apt.inference import load_generator
     from apt.media import grid_image, save_png, to_uint8
     from apt.toy.classifier import load_toy_classifier
-    from apt.toy.long_world import world_prompts
     from apt.toy.metrics import features_and_predictions
-    from apt.toy.stream_demo import VAL_NOISE_SEED, VAL_PROMPT_SEED
-    from apt.toy.world import eval_prompts
+    from apt.toy.stream_demo import validation_split
 
     classifier = load_toy_classifier(CLASSIFIER)
-    prompts = world_prompts(eval_prompts(n, seed=VAL_PROMPT_SEED, frames=8), "free-colour")  # the drift probe's first n
+    prompts, seeds = validation_split(n, train_frames=8, world="free-colour")  # the drift probe's first n
     result = []
     for i, ckpt in enumerate(checkpoints):
-        x = load_generator(ckpt).generate_tensor(prompts, [VAL_NOISE_SEED + k for k in range(n)], steps=1, cfg_scale=1.0, frames=frames)
+        x = load_generator(ckpt).generate_tensor(prompts, seeds, steps=1, cfg_scale=1.0, frames=frames)
         path = Path(out) / f"{i:02d}-{Path(ckpt).name}.png"
         save_png(grid_image(to_uint8(x), scale=3), path)
         starts = list(range(0, frames - 7, 8))

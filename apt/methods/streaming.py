@@ -140,7 +140,6 @@ class ChunkDiscriminator(Discriminator):
         prev, logits = torch.zeros_like(x_BCTHW[:, :, :cf]), []
         for i in range(T // cf):
             x = x_BCTHW[:, :, i * cf : (i + 1) * cf]
-            hidden = self.hidden_states(x, t_B, text, prev_BCTHW=prev, cache=cache)
-            logits.append(self.logit(torch.cat([head(hidden[layer]) for head, layer in zip(self.heads, self.layers)], dim=-1)))
+            logits.append(self.logit(self.readout(x, t_B, text, prev_BCTHW=prev, cache=cache)))
             prev = x
         return torch.stack(logits, dim=1)

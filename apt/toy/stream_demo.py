@@ -53,6 +53,14 @@ def ensure_long_shards(quick: bool, keys: tuple[str, ...], world: str = DEFAULT_
     return out
 
 
+def validation_split(n: int, *, train_frames: int, world: str = DEFAULT_WORLD) -> tuple[list[str], list[int]]:
+    """The validation prompts (in ``world``'s captions) and noise seeds, disjoint from the report's."""
+    from apt.toy.long_world import world_prompts
+    from apt.toy.world import eval_prompts
+
+    return world_prompts(eval_prompts(n, seed=VAL_PROMPT_SEED, frames=train_frames), world), [VAL_NOISE_SEED + i for i in range(n)]
+
+
 def validation_windows(candidates: list, *, train_frames: int, n: int, classifier_path: str, world: str = DEFAULT_WORLD,
                        starts: list[int], weights: str | None = None) -> list[list[dict]]:
     """``window_metrics`` of each one-step candidate's 4x-long videos on the validation split (prompts and seeds
@@ -61,14 +69,11 @@ def validation_windows(candidates: list, *, train_frames: int, n: int, classifie
     from apt.inference import load_generator
     from apt.toy.classifier import load_toy_classifier
     from apt.toy.drift import long_real_stats, window_metrics
-    from apt.toy.long_world import world_prompts
     from apt.toy.stream_report import generate_videos
-    from apt.toy.world import eval_prompts
 
     classifier = load_toy_classifier(classifier_path)
     real = long_real_stats(classifier, frames=train_frames, n=n, seed=VAL_PROMPT_SEED)
-    prompts = world_prompts(eval_prompts(n, seed=VAL_PROMPT_SEED, frames=train_frames), world)
-    seeds = [VAL_NOISE_SEED + i for i in range(n)]
+    prompts, seeds = validation_split(n, train_frames=train_frames, world=world)
     out = []
     for ckpt in candidates:
         x = generate_videos(load_generator(ckpt, weights=weights), prompts, seeds, frames=4 * train_frames, steps=1, cfg_scale=1.0, batch=128)
