@@ -6,6 +6,7 @@ Which weights a stage ships: teacher -> ``net_ema`` (25 steps + CFG by default),
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -131,14 +132,35 @@ class Generator:
         return torch.from_numpy(to_uint8(self.generate_tensor(prompts, seeds, steps=steps, **kw)))
 
 
-def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str | None = None, perf: PerfConfig | None = None) -> Generator:
-    """``perf``: speed switches (``apt.perf``); None = the run's own ``config.perf``."""
+def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str | None = None, perf: PerfConfig | None = None,
+                   cache_layout: tuple[int, int] | None = None) -> Generator:
+    """``perf``: speed switches (``apt.perf``); None = the run's own ``config.perf``.
+
+    ``cache_layout``: stream a causal run with another split of its rolling cache, (sink_chunks, window_chunks) of the
+    same sum, e.g. (2, 1) for a run trained with (1, 2). The network is the same function on clips of up to
+    sink + window + 1 chunks (every chunk sees all earlier ones at the same positions); only which chunks stay in view
+    past that length changes (``apt.models.kv_cache``)."""
     ckpt = resolve_checkpoint(checkpoint)
     config = config_from_yaml(ckpt / "config.yaml")
+    if cache_layout is not None:
+        config = with_cache_layout(config, *cache_layout, source=str(ckpt))
     text_encoder = TextEncoder.load(config.text.encoder, max_length=config.text.max_length)
     net = factory.load_backbone(config, str(ckpt), weights or PRODUCT[config.stage], text_dim=text_encoder.dim)
     net = apply_perf(net.to(device).eval(), perf or config.perf)
     return Generator(config, net, text_encoder, device, perf=perf or config.perf)
+
+
+def with_cache_layout(config: Config, sink_chunks: int, window_chunks: int, *, source: str = "the run") -> Config:
+    """``config`` with its causal model's cache split as (sink_chunks, window_chunks); the sum must stay (positions trained)."""
+    m = config.model
+    if not m.causal_chunk_frames:
+        raise ValueError(f"a cache layout needs a causal run; {source} has model.causal_chunk_frames=0")
+    if sink_chunks < 1 or window_chunks < 0 or sink_chunks + window_chunks != m.sink_chunks + m.window_chunks:
+        raise ValueError(f"cache layout ({sink_chunks}, {window_chunks}) for {source}: need sink_chunks >= 1, window_chunks >= 0 and "
+                         f"sink_chunks + window_chunks = {m.sink_chunks + m.window_chunks} (its model.sink_chunks + model.window_chunks)")
+    config = copy.deepcopy(config)
+    config.model.sink_chunks, config.model.window_chunks = sink_chunks, window_chunks
+    return config
 
 
 def load_discriminator(checkpoint: str | Path) -> tuple[torch.nn.Module, TextEncoder]:

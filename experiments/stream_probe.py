@@ -4,9 +4,13 @@
     # distance and colour kept on the first window and the window ending a 4x-long video, one line per checkpoint
     python experiments/stream_probe.py drift assets/demo_stream_colour_distilled runs/demo-stream/apt/checkpoints/step-000100
     python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --weights generator  # raw G, not EMA
+    python experiments/stream_probe.py drift assets/demo_stream_colour_distilled --cache-layout 2 1  # another split of its cache
     # streams whose first chunk is a real clip's (the cache written as teacher forcing would): how often each later
     # window still shows that colour. Separates "keeps a colour it is shown" from "commits to a colour"
     python experiments/stream_probe.py follow assets/demo_stream_colour_teacher --steps 25 --cfg 3
+    # teacher forcing at inference: every chunk recycles the real clip's previous chunk (against the above: is the
+    # drift the model's own errors read back, i.e. exposure bias?)
+    python experiments/stream_probe.py follow assets/demo_stream_colour_distilled --every-chunk
     # D of a stream_apt checkpoint on real 16-frame clips and on the same clips with the object recoloured from
     # frame 8 on (a window boundary; --switch-at, --frames move it): per-chunk logits, how often the recoloured clip
     # scores lower after the change
@@ -35,19 +39,20 @@ import torch  # noqa: E402
 CLASSIFIER = "assets/toy_classifier"
 
 
-def drift(checkpoints: list[str], n: int, weights: str | None = None) -> list[dict]:
+def drift(checkpoints: list[str], n: int, weights: str | None = None, cache_layout: tuple[int, int] | None = None) -> list[dict]:
     from apt.toy.stream_demo import validation_windows
 
     out = []
     for ckpt, windows in zip(checkpoints, validation_windows(checkpoints, train_frames=8, n=n, classifier_path=CLASSIFIER,
-                                                             world="free-colour", starts=[0, 24], weights=weights)):
+                                                             world="free-colour", starts=[0, 24], weights=weights,
+                                                             cache_layout=cache_layout)):
         print(ckpt, " | ".join(f"frames {w['first_frame']}-{w['first_frame'] + 7}: distance {w['distance']:.1f}, accuracy "
                                f"{w['attribute_accuracy']:.3f}, colour kept {w['per_attribute']['colour_kept']:.2f}" for w in windows), flush=True)
         out.append({"checkpoint": ckpt, "windows": windows})
     return out
 
 
-def follow(checkpoint: str, steps: int, cfg: float, n: int, frames: int = 32) -> dict:
+def follow(checkpoint: str, steps: int, cfg: float, n: int, frames: int = 32, every_chunk: bool = False) -> dict:
     from apt.data.shards import pixels_to_tensor
     from apt.inference import load_generator
     from apt.streaming import ChunkStepper, chunk_frames
@@ -56,7 +61,7 @@ def follow(checkpoint: str, steps: int, cfg: float, n: int, frames: int = 32) ->
     from apt.toy.metrics import features_and_predictions
 
     classifier, g = load_toy_classifier(CLASSIFIER), load_generator(checkpoint)
-    samples = [make_long_sample(i, seed=5, frames=8, free_colour=True) for i in range(n)]
+    samples = [make_long_sample(i, seed=5, frames=frames if every_chunk else 8, free_colour=True) for i in range(n)]
     real = pixels_to_tensor(np.stack([s["pixels"] for s in samples]))
     colours = [s["attributes"].colour for s in samples]
     text = g.text_encoder.encode([s["caption"] for s in samples])
@@ -75,14 +80,15 @@ def follow(checkpoint: str, steps: int, cfg: float, n: int, frames: int = 32) ->
             else:
                 x, _ = stepper.step(z[:, :, i * cf : (i + 1) * cf], prev)
             chunks.append(x)
-            prev = x
+            prev = real[:, :, i * cf : (i + 1) * cf] if every_chunk else x  # teacher forcing at inference: the real chunk recycled
     video = torch.cat(chunks, dim=2)
     kept = {}
     for s in range(0, frames - 7, 4):
         predicted = features_and_predictions(classifier, [video[:, :, s : s + 8]], 64)[1]["colour"]
         kept[s] = round(float(np.mean([p == c for p, c in zip(predicted, colours)])), 2)
-    print(f"{checkpoint} ({steps} steps, CFG {cfg}, N = {n}): share of 8-frame windows showing the real first chunk's colour, by first frame: {kept}")
-    return {"checkpoint": checkpoint, "steps": steps, "cfg": cfg, "kept_by_first_frame": kept}
+    context = "every chunk recycles the real clip's previous chunk" if every_chunk else "the first chunk is the real clip's"
+    print(f"{checkpoint} ({steps} steps, CFG {cfg}, N = {n}; {context}): share of 8-frame windows showing the real clip's colour, by first frame: {kept}")
+    return {"checkpoint": checkpoint, "steps": steps, "cfg": cfg, "every_chunk": every_chunk, "kept_by_first_frame": kept}
 
 
 def stream_frames(checkpoints: list[str], out: str, n: int, frames: int = 32) -> list[dict]:
@@ -166,11 +172,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a.add_argument("checkpoints", nargs="+")
     a.add_argument("-n", type=int, default=128)
     a.add_argument("--weights", help="a checkpoint's weight file other than the product (e.g. generator: the raw G, not its EMA)")
+    a.add_argument("--cache-layout", type=int, nargs=2, metavar=("SINK", "WINDOW"),
+                   help="stream with another split of the cache (sink chunks, window chunks; same sum as the run's)")
     b = sub.add_parser("follow", help="streams from a real first chunk")
     b.add_argument("checkpoint")
     b.add_argument("--steps", type=int, default=1)
     b.add_argument("--cfg", type=float, default=1.0)
     b.add_argument("-n", type=int, default=64)
+    b.add_argument("--every-chunk", action="store_true",
+                   help="teacher forcing at inference: every chunk recycles the real clip's previous chunk (one-step models)")
     d = sub.add_parser("d-switch", help="D on clips recoloured at a window boundary")
     d.add_argument("checkpoint")
     d.add_argument("--context", choices=["windows", "stream"], default="stream")
@@ -184,11 +194,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     f.add_argument("--frames", type=int, default=32)
     args = p.parse_args(argv)
     if args.probe == "drift":
-        return drift(args.checkpoints, args.n, args.weights)
+        return drift(args.checkpoints, args.n, args.weights, None if args.cache_layout is None else tuple(args.cache_layout))
     if args.probe == "frames":
         return stream_frames(args.checkpoints, args.out, args.n, args.frames)
     if args.probe == "follow":
-        return [follow(args.checkpoint, args.steps, args.cfg, args.n)]
+        if args.every_chunk and args.steps != 1:
+            p.error("--every-chunk needs a one-step model (--steps 1): a many-step model's cache holds its own trajectory")
+        return [follow(args.checkpoint, args.steps, args.cfg, args.n, every_chunk=args.every_chunk)]
     return d_switch(args.checkpoint, args.context, args.n, args.frames, args.switch_at)
 
 

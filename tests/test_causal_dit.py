@@ -83,6 +83,20 @@ def test_cached_stream_equals_one_block_causal_forward(sink, window):
     torch.testing.assert_close(streamed, full, rtol=0, atol=1e-5)
 
 
+def test_splits_of_one_cache_size_agree_on_short_clips_and_differ_past_them():
+    """(sink, window) = (1, 2) and (2, 1): the same function on clips of up to 4 chunks (what the earlier stages train
+    on); past that, (2, 1) keeps chunk 1 in view instead of chunk i - 2."""
+    a, b = causal_tiny(1, 2), causal_tiny(2, 1)
+    b.load_state_dict(a.state_dict())
+    x, prev, t, text = torch.randn(2, 3, 16, 16, 16), torch.randn(2, 3, 16, 16, 16), torch.rand(2), random_text(2, 4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x[:, :, :8], t, text, prev[:, :, :8]), b(x[:, :, :8], t, text, prev[:, :, :8]), rtol=0, atol=0)
+        sa, _ = stream(a, x, t, text, prev)
+        sb, _ = stream(b, x, t, text, prev)
+    torch.testing.assert_close(sa[:, :, :8], sb[:, :, :8], rtol=0, atol=1e-6)
+    assert (sa[:, :, 8:] - sb[:, :, 8:]).abs().max() > 1e-4  # 100x the agreement above
+
+
 def test_an_empty_prompt_streams_finite_and_equal():
     net = causal_tiny()
     x, t = torch.randn(1, 3, 8, 16, 16), torch.rand(1)

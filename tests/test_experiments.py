@@ -218,11 +218,18 @@ def test_stream_probe_follow_and_drift_on_the_shipped_generator() -> None:
     kept = follow["kept_by_first_frame"]
     assert sorted(kept) == list(range(0, 25, 4)) and all(0.0 <= v <= 1.0 for v in kept.values())
     assert kept[0] > 0.5, kept
+    (every,) = probe.main(["follow", "assets/demo_stream_colour_distilled", "-n", "32", "--every-chunk"])
+    assert every["every_chunk"] and every["kept_by_first_frame"][24] > kept[24] + 0.2  # fed real chunks, it keeps the colour
     (drift,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16"])
     first, late = drift["windows"]
     assert (first["first_frame"], late["first_frame"]) == (0, 24) and first["per_attribute"]["colour_kept"] == 1.0
     with pytest.raises(FileNotFoundError, match="generator.safetensors"):  # --weights reaches the loader: this folder has net_ema only
         probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--weights", "generator"])
+    (split,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--cache-layout", "2", "1"])
+    same = split["windows"][0]  # the first window fits the cache: any split of it is the same function
+    assert same["per_attribute"] == first["per_attribute"] and same["distance"] == pytest.approx(first["distance"], abs=0.05)
+    with pytest.raises(ValueError, match="sink_chunks \\+ window_chunks = 3"):
+        probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--cache-layout", "1", "1"])
 
 
 def test_stream_probe_frames_writes_a_grid_and_colours_by_window(tmp_path) -> None:

@@ -42,6 +42,19 @@ def test_stream_demo_quick_writes_the_report(stream_demo):
     assert (latest_checkpoint(stream_demo / "apt") / "discriminator.safetensors").exists()
 
 
+def test_a_run_streams_with_another_split_of_its_cache(stream_demo):
+    teacher = stream_demo / "teacher"
+    trained = load_generator(teacher)
+    assert (trained.config.model.sink_chunks, trained.config.model.window_chunks) == (1, 2)
+    other = load_generator(teacher, cache_layout=(2, 1))
+    assert (other.net.config.sink_chunks, other.net.config.window_chunks) == (2, 1)
+    assert torch.equal(other.net.final_proj.weight, trained.net.final_proj.weight)
+    with pytest.raises(ValueError, match=r"cache layout \(2, 2\).*sink_chunks \+ window_chunks = 3"):
+        load_generator(teacher, cache_layout=(2, 2))
+    with pytest.raises(ValueError, match="causal"):
+        load_generator(stream_demo / "bidirectional", cache_layout=(2, 1))
+
+
 def test_stream_command_writes_frames_as_they_come_and_switches_prompts(stream_demo, tmp_path, capsys):
     out = tmp_path / "stream"
     assert main(["stream", str(stream_demo / "apt"), "--prompt", "a red circle moving left on a black background",

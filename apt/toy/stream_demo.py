@@ -62,10 +62,11 @@ def validation_split(n: int, *, train_frames: int, world: str = DEFAULT_WORLD) -
 
 
 def validation_windows(candidates: list, *, train_frames: int, n: int, classifier_path: str, world: str = DEFAULT_WORLD,
-                       starts: list[int], weights: str | None = None) -> list[list[dict]]:
+                       starts: list[int], weights: str | None = None, cache_layout: tuple[int, int] | None = None) -> list[list[dict]]:
     """``window_metrics`` of each one-step candidate's 4x-long videos on the validation split (prompts and seeds
     disjoint from the report's), for the windows starting at ``starts``; ``weights``: which of a checkpoint's
-    weight files (None = the product, e.g. generator_ema)."""
+    weight files (None = the product, e.g. generator_ema); ``cache_layout``: stream with another (sink, window) split
+    (``apt.inference.load_generator``)."""
     from apt.inference import load_generator
     from apt.toy.classifier import load_toy_classifier
     from apt.toy.drift import long_real_stats, window_metrics
@@ -76,7 +77,7 @@ def validation_windows(candidates: list, *, train_frames: int, n: int, classifie
     prompts, seeds = validation_split(n, train_frames=train_frames, world=world)
     out = []
     for ckpt in candidates:
-        x = generate_videos(load_generator(ckpt, weights=weights), prompts, seeds, frames=4 * train_frames, steps=1, cfg_scale=1.0, batch=128)
+        x = generate_videos(load_generator(ckpt, weights=weights, cache_layout=cache_layout), prompts, seeds, frames=4 * train_frames, steps=1, cfg_scale=1.0, batch=128)
         out.append(window_metrics(classifier, x, prompts, real, window_frames=train_frames, starts=starts))
     return out
 
@@ -116,7 +117,8 @@ def whole_clip_checkpoint(apt_whole: str | None, *, quick: bool = False) -> str 
 def run_stream_demo(out: str | None = None, *, quick: bool = False, apt_whole: str | None = None, world: str = DEFAULT_WORLD) -> dict:
     """The streaming demo into ``out`` (default ``runs/demo-stream``, ``runs/demo-stream-long`` for the long world: a
     finished stage is reused, so each world keeps its own folder)."""
-    from apt.inference import load_generator
+    from apt.config import config_from_yaml
+    from apt.inference import load_generator, resolve_checkpoint
     from apt.toy.stream_report import (
         check_stream_bar,
         evaluate_stream_rows,
@@ -149,7 +151,11 @@ def run_stream_demo(out: str | None = None, *, quick: bool = False, apt_whole: s
                                                                         *quick_apt], overlays, stage_seconds)
     train_seconds = time.perf_counter() - t_start
 
-    t_gen = load_generator(teacher)
+    # Every causal row streams with the stage's cache layout (the earlier stages train on clips that fit the cache, where
+    # any split of it is the same function: apt.inference.load_generator).
+    stage = config_from_yaml(resolve_checkpoint(ours) / "config.yaml").model
+    layout = (stage.sink_chunks, stage.window_chunks)
+    t_gen = load_generator(teacher, cache_layout=layout)
     train_frames = t_gen.config.data.frames
     best, selection = pick_checkpoint(list_checkpoints(ours), train_frames=train_frames, n=16 if quick else VALIDATION_SAMPLES,
                                       classifier_path=t_gen.config.eval.classifier or "assets/toy_classifier", world=world)
@@ -157,7 +163,7 @@ def run_stream_demo(out: str | None = None, *, quick: bool = False, apt_whole: s
     whole = whole_clip_checkpoint(apt_whole, quick=quick)
     if whole:
         rows.append(("whole-clip-apt", load_generator(whole), 1, 1.0, 16, 16))
-    rows += [("teacher-forced-1step", load_generator(distilled), 1, 1.0, 128, 16),
+    rows += [("teacher-forced-1step", load_generator(distilled, cache_layout=layout), 1, 1.0, 128, 16),
              ("student-forced-1step", load_generator(best), 1, 1.0, 128, 16),
              # flow.sample_steps Euler steps with CFG per chunk: 50 network evaluations; 16x-long videos would take most of
              # the demo's time, so its quality is measured to 4x (its speed and memory at every length).
