@@ -50,11 +50,12 @@ def check_prompt_lengths(gen, prompts: list[str]) -> None:
 
 
 def stream_to_dir(checkpoint: str, prompts: list[str], *, frames: int, switch_at: list[int], seed: int, out: str,
-                  steps: int | None = None, cfg_scale: float | None = None, scale: int = 8) -> dict:
+                  steps: int | None = None, cfg_scale: float | None = None, scale: int = 8, cache_layout: tuple[int, int] | None = None) -> dict:
     """``python -m apt stream``: stream a causal run's video chunk by chunk, writing every frame as a PNG the moment it is
     decoded (``out/frames/000000.png``, ...) and a GIF of the whole at the end. ``prompts[k + 1]`` takes over at frame
     ``switch_at[k]`` (the cache is re-built under it: ``apt.streaming.StreamSession.set_prompt``). Returns the
-    timings: seconds to the first frame (after the model is loaded and the first prompt encoded), frames per second."""
+    timings: seconds to the first frame (after the model is loaded and the first prompt encoded), frames per second.
+    ``cache_layout``: split the rolling cache as (sink_chunks, window_chunks) (``apt.inference.load_generator``)."""
     import time
 
     import numpy as np
@@ -69,7 +70,7 @@ def stream_to_dir(checkpoint: str, prompts: list[str], *, frames: int, switch_at
             raise ValueError(f"--prompt {i + 1} is empty")
     if len(switch_at) != len(prompts) - 1 or sorted(switch_at) != switch_at or any(not 0 < f < frames for f in switch_at):
         raise ValueError(f"--switch-at needs one increasing frame index in (0, {frames}) per extra --prompt; got {switch_at} for {len(prompts)} prompts")
-    gen = load_generator(checkpoint)
+    gen = load_generator(checkpoint, cache_layout=cache_layout)
     session = StreamSession(gen, prompts[0], seed=seed, steps=steps, cfg_scale=cfg_scale)
     frame_dir = Path(out) / "frames"
     frame_dir.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,13 @@ def test_stream_command_writes_frames_as_they_come_and_switches_prompts(stream_d
     assert "latency to the first frame" in printed and "frames per second" in printed
     assert main(["stream", str(stream_demo / "apt"), "--prompt", "a red circle moving left on a black background", "--prompt", "x",
                  "--frames", "4", "--out", str(out)]) == 2  # a second prompt needs its --switch-at
+    other = tmp_path / "other-split"
+    assert main(["stream", str(stream_demo / "apt"), "--prompt", "a red circle moving left on a black background", "--frames", "12",
+                 "--cache-layout", "1", "2", "--out", str(other)]) == 0
+    assert len(list((other / "frames").glob("*.png"))) == 12
+    assert main(["stream", str(stream_demo / "apt"), "--prompt", "a red circle moving left on a black background", "--frames", "4",
+                 "--cache-layout", "3", "3", "--out", str(other)]) == 2
+    assert "cache layout (3, 3)" in capsys.readouterr().err
 
 
 def test_session_prompt_switch_rebuilds_the_cache(stream_demo):
