@@ -151,12 +151,13 @@ def load_generator(checkpoint: str | Path, *, device: str = "cpu", weights: str 
 
 
 def with_cache_layout(config: Config, sink_chunks: int, window_chunks: int, *, source: str = "the run") -> Config:
-    """``config`` with its causal model's cache split as (sink_chunks, window_chunks); the sum must stay (positions trained)."""
+    """``config`` with its causal model's cache split as (sink_chunks, window_chunks); the sum must stay (positions trained).
+    The bounds of each part are ``DiTConfig``'s to check, when the network is built."""
     m = config.model
     if not m.causal_chunk_frames:
         raise ValueError(f"a cache layout needs a causal run; {source} has model.causal_chunk_frames=0")
-    if sink_chunks < 1 or window_chunks < 0 or sink_chunks + window_chunks != m.sink_chunks + m.window_chunks:
-        raise ValueError(f"cache layout ({sink_chunks}, {window_chunks}) for {source}: need sink_chunks >= 1, window_chunks >= 0 and "
+    if sink_chunks + window_chunks != m.sink_chunks + m.window_chunks:
+        raise ValueError(f"cache layout ({sink_chunks}, {window_chunks}) for {source}: need "
                          f"sink_chunks + window_chunks = {m.sink_chunks + m.window_chunks} (its model.sink_chunks + model.window_chunks)")
     config = copy.deepcopy(config)
     config.model.sink_chunks, config.model.window_chunks = sink_chunks, window_chunks
