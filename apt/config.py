@@ -281,6 +281,15 @@ class StreamConfig:
     """stream_apt: how D sees a rollout longer than the training length. "windows": cut into ``window_frames`` windows
     judged separately; "stream": chunk by chunk with D's own cache (the sink and rolling window G streams with), so
     every chunk is judged with the stream's first chunk in view (``apt.methods.streaming.ChunkDiscriminator``)."""
+    dmd_weight: float = 0.0
+    """stream_apt: weight of distribution matching on the rollouts (DMD, as Self Forcing trains; ``apt.methods.dmd``)
+    added to G's adversarial loss; 0 = off (AAPT). Needs one device (train.devices=1, train.strategy=auto)."""
+    dmd_cfg_scale: float = 3.0
+    """stream_apt with DMD: the classifier-free guidance scale of the teacher's (real) score."""
+    fake_score_steps: int = 2
+    """stream_apt with DMD: updates of the fake score (a copy of the causal teacher trained on G's rollouts) per iteration."""
+    lr_fake_score: float = 1.0e-4
+    """stream_apt with DMD: the fake score's learning rate (its optimiser is ``apt.optimizer``, as G's and D's)."""
 
 
 @dataclass
@@ -705,6 +714,15 @@ def check_stream(c: Config) -> None:
     need(s.d_context in ("windows", "stream"), f"stream.d_context must be 'windows' or 'stream', got {s.d_context!r}")
     if c.stage == "stream_teacher":
         need(bool(s.init), "stream.init must name the bidirectional teacher checkpoint the causal model starts from")
+    at_least(s, 0, "stream.dmd_weight", note=" (0 = off)")
+    at_least(s, 0, "stream.dmd_cfg_scale", note=" (1 = no guidance)")
+    positive(s, "stream.fake_score_steps", "stream.lr_fake_score")
+    if s.dmd_weight > 0:
+        key = f"stream.dmd_weight={s.dmd_weight}"
+        need(c.stage == "stream_apt", f"{key}: distribution matching is an option of stage stream_apt, not '{c.stage}'")
+        need(c.train.devices == 1 and c.train.strategy == "auto",
+             f"{key}: distribution matching runs on one device (train.devices=1, train.strategy=auto); got "
+             f"train.devices={c.train.devices}, train.strategy={c.train.strategy}")
     if c.stage == "stream_apt":
         window = s.window_frames or c.data.frames
         longest = (c.model.sink_chunks + c.model.window_chunks + 1) * cf

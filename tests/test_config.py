@@ -38,6 +38,22 @@ def test_config_errors_name_the_key(override, message):
         load_config("recipes/demo/teacher.yaml", ["tiny"], [override])
 
 
+@pytest.mark.parametrize(
+    "recipe, overrides, message",
+    [
+        ("stream_apt", ["stream.dmd_weight=-1"], "stream.dmd_weight must be >= 0 (0 = off), got -1"),
+        ("stream_apt", ["stream.dmd_weight=1", "stream.fake_score_steps=0"], "stream.fake_score_steps must be positive, got 0"),
+        ("stream_apt", ["stream.dmd_weight=1", "train.strategy=deepspeed_stage_2", "train.devices=2"],
+         "stream.dmd_weight=1.0: distribution matching runs on one device (train.devices=1, train.strategy=auto)"),
+        ("stream_distill", ["stream.dmd_weight=1"], "distribution matching is an option of stage stream_apt, not 'stream_distill'"),
+    ],
+)
+def test_distribution_matching_errors_name_the_key(recipe, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(f"recipes/demo/{recipe}.yaml", ["tiny"], overrides)
+    load_config("recipes/demo/stream_apt.yaml", ["tiny"], ["stream.dmd_weight=1"])
+
+
 SP = ["train.strategy=ddp", "train.devices=2", "train.sequence_parallel=2"]
 
 
@@ -189,7 +205,8 @@ ZERO_IS_OUT = ["text.max_length", "data.frames", "data.height", "data.width", "d
                "flow.sample_shift", "optim.lr", "train.max_steps", "train.devices", "train.accumulate_grad_batches",
                "train.sequence_parallel", "distill.num_steps", "distill.shift", "apt.lr_g",
                "apt.lr_d", "apt.r1_sigma", "apt.d_timestep_shift", "apt.d_steps_per_g_step", "apt.collapse_patience",
-               "apt.readout_fractions", "train.ema_decay", "apt.ema_decay", "eval.num_samples"]
+               "apt.readout_fractions", "train.ema_decay", "apt.ema_decay", "eval.num_samples", "stream.fake_score_steps",
+               "stream.lr_fake_score"]
 # Fields with an upper bound: a value just past it.
 ABOVE = {"text.dropout": 1.0, "data.max_skipped_fraction": 1.5, "optim.betas": 1.0, "train.ema_decay": 1.0, "apt.ema_decay": 1.0,
          "apt.rmsprop_alpha": 1.0, "apt.adam_betas": 1.0, "apt.readout_fractions": 1.5}

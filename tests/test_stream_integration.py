@@ -74,6 +74,31 @@ def test_stream_command_writes_frames_as_they_come_and_switches_prompts(stream_d
     assert "cache layout (3, 3)" in capsys.readouterr().err
 
 
+def test_stream_apt_with_distribution_matching_resumes_identically(stream_demo, tmp_path):
+    """stream.dmd_weight > 0: the fake score is saved (the frozen teacher is not) and a resumed run continues exactly,
+    the fake score's weights and optimiser included."""
+    from safetensors.torch import load_file
+
+    from apt.toy.stream_demo import ensure_long_shards
+    from tests.conftest import losses
+
+    shards = ensure_long_shards(True, ("rollout",))["rollout"]
+    common = ["fit", "recipes/demo/stream_apt.yaml", "tiny", f"data.shards={shards}", f"apt.generator={stream_demo / 'distill'}",
+              f"apt.teacher={stream_demo / 'teacher'}", "apt.d_warmup_steps=1", "stream.dmd_weight=1.0"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main([*common, f"run_dir={full}", "train.max_steps=3"]) == 0
+    assert main([*common, f"run_dir={part}", "train.max_steps=2"]) == 0
+    assert main([*common, f"run_dir={part}", "train.max_steps=3", "resume=auto"]) == 0
+    last = latest_checkpoint(full)
+    assert last.name == "step-000003" and (last / "fake_score.safetensors").exists() and not (last / "teacher.safetensors").exists()
+    for key in ("loss_dmd", "loss_fake_score", "loss_g", "loss_d"):
+        a, b = losses(full, key), losses(part, key)
+        assert a and a == b, key
+    for name in ("generator", "generator_ema", "discriminator", "fake_score"):
+        wa, wb = load_file(str(last / f"{name}.safetensors")), load_file(str(latest_checkpoint(part) / f"{name}.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
 def test_session_prompt_switch_rebuilds_the_cache(stream_demo):
     gen = load_generator(stream_demo / "apt")
     torch.manual_seed(0)

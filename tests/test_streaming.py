@@ -13,7 +13,14 @@ from apt.config import AptConfig
 from apt.ema import ema_update
 from apt.losses import d_loss_relativistic, g_loss_relativistic
 from apt.methods.apt import AptProgress, SampleNoise, apt_step
-from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced, windows
+from apt.methods.dmd import DistributionMatching, dmd_loss
+from apt.methods.streaming import (
+    ChunkDiscriminator,
+    StudentForcing,
+    TeacherForced,
+    teacher_forced_stream,
+    windows,
+)
 from apt.methods.update import OptimizerUpdate
 from apt.models import build_dit
 from apt.models.causal import shift_chunks
@@ -168,3 +175,50 @@ def test_many_step_causal_sampling_keeps_one_cache_per_step_level():
     assert len(stepper.caches) == 3 and len(inputs) == 3
     assert all(c.chunks_written == 5 and c.k[0].shape[0] == 2 for c in stepper.caches)  # CFG: prompt and negative batched
     assert torch.isfinite(prev).all()
+
+
+# -- distribution matching on the rollouts (stream.dmd_weight > 0, apt.methods.dmd) --------------------------------------
+def test_teacher_forced_stream_is_the_block_causal_forward_and_streams_past_it():
+    net = causal_tiny().eval()
+    x0, text = torch.randn(2, 3, 8, 16, 16), random_text(2, 4, 32)
+    x_t, t = torch.randn_like(x0), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        streamed = teacher_forced_stream(net, x_t, t, text, x0)
+        whole = TeacherForced(net, x0)(x_t, t, text)
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
+    long0 = torch.cat([x0, torch.randn_like(x0)], dim=2)  # 8 chunks: past one block-causal forward
+    with torch.no_grad():
+        out = teacher_forced_stream(net, torch.cat([x_t, x_t], dim=2), t, text, long0)
+    torch.testing.assert_close(out[:, :, :8], whole, rtol=0, atol=1e-5)  # the past never sees the future
+
+
+def test_dmd_loss_gradient_is_the_normalised_score_difference():
+    real, fake = causal_tiny(1).eval(), causal_tiny(2).eval()
+    x = torch.randn(2, 3, 8, 16, 16, requires_grad=True)
+    text, t, eps = random_text(2, 4, 32), torch.tensor([0.2, 0.7]), torch.randn(2, 3, 8, 16, 16)
+    dmd_loss(x, real, fake, text, None, cfg_scale=1.0, t_B=t, eps=eps).backward()
+    with torch.no_grad():
+        x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1, 1) * eps
+        x0_real = x_t - t.view(-1, 1, 1, 1, 1) * teacher_forced_stream(real, x_t, t, text, x)
+        x0_fake = x_t - t.view(-1, 1, 1, 1, 1) * teacher_forced_stream(fake, x_t, t, text, x)
+        g = (x0_fake - x0_real) / (x - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    torch.testing.assert_close(x.grad, g / x.numel(), rtol=1e-4, atol=1e-9)
+    x.grad = None
+    dmd_loss(x, real, real, text, None, cfg_scale=1.0, t_B=t, eps=eps).backward()  # fake == real: nothing to move
+    assert x.grad.abs().max() == 0
+
+
+def test_apt_step_with_distribution_matching_trains_g_and_the_fake_score_not_the_teacher():
+    G, (D, a) = causal_tiny(), chunk_d(window_frames=8)
+    a.gan_loss, a.d_warmup_steps = "relativistic", 0
+    teacher, fake = causal_tiny(3).requires_grad_(False), causal_tiny(3)
+    before = {n: copy.deepcopy(m.state_dict()) for n, m in (("G", G), ("teacher", teacher), ("fake", fake))}
+    dmd = DistributionMatching(teacher, fake, OptimizerUpdate(torch.optim.Adam(fake.parameters(), lr=1e-3), fake), weight=1.0,
+                               cfg_scale=3.0, fake_steps=2, negative=lambda n: random_text(n, 4, 32))
+    x, text = torch.randn(2, 3, 16, 16, 16), random_text(2, 4, 32)
+    metrics = apt_step(G, D, [(x, text)], update_g=OptimizerUpdate(torch.optim.Adam(G.parameters(), lr=1e-3), G),
+                       update_d=OptimizerUpdate(torch.optim.Adam(D.parameters(), lr=1e-3), D), update_ema=lambda d: None, a=a,
+                       progress=AptProgress(), step_seed=3, generate=StudentForcing(), extra=dmd)
+    assert metrics["loss_dmd"] > 0 and metrics["loss_fake_score"] > 0 and metrics["loss_g"] > metrics["loss_dmd"]
+    changed = {n: any(not torch.equal(v, before[n][k]) for k, v in m.state_dict().items()) for n, m in (("G", G), ("teacher", teacher), ("fake", fake))}
+    assert changed == {"G": True, "teacher": False, "fake": True}

@@ -27,7 +27,7 @@ from apt.distributed.sequence_parallel import data_parallel_rank
 from apt.distributed.zero3_ema import PartitionedEma
 from apt.ema import ema_update, local_shard
 from apt.lit.base import StageModule
-from apt.methods.apt import AptProgress, apt_step, build_discriminator, make_optimizer, one_step
+from apt.methods.apt import AptProgress, ExtraGLoss, apt_step, build_discriminator, make_optimizer, one_step
 from apt.methods.update import NetUpdate, OptimizerUpdate
 
 
@@ -52,6 +52,8 @@ class AptModule(StageModule):
 
     make_fakes = staticmethod(one_step)
     """How G makes fakes in ``apt_step`` (the streaming stage rolls out chunk by chunk)."""
+    extra: ExtraGLoss | None = None
+    """A term added to G's loss (the streaming stage's distribution matching)."""
 
     def build_discriminator(self, backbone):
         return build_discriminator(backbone, self.config.apt)
@@ -150,7 +152,7 @@ class AptModule(StageModule):
 
     # -- the step ------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        opt_g, opt_d = self.optimizers()
+        opt_g, opt_d = self.optimizers()[:2]
         rank, world_size = data_parallel_rank(self.global_rank, self.trainer.world_size, self.config.train.sequence_parallel)
         micro_batches = batch if isinstance(batch, list) else [batch]  # train.accumulate_grad_batches groups them
         clip = self.config.optim.grad_clip
@@ -171,6 +173,7 @@ class AptModule(StageModule):
             self.generator, self.discriminator, [(b["x"], self.encode_batch(b)) for b in micro_batches],
             update_g=update_g, update_d=update_d, update_ema=self.update_ema, a=self.config.apt,
             progress=self.progress, step_seed=step_seed, rank=rank, world_size=world_size, generate=self.make_fakes,
+            extra=self.extra,
         )
 
     def configure_optimizers(self):

@@ -17,9 +17,12 @@ from apt.config import Config
 from apt.lit.apt import AptModule
 from apt.lit.distill import DistillModule
 from apt.lit.teacher import TeacherModule
+from apt.methods.apt import make_optimizer
 from apt.methods.consistency import consistency_loss
+from apt.methods.dmd import DistributionMatching
 from apt.methods.flow_matching import teacher_loss
 from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced
+from apt.methods.update import OptimizerUpdate
 from apt.models import factory
 
 
@@ -50,12 +53,37 @@ class StreamDistillModule(DistillModule):
 
 class StreamAptModule(AptModule):
     """Adversarial training with student forcing: G rolls out as at inference; D (from the causal teacher) gives one
-    logit per chunk on windows of ``stream.window_frames``."""
+    logit per chunk on windows of ``stream.window_frames``. With ``stream.dmd_weight`` > 0, distribution matching on
+    the rollouts is added to G's loss (``apt.methods.dmd``): the frozen causal teacher (``teacher``, not saved) and a
+    fake score (``fake_score``, saved and resumed with its optimiser) are held too."""
 
     def __init__(self, config: Config):
         super().__init__(config)
         s = config.stream
         self.make_fakes = StudentForcing(grad_chunks=s.grad_chunks, detach_context=s.detach_context)
+        if s.dmd_weight > 0:
+            self.teacher = self.frozen_copy(self.load_backbone(config.apt.teacher, "net_ema"))
+            self.fake_score = self.load_backbone(config.apt.teacher, "net_ema")
+
+    def training_step(self, batch, batch_idx):
+        s = self.config.stream
+        if s.dmd_weight > 0 and self.extra is None:  # the third optimiser is the fake score's
+            update_fake = OptimizerUpdate(self.optimizers()[2], self.fake_score, self.manual_backward, max_norm=self.config.optim.grad_clip)
+            negative = lambda n: self.encode([self.config.flow.negative_prompt] * n, allow_empty=True)  # noqa: E731
+            self.extra = DistributionMatching(self.teacher, self.fake_score, update_fake, weight=s.dmd_weight, cfg_scale=s.dmd_cfg_scale,
+                                              fake_steps=s.fake_score_steps, negative=negative)
+        return super().training_step(batch, batch_idx)
+
+    def trainer_max_steps(self) -> int:
+        s, a = self.config.stream, self.config.apt
+        fake_steps = (a.d_warmup_steps + self.config.train.max_steps) * s.fake_score_steps if s.dmd_weight > 0 else 0
+        return super().trainer_max_steps() + fake_steps
+
+    def configure_optimizers(self):
+        optimizers = super().configure_optimizers()
+        if self.config.stream.dmd_weight == 0:
+            return optimizers
+        return (*optimizers, make_optimizer(self.fake_score.parameters(), self.config.stream.lr_fake_score, self.config.apt))
 
     def build_discriminator(self, backbone):
         a, c = self.config.apt, self.config

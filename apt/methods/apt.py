@@ -6,10 +6,11 @@
     L_G = softplus(-D(G(z, c), c))                              D frozen in the G step
     G_ema <- decay G_ema + (1 - decay) G                        the product (§3.5: decay 0.995)
 
-Two generalisations serve the streaming stage (AAPT, arXiv 2506.09350; ``apt.methods.streaming``), both off by
-default: ``generate`` says how fakes are made (``one_step``, or a student-forcing rollout of a causal G), and
+Three generalisations serve the streaming stage (AAPT, arXiv 2506.09350; ``apt.methods.streaming``), all off by
+default: ``generate`` says how fakes are made (``one_step``, or a student-forcing rollout of a causal G);
 ``apt.gan_loss: relativistic`` with ``apt.r2_lambda`` > 0 swaps in AAPT's relativistic loss with approximate R2
-on the fakes. D may return logits of any shape (e.g. one per chunk): every loss is a mean over them.
+on the fakes; ``extra`` adds a term with networks of its own to G's loss (distribution matching on the rollouts,
+``apt.methods.dmd``). D may return logits of any shape (e.g. one per chunk): every loss is a mean over them.
 
 D is a copy of the ORIGINAL diffusion weights with readout heads at several depths (``build_discriminator``,
 §3.3), trained in full; it sees clean inputs at an ensemble timestep t ~ shift(U(0, 1), s) per sample.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -86,6 +87,22 @@ class SampleNoise:
     def timesteps(self, D: Discriminator, device) -> torch.Tensor:
         return torch.cat([D.sample_t(1, g) for g in self.generators]).to(device)
 
+    def rand(self, device) -> torch.Tensor:
+        """One U(0, 1) draw per sample."""
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(device)
+
+
+class ExtraGLoss(Protocol):
+    """A term added to G's adversarial loss that has networks of its own (the streaming stage's distribution
+    matching, ``apt.methods.dmd``): ``prepare`` updates them once per iteration before D's step and returns its
+    metrics; ``g_loss`` is the term on one micro-batch of G's fakes, with that micro-batch's noise streams."""
+
+    name: str
+
+    def prepare(self, G: nn.Module, parts: list[tuple[torch.Tensor, TextCond, SampleNoise]], generate: Generate, where: str) -> dict[str, torch.Tensor]: ...
+
+    def g_loss(self, x_fake: torch.Tensor, text: TextCond, noise: SampleNoise) -> torch.Tensor: ...
+
 
 def _mean(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.detach() for v in values]).mean()
@@ -93,12 +110,13 @@ def _mean(values: list[torch.Tensor]) -> torch.Tensor:
 
 def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor, TextCond]], *, update_g: NetUpdate, update_d: NetUpdate,
              update_ema: Callable[[float], None], a: AptConfig, progress: AptProgress, step_seed: int, rank: int = 0, world_size: int = 1,
-             generate: Generate = one_step) -> dict[str, torch.Tensor]:
+             generate: Generate = one_step, extra: ExtraGLoss | None = None) -> dict[str, torch.Tensor]:
     """One APT iteration on this rank's gradient-accumulation micro-batches (real clips, their text); returns the metrics.
 
     Every D (and G) update accumulates over all micro-batches before it steps, so G and D updates stay
     separate under accumulation; the strategy averages the gradients over ranks. ``rank``/``world_size``
-    are of the data (the ranks of a sequence-parallel group share samples and noise).
+    are of the data (the ranks of a sequence-parallel group share samples and noise). ``extra``: a term added to
+    G's loss (off in APT and AAPT).
     """
     k, device = len(micro_batches), micro_batches[0][0].device
     # 0. One noise stream per sample of the GLOBAL batch (micro-batch j of rank r holds samples (j * world + r) * B, ...).
@@ -110,6 +128,8 @@ def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor,
     where = f"generator update {progress.g_updates}"
     metrics: dict[str, torch.Tensor] = {}
 
+    if extra is not None:  # its own networks first (e.g. DMD's fake score on fresh rollouts)
+        metrics.update(extra.prepare(G, parts, generate, where))
     relativistic, use_r2 = a.gan_loss == "relativistic", a.r2_lambda > 0
     # 1. D step(s) (§3.3-3.4): real vs detached fakes, plus approximate R1 on real data: D(x) and D(x + sigma n)
     #    with the same t and text (and, with apt.r2_lambda > 0, approximate R2 on the fakes, AAPT). One batched D forward.
@@ -130,11 +150,11 @@ def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor,
             if a.mismatch_weight > 0:  # optional, not in the paper (apt.methods.text_terms)
                 x_mm, text_mm = mismatched_pairs(x_real, text)
                 x_in, texts = x_in + [x_mm], texts + [text_mm]
-            d_real, d_perturbed, d_fake, *extra = D(torch.cat(x_in), t.repeat(len(x_in)), TextCond.cat(texts)).split(B)
-            d_fake_perturbed = extra.pop(0) if use_r2 else None
+            d_real, d_perturbed, d_fake, *rest = D(torch.cat(x_in), t.repeat(len(x_in)), TextCond.cat(texts)).split(B)
+            d_fake_perturbed = rest.pop(0) if use_r2 else None
             loss_adv = d_loss_relativistic(d_real, d_fake) if relativistic else d_loss_nonsaturating(d_real, d_fake)
-            if extra:
-                loss_adv = loss_adv + mismatch_term(extra[0], a.mismatch_weight)
+            if rest:
+                loss_adv = loss_adv + mismatch_term(rest[0], a.mismatch_weight)
             r1 = approximate_r1(d_real, d_perturbed, weight=a.r1_lambda) if a.use_r1 else torch.zeros((), device=device)
             loss_d = loss_adv + r1
             if use_r2:
@@ -153,7 +173,7 @@ def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor,
     if progress.d_updates > a.d_warmup_steps * a.d_steps_per_g_step:
         D.requires_grad_(False)
         update_g.zero_grad()
-        losses_g = []
+        losses_g, extras = [], []
         for x_real, text, noise in parts:
             x_fake = generate(G, noise.randn(x_real.shape[1:], device), text)
             t = noise.timesteps(D, device)
@@ -165,6 +185,9 @@ def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor,
                 loss_g = g_loss_relativistic(D(x_fake, t, text), d_real)
             else:
                 loss_g = g_loss_nonsaturating(D(x_fake, t, text))
+            if extra is not None:
+                extras.append(extra.g_loss(x_fake, text, noise))
+                loss_g = loss_g + extras[-1]
             check_finite("G loss", loss_g, where)
             update_g.backward(loss_g / k)
             losses_g.append(loss_g)
@@ -175,6 +198,8 @@ def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor,
         update_ema(a.ema_decay)
         progress.g_updates += 1
         metrics.update(loss_g=_mean(losses_g), grad_norm_g=grad_norm_g)
+        if extras:
+            metrics[f"loss_{extra.name}"] = _mean(extras)
 
     # 4. Training health: D(real), D(fake), aR1, gradient norms; warn when D wins outright.
     d = {key: _mean(values) for key, values in stats.items()}

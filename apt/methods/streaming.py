@@ -49,6 +49,20 @@ class TeacherForced(nn.Module):
         return self.net(x_BCTHW, t_B, text, self.prev.repeat(x_BCTHW.shape[0] // B, 1, 1, 1, 1))
 
 
+def teacher_forced_stream(net: nn.Module, x_t_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, x0_BCTHW: torch.Tensor) -> torch.Tensor:
+    """net's output on a noised clip of any length, teacher-forced and streamed: chunk i of x_t with the clean chunk
+    i - 1 of x0 recycled, one cached step per chunk, the cache written at t. On up to sink + window + 1 chunks this is
+    ``TeacherForced(net, x0)(x_t, t, text)`` (one block-causal forward, how the causal stages train); past that, every
+    chunk sees the sink and the rolling window, as in a stream. Gradients reach the network (not x0)."""
+    cf = chunk_frames(net)
+    cache = cache_for(net, x_t_BCTHW, text, inplace=not torch.is_grad_enabled())
+    prev, out = torch.zeros_like(x0_BCTHW[:, :, :cf]), []
+    for i in range(x_t_BCTHW.shape[2] // cf):
+        out.append(net(x_t_BCTHW[:, :, i * cf : (i + 1) * cf], t_B, text, prev, cache=cache))
+        prev = x0_BCTHW[:, :, i * cf : (i + 1) * cf].detach()
+    return torch.cat(out, dim=2)
+
+
 class StudentForcing:
     """``generate`` of ``apt_step`` for a causal G: roll out the whole clip as at inference,
     x_i = z_i - G^(z_i, T, c | x_{i-1}, cache), with the gradient reaching as configured.
