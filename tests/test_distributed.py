@@ -321,7 +321,7 @@ def test_ddp_runs_a_stream_apt_step(tiny_causal_init, tmp_path):
     write_toy_shards(str(shards), num_samples=16, frames=16, seed=3, samples_per_shard=8, progress=False, world="long")
     run = tmp_path / "ddp"
     ok(launch(["-m", "apt", "fit", "recipes/demo/stream_apt.yaml", "tiny", f"run_dir={run}", f"data.shards={shards}",
-               f"apt.generator={tiny_causal_init}", f"apt.teacher={tiny_causal_init}", "apt.d_warmup_steps=1", "train.strategy=ddp",
+               f"apt.generator={tiny_causal_init}", f"apt.teacher={tiny_causal_init}", "apt.d_warmup_steps=1", "stream.dmd_weight=0", "train.strategy=ddp",
                "train.devices=2", "train.accelerator=cpu", "data.batch_size=2", "train.max_steps=1"], nproc=2))
     last = latest_checkpoint(run)
     assert last.name == "step-000001" and all((last / f"{n}.safetensors").exists() for n in ("generator", "generator_ema", "discriminator"))

@@ -64,6 +64,8 @@ def main() -> None:
                  f"data.batch_size={local_batch // args.accumulate}", f"train.accumulate_grad_batches={args.accumulate}", f"train.precision={args.precision}",
                  f"run_dir={Path(args.out).parent / ('run-' + args.mode)}", *args.extra]
     recipe = "recipes/demo/stream_apt.yaml" if args.stage == "stream_apt" else "recipes/demo/apt_video.yaml"
+    if args.stage == "stream_apt":  # the adversarial stage itself: distribution matching runs on one device only
+        overrides.append("stream.dmd_weight=0")
     c = load_config(recipe, ["tiny"], overrides)
     Module = StreamAptModule if args.stage == "stream_apt" else AptModule
     torch.manual_seed(0)
