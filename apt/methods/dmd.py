@@ -15,7 +15,8 @@ chunk is judged in the context the generator itself made. Here it is added to AA
 Both scores read the noised rollout chunk by chunk, teacher-forced on the rollout itself
 (``apt.methods.streaming.teacher_forced_stream``: chunk i at t with G's clean chunk i - 1 recycled), as the causal
 teacher was trained: the teacher says what a chunk should look like after the chunks G made before it, which is the
-conditional the drift of a student-forced stream breaks. All velocities and x are in the model's own space.
+conditional the drift of a student-forced stream breaks. The fake score's loss is on the velocity whatever the
+flavour's ``prediction`` (the same optimum as the x0-space loss an x0-parameterised teacher trained with).
 """
 
 from __future__ import annotations
