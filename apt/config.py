@@ -722,7 +722,7 @@ def check_stream(c: Config) -> None:
         need(c.stage == "stream_apt", f"{key}: distribution matching is an option of stage stream_apt, not '{c.stage}'")
         need(c.train.devices == 1 and c.train.strategy == "auto",
              f"{key}: distribution matching runs on one device (train.devices=1, train.strategy=auto); got "
-             f"train.devices={c.train.devices}, train.strategy={c.train.strategy}")
+             f"train.devices={c.train.devices}, train.strategy={c.train.strategy} (stream.dmd_weight=0: the adversarial stage alone runs on many)")
     if c.stage == "stream_apt":
         window = s.window_frames or c.data.frames
         longest = (c.model.sink_chunks + c.model.window_chunks + 1) * cf
