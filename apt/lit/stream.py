@@ -69,7 +69,13 @@ class StreamAptModule(AptModule):
         s = self.config.stream
         if s.dmd_weight > 0 and self.extra is None:  # the third optimiser is the fake score's
             update_fake = OptimizerUpdate(self.optimizers()[2], self.fake_score, self.manual_backward, max_norm=self.config.optim.grad_clip)
-            negative = lambda n: self.encode([self.config.flow.negative_prompt] * n, allow_empty=True)  # noqa: E731
+            negatives = {}  # the negative prompt encoded once per batch size, not at every G micro-batch
+
+            def negative(n: int):
+                if n not in negatives:
+                    negatives[n] = self.encode([self.config.flow.negative_prompt] * n, allow_empty=True)
+                return negatives[n]
+
             self.extra = DistributionMatching(self.teacher, self.fake_score, update_fake, weight=s.dmd_weight, cfg_scale=s.dmd_cfg_scale,
                                               fake_steps=s.fake_score_steps, negative=negative)
         return super().training_step(batch, batch_idx)
