@@ -50,7 +50,8 @@ def free_port() -> int:
 
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(("TORCHELASTIC_", "SLURM_", "PL_"))}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT, e.g. in gloo) prints its Python stack into the output.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1",
                TORCH_EXTENSIONS_DIR=str(EXTENSIONS), PYTHONPATH=str(REPO))
     return env
 
@@ -70,8 +71,14 @@ def launch(args: list[str], *, nproc: int = 0, timeout: float = 150) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+FATAL_MARKS = ("terminate called", "what():", "Fatal Python error", "enforce fail", "Signal ", "exitcode", "File \"")
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"{' '.join(result.args)} failed ({result.returncode}):\n{result.stdout[-6000:]}"
+    """The run succeeded; otherwise fail with every rank's fatal lines (a rank's abort is often far above the tail)."""
+    fatal = "\n".join(line for line in result.stdout.splitlines() if any(m in line for m in FATAL_MARKS))
+    assert result.returncode == 0, (f"{' '.join(result.args)} failed ({result.returncode}):\nfatal lines, first:\n{fatal[:4000]}\n"
+                                    f"last output:\n{result.stdout[-6000:]}")
     return result
 
 
