@@ -176,3 +176,19 @@ def test_stream_demo_refuses_a_folder_trained_on_another_world(tmp_path):
     check_folder_world(tmp_path, "runs/data/toy-free-16f", "free-shape")
     with pytest.raises(ValueError, match=r"toy-free-16f, not on the free-colour world's runs/data/toy-freecol-16f"):
         check_folder_world(tmp_path, "runs/data/toy-freecol-16f", "free-colour")
+
+
+def test_stream_demo_picks_the_checkpoint_by_validation_accuracy_at_4x(monkeypatch):
+    """The bar's measure decides (accuracy at 4x the training length); the distance only breaks ties."""
+    from apt.toy import stream_demo
+
+    scores = {"a": (0.80, 40.0), "b": (0.84, 50.0), "c": (0.84, 45.0), "d": (0.70, 30.0)}
+
+    def fake_windows(candidates, **kw):
+        assert kw["starts"] == [3 * kw["train_frames"]]
+        return [[{"attribute_accuracy": scores[c][0], "distance": scores[c][1]}] for c in candidates]
+
+    monkeypatch.setattr(stream_demo, "validation_windows", fake_windows)
+    best, selection = stream_demo.pick_checkpoint(list(scores), train_frames=8, n=4, classifier_path="unused")
+    assert best == "c"
+    assert [s["val_attribute_accuracy_4x"] for s in selection] == [0.80, 0.84, 0.84, 0.70]
