@@ -283,7 +283,7 @@ class StreamConfig:
     every chunk is judged with the stream's first chunk in view (``apt.methods.streaming.ChunkDiscriminator``)."""
     dmd_weight: float = 0.0
     """stream_apt: weight of distribution matching on the rollouts (DMD, as Self Forcing trains; ``apt.methods.dmd``)
-    added to G's adversarial loss; 0 = off (AAPT). Needs one device (train.devices=1, train.strategy=auto)."""
+    added to G's adversarial loss; 0 = off (AAPT). On one device, DDP or FSDP2 (not ZeRO)."""
     dmd_cfg_scale: float = 3.0
     """stream_apt with DMD: the classifier-free guidance scale of the teacher's (real) score."""
     fake_score_steps: int = 2
@@ -720,9 +720,9 @@ def check_stream(c: Config) -> None:
     if s.dmd_weight > 0:
         key = f"stream.dmd_weight={s.dmd_weight}"
         need(c.stage == "stream_apt", f"{key}: distribution matching is an option of stage stream_apt, not '{c.stage}'")
-        need(c.train.devices == 1 and c.train.strategy == "auto",
-             f"{key}: distribution matching runs on one device (train.devices=1, train.strategy=auto); got "
-             f"train.devices={c.train.devices}, train.strategy={c.train.strategy} (stream.dmd_weight=0: the adversarial stage alone runs on many)")
+        need(not c.train.strategy.startswith("deepspeed"),
+             f"{key}: distribution matching runs on one device, DDP or FSDP2, not train.strategy={c.train.strategy} "
+             "(stream.dmd_weight=0: the adversarial stage alone runs under ZeRO)")
     if c.stage == "stream_apt":
         window = s.window_frames or c.data.frames
         longest = (c.model.sink_chunks + c.model.window_chunks + 1) * cf

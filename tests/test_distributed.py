@@ -298,16 +298,28 @@ def single_stream(tiny_causal_init, tmp_path_factory) -> dict:
     return apt_steps(tiny_causal_init, tmp_path_factory.mktemp("single_stream") / "single.pt", "single", "--stage", "stream_apt")
 
 
-@pytest.mark.parametrize("mode", ["deepspeed_stage_2", "deepspeed_stage_3", "fsdp2"], ids=["zero2", "zero3", "fsdp2"])
-def test_stream_apt_steps_on_two_ranks_match_one_process(mode, request, tiny_causal_init, single_stream, tmp_path):
-    """The streaming stage (16-frame student-forcing rollouts judged in 8-frame windows, relativistic loss + aR1 + aR2),
-    global batch 4: one process vs 2 ranks x 2 samples, 3 iterations, same tolerances as the APT stage."""
+DMD = ("--dmd", "100")  # the recipe's weight (its loss about 0.5 on these tiny nets)
+
+
+@pytest.fixture(scope="module")
+def single_stream_dmd(tiny_causal_init, tmp_path_factory) -> dict:
+    return apt_steps(tiny_causal_init, tmp_path_factory.mktemp("single_stream_dmd") / "single.pt", "single", "--stage", "stream_apt", *DMD)
+
+
+@pytest.mark.parametrize("mode, dmd", [("deepspeed_stage_2", False), ("deepspeed_stage_3", False), ("fsdp2", False), ("fsdp2", True)],
+                         ids=["zero2", "zero3", "fsdp2", "fsdp2+dmd"])
+def test_stream_apt_steps_on_two_ranks_match_one_process(mode, dmd, request, tiny_causal_init, tmp_path):
+    """The streaming stage (16-frame student-forcing rollouts judged in 8-frame windows, relativistic loss + aR1 + aR2;
+    with ``dmd``, plus distribution matching: the fake score sharded like D, the frozen teacher whole), global batch 4:
+    one process vs 2 ranks x 2 samples, 3 iterations, same tolerances as the APT stage."""
     if mode.startswith("deepspeed"):
         request.getfixturevalue("deepspeed_comm_op")
-    single = {k: [dict(h) for h in v] if k == "history" else v for k, v in single_stream.items()}  # the loop below pops keys
-    sharded = apt_steps(tiny_causal_init, tmp_path / "sharded.pt", mode, "--stage", "stream_apt", nproc=2)
+    one = request.getfixturevalue("single_stream_dmd" if dmd else "single_stream")
+    single = {k: [dict(h) for h in v] if k == "history" else v for k, v in one.items()}  # the loop below pops keys
+    sharded = apt_steps(tiny_causal_init, tmp_path / "sharded.pt", mode, "--stage", "stream_apt", *(DMD if dmd else ()), nproc=2)
     assert sharded["g_updates"] == single["g_updates"] == 2
     assert "r2" in single["history"][-1]
+    assert ("loss_dmd" in single["history"][-1] and "loss_fake_score" in single["history"][-1]) == dmd
     for it, (a, b) in enumerate(zip(single["history"], sharded["history"])):
         assert a.keys() == b.keys(), it
         # The relativistic loss sees only D(x) - D(G(z)): the logits' common offset (D's output bias) gets a gradient of
@@ -321,16 +333,32 @@ def test_stream_apt_steps_on_two_ranks_match_one_process(mode, request, tiny_cau
     assert (single["samples"] - sharded["samples"]).abs().max().item() < 1e-5
 
 
-def test_ddp_runs_a_stream_apt_step(tiny_causal_init, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_stream_apt_recipe_with_distribution_matching_fits_and_resumes(strategy, tiny_causal_init, tmp_path):
+    """The stream_apt recipe as shipped (distribution matching on) through the Trainer on 2 ranks: the fake score is
+    trained, saved and (FSDP2) resumed with its optimiser; the frozen teacher is not saved."""
     from apt.toy.shards import write_toy_shards
 
     shards = tmp_path / "long16"
     write_toy_shards(str(shards), num_samples=16, frames=16, seed=3, samples_per_shard=8, progress=False, world="long")
-    run = tmp_path / "ddp"
-    ok(launch(["-m", "apt", "fit", "recipes/demo/stream_apt.yaml", "tiny", f"run_dir={run}", f"data.shards={shards}",
-               f"apt.generator={tiny_causal_init}", f"apt.teacher={tiny_causal_init}", "apt.d_warmup_steps=1", "stream.dmd_weight=0", "train.strategy=ddp",
-               "train.devices=2", "train.accelerator=cpu", "data.batch_size=2", "train.max_steps=1"], nproc=2))
-    last = latest_checkpoint(run)
-    assert last.name == "step-000001" and all((last / f"{n}.safetensors").exists() for n in ("generator", "generator_ema", "discriminator"))
+    run = tmp_path / strategy
+    args = ["-m", "apt", "fit", "recipes/demo/stream_apt.yaml", "tiny", f"run_dir={run}", f"data.shards={shards}",
+            f"apt.generator={tiny_causal_init}", f"apt.teacher={tiny_causal_init}", "apt.d_warmup_steps=1", f"train.strategy={strategy}",
+            "train.devices=2", "train.accelerator=cpu", "data.batch_size=2"]
+    ok(launch([*args, "train.max_steps=1"], nproc=2))
+    first = latest_checkpoint(run)
+    names = ("generator", "generator_ema", "discriminator", "fake_score")
+    assert first.name == "step-000001" and all((first / f"{n}.safetensors").exists() for n in names)
+    assert not list(first.glob("teacher*"))
+    init = load_file(tiny_causal_init / "net_ema.safetensors")
+    fake = load_file(first / "fake_score.safetensors")
+    shared = fake.keys() & init.keys()
+    assert shared and max((fake[k] - init[k]).abs().max().item() for k in shared) > 0  # the fake score moved off the teacher
     rows = metrics(run)
-    assert rows[1]["loss_g"] and rows[1]["r2"]
+    assert rows[1]["loss_g"] and rows[1]["r2"] and rows[1]["loss_dmd"] and rows[1]["loss_fake_score"]
+    if strategy == "fsdp2":  # the sharded resume: three optimisers' states scattered back, the fake score's included
+        ok(launch([*args, "train.max_steps=2", "resume=auto"], nproc=2))
+        second = latest_checkpoint(run)
+        assert second.name == "step-000002"
+        assert max((load_file(second / "fake_score.safetensors")[k] - fake[k]).abs().max().item() for k in fake) > 0
+        assert metrics(run)[2]["loss_fake_score"]

@@ -39,7 +39,8 @@ def fully_shard_apt(module, mesh) -> None:
     exactly like G (same mesh, same units), so each rank's EMA shards match its G shards and the EMA
     update is a local lerp (``apt.ema.ema_update``); sampling runs it on every rank, gathering block by
     block. Logs the EMA elements each rank holds.
-    The text encoder is frozen and replicated. D's root unit owns its readout heads.
+    The text encoder is frozen and replicated. D's root unit owns its readout heads. The streaming stage's fake score
+    (``stream.dmd_weight`` > 0) is a fourth root, sharded like D; its frozen teacher is replicated.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -49,6 +50,8 @@ def fully_shard_apt(module, mesh) -> None:
     nets = [(module.generator, module.generator, None), (module.discriminator, module.discriminator.backbone, None)]
     if module.generator_ema is not None:  # None for a LoRA generator: its EMA adapters are sharded with G (apt.lora)
         nets.insert(1, (module.generator_ema, module.generator_ema, True))
+    if getattr(module, "fake_score", None) is not None:  # the streaming stage's DMD (its frozen teacher stays whole)
+        nets.append((module.fake_score, module.fake_score, None))
     for net, backbone, reshard_root in nets:
         for block in backbone.blocks:
             fully_shard(block, mesh=dp_mesh)

@@ -22,7 +22,7 @@ from apt.methods.consistency import consistency_loss
 from apt.methods.dmd import DistributionMatching
 from apt.methods.flow_matching import teacher_loss
 from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced
-from apt.methods.update import OptimizerUpdate
+from apt.methods.update import NetUpdate, OptimizerUpdate
 from apt.models import factory
 
 
@@ -66,19 +66,23 @@ class StreamAptModule(AptModule):
             self.fake_score = self.load_backbone(config.apt.teacher, "net_ema")
 
     def training_step(self, batch, batch_idx):
-        s = self.config.stream
-        if s.dmd_weight > 0 and self.extra is None:  # the third optimiser is the fake score's
-            update_fake = OptimizerUpdate(self.optimizers()[2], self.fake_score, self.manual_backward, max_norm=self.config.optim.grad_clip)
-            negatives = {}  # the negative prompt encoded once per batch size, not at every G micro-batch
-
-            def negative(n: int):
-                if n not in negatives:
-                    negatives[n] = self.encode([self.config.flow.negative_prompt] * n, allow_empty=True)
-                return negatives[n]
-
-            self.extra = DistributionMatching(self.teacher, self.fake_score, update_fake, weight=s.dmd_weight, cfg_scale=s.dmd_cfg_scale,
-                                              fake_steps=s.fake_score_steps, negative=negative)
+        if self.config.stream.dmd_weight > 0 and self.extra is None:  # the third optimiser is the fake score's
+            self.extra = self.distribution_matching(
+                OptimizerUpdate(self.optimizers()[2], self.fake_score, self.manual_backward, max_norm=self.config.optim.grad_clip))
         return super().training_step(batch, batch_idx)
+
+    def distribution_matching(self, update_fake: NetUpdate) -> DistributionMatching:
+        """The DMD term of ``apt_step`` (``extra``), the fake score stepping through ``update_fake``."""
+        s = self.config.stream
+        negatives = {}  # the negative prompt encoded once per batch size, not at every G micro-batch
+
+        def negative(n: int):
+            if n not in negatives:
+                negatives[n] = self.encode([self.config.flow.negative_prompt] * n, allow_empty=True)
+            return negatives[n]
+
+        return DistributionMatching(self.teacher, self.fake_score, update_fake, weight=s.dmd_weight, cfg_scale=s.dmd_cfg_scale,
+                                    fake_steps=s.fake_score_steps, negative=negative)
 
     def trainer_max_steps(self) -> int:
         s, a = self.config.stream, self.config.apt

@@ -13,7 +13,8 @@ The output holds the metrics, the whole EMA after every iteration (gathered when
 elements each rank holds, and samples of the final EMA (every rank sampling when it is sharded).
 ``--roundtrip DIR`` (DeepSpeed modes): after the last-but-one iteration, save a sharded checkpoint to
 DIR, zero the EMA, load the checkpoint back and go on. ``--stage stream_apt``: the streaming stage (a causal G
-rolled out chunk by chunk, student forcing; a per-chunk D on windows), on clips of the long-clip world.
+rolled out chunk by chunk, student forcing; a per-chunk D on windows), on clips of the long-clip world; with
+``--dmd W`` plus distribution matching of weight W (its fake score a third network with its own optimiser).
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def global_batch(n: int, frames: int, long_clips: bool = False) -> dict:
     return {"x": pixels_to_tensor(torch.stack([torch.from_numpy(s["pixels"]) for s in samples]).numpy()), "caption": [s["caption"] for s in samples]}
 
 
+def optimizer_updates(module) -> tuple[OptimizerUpdate, OptimizerUpdate]:
+    """G's and D's updates with plain torch optimisers; with DMD the fake score's third one goes to its term."""
+    optimizers = module.configure_optimizers()
+    if len(optimizers) == 3:
+        module.extra = module.distribution_matching(OptimizerUpdate(optimizers[2], module.fake_score))
+    return OptimizerUpdate(optimizers[0], module.generator), OptimizerUpdate(optimizers[1], module.discriminator)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--init", required=True, help="directory with net_ema.safetensors (G init and D backbone)")
@@ -56,6 +65,7 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides")
     p.add_argument("--stage", default="apt", choices=["apt", "stream_apt"])
     p.add_argument("--roundtrip", default=None, help="sharded checkpoint dir written and read back before the last iteration")
+    p.add_argument("--dmd", type=float, default=0.0, help="stream_apt: stream.dmd_weight (0: the adversarial stage alone)")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_batch = args.global_batch // world
@@ -64,16 +74,15 @@ def main() -> None:
                  f"data.batch_size={local_batch // args.accumulate}", f"train.accumulate_grad_batches={args.accumulate}", f"train.precision={args.precision}",
                  f"run_dir={Path(args.out).parent / ('run-' + args.mode)}", *args.extra]
     recipe = "recipes/demo/stream_apt.yaml" if args.stage == "stream_apt" else "recipes/demo/apt_video.yaml"
-    if args.stage == "stream_apt":  # the adversarial stage itself: distribution matching runs on one device only
-        overrides.append("stream.dmd_weight=0")
+    if args.stage == "stream_apt":
+        overrides.append(f"stream.dmd_weight={args.dmd}")
     c = load_config(recipe, ["tiny"], overrides)
     Module = StreamAptModule if args.stage == "stream_apt" else AptModule
     torch.manual_seed(0)
     if args.mode == "single":
         rank = 0
         module = Module(c)
-        opt_g, opt_d = module.configure_optimizers()
-        update_g, update_d = OptimizerUpdate(opt_g, module.generator), OptimizerUpdate(opt_d, module.discriminator)
+        update_g, update_d = optimizer_updates(module)
         all_reduce = lambda t: t  # noqa: E731
     elif args.mode == "fsdp2":
         import torch.distributed as dist
@@ -85,8 +94,7 @@ def main() -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
         module = Module(c)
         fully_shard_apt(module, init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",)))
-        opt_g, opt_d = module.configure_optimizers()
-        update_g, update_d = OptimizerUpdate(opt_g, module.generator), OptimizerUpdate(opt_d, module.discriminator)
+        update_g, update_d = optimizer_updates(module)
         all_reduce = lambda t: (dist.all_reduce(t), t / world)[1]  # noqa: E731
     else:
         from apt.distributed.deepspeed_runner import build_fabric, setup_apt
