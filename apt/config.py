@@ -720,9 +720,6 @@ def check_stream(c: Config) -> None:
     if s.dmd_weight > 0:
         key = f"stream.dmd_weight={s.dmd_weight}"
         need(c.stage == "stream_apt", f"{key}: distribution matching is an option of stage stream_apt, not '{c.stage}'")
-        need(not c.train.strategy.startswith("deepspeed"),
-             f"{key}: distribution matching runs on one device, DDP or FSDP2, not train.strategy={c.train.strategy} "
-             "(stream.dmd_weight=0: the adversarial stage alone runs under ZeRO)")
     if c.stage == "stream_apt":
         window = s.window_frames or c.data.frames
         longest = (c.model.sink_chunks + c.model.window_chunks + 1) * cf

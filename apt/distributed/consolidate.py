@@ -2,10 +2,10 @@
 
     python -m apt consolidate RUN_OR_CHECKPOINT [--out DIR]
 
-Writes ``generator.safetensors``, ``generator_ema.safetensors``, ``discriminator.safetensors`` (fp32,
-from the ZeRO optimiser's master weights via DeepSpeed's ``zero_to_fp32``) and ``config.yaml`` to DIR
-(default ``RUN/consolidated/step-N``), atomically; ``apt.inference.load_generator(DIR)`` reads it and
-it can seed a later stage (``apt.generator=DIR``). Optimiser states are not carried over.
+Writes ``generator.safetensors``, ``generator_ema.safetensors``, ``discriminator.safetensors`` (a streaming run's
+``fake_score.safetensors`` too; fp32, from the ZeRO optimiser's master weights via DeepSpeed's ``zero_to_fp32``) and
+``config.yaml`` to DIR (default ``RUN/consolidated/step-N``), atomically; ``apt.inference.load_generator(DIR)`` reads
+it and it can seed a later stage (``apt.generator=DIR``). Optimiser states are not carried over.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from apt.checkpoint import atomic_write_dir, latest_checkpoint, save_weights
 from apt.distributed.sharded_checkpoint import (
     EMA_FILE,
     EMA_PARTITIONS,
-    ENGINES,
     TAG,
     ema_partition_file,
     engine_dir,
     is_sharded,
+    saved_engines,
 )
 from apt.distributed.zero3_ema import join_partitions
 
@@ -58,7 +58,7 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
 
     src = resolve_sharded(path)
     out = Path(out) if out is not None else src.parent.parent / "consolidated" / src.name
-    weights = {name: get_fp32_state_dict_from_zero_checkpoint(str(engine_dir(src, name)), tag=TAG) for name in ENGINES}
+    weights = {name: get_fp32_state_dict_from_zero_checkpoint(str(engine_dir(src, name)), tag=TAG) for name in saved_engines(src)}
     weights["generator_ema"] = ema_state_dict(src)
 
     def write(tmp: Path) -> None:

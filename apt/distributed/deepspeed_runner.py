@@ -1,4 +1,4 @@
-"""APT under DeepSpeed ZeRO 1/2/3: G and D as two engines, driven by Lightning Fabric.
+"""APT under DeepSpeed ZeRO 1/2/3: G and D as two engines (a streaming run's fake score a third), driven by Lightning Fabric.
 
 Why not Lightning's Trainer (docs/design.md §3, measured): its DeepSpeed strategy takes one optimiser and
 wraps the whole LightningModule in ONE engine, and it refuses CPU. APT has two networks with their
@@ -88,9 +88,13 @@ def accumulate_batches(c: Config) -> int:
 
 
 def setup_apt(fabric: L.Fabric, module, accumulate: int = 1) -> tuple[EngineUpdate, EngineUpdate]:
-    """G and D of an ``AptModule`` as engines, then Ulysses if asked (``apt.distributed.parallelize``); their updates."""
-    return parallelize_apt(module, sequence_parallel=module.config.train.sequence_parallel, fabric=fabric,
-                           accumulate=accumulate, device_type=fabric.device.type)
+    """G and D of an ``AptModule`` as engines, then Ulysses if asked (``apt.distributed.parallelize``); their updates.
+    A streaming run with distribution matching gets its fake score's engine inside its DMD term (``module.extra``)."""
+    update_g, update_d, *fake = parallelize_apt(module, sequence_parallel=module.config.train.sequence_parallel, fabric=fabric,
+                                                accumulate=accumulate, device_type=fabric.device.type)
+    if fake:
+        module.extra = module.distribution_matching(fake[0])
+    return update_g, update_d
 
 
 def _mean_over_ranks(fabric: L.Fabric, metrics: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The one place where parallelism is applied to the APT stage's networks, in a fixed order.
 
     model built -> weights loaded -> 1. FSDP2: blocks, then each network's root (G, its EMA, D separately)
-                                  -> 2. DeepSpeed: one engine per network (G, D)
+                                  -> 2. DeepSpeed: one engine per trained network (G, D, a fake score)
                                   -> 3. Ulysses: attention wrapped, sequences split over SP groups
 
 ``parallelize_apt`` is called by both runners: the Trainer path (``AptModule.configure_model``: FSDP2
@@ -20,9 +20,10 @@ from apt.distributed.zero3_ema import PartitionedEma
 
 
 def parallelize_apt(module, *, sequence_parallel: int = 1, fsdp_mesh=None, fabric=None, accumulate: int = 1,
-                    device_type: str = "cpu") -> tuple[EngineUpdate, EngineUpdate] | None:
+                    device_type: str = "cpu") -> tuple[EngineUpdate, ...] | None:
     """Apply FSDP2 (``fsdp_mesh``), DeepSpeed engines (``fabric``) and Ulysses (``sequence_parallel`` > 1) to
-    an ``AptModule``'s G, EMA and D, in that order; returns the engines' updates when ``fabric`` is given."""
+    an ``AptModule``'s G, EMA and D (and a streaming run's fake score), in that order; returns the engines' updates,
+    one per optimiser, when ``fabric`` is given."""
     generator, discriminator = module.generator, module.discriminator  # the bare networks, for Ulysses
     if fsdp_mesh is not None:  # 1.
         fully_shard_apt(module, fsdp_mesh)
@@ -60,22 +61,26 @@ def fully_shard_apt(module, mesh) -> None:
     module.log_ema_size()
 
 
-def deepspeed_engines(fabric, module, accumulate: int) -> tuple[EngineUpdate, EngineUpdate]:
-    """Turn G and D of an ``AptModule`` into DeepSpeed engines (in place); under ZeRO-3 the EMA is
-    partitioned like G (ZeRO-1/2: whole, as G is)."""
+def deepspeed_engines(fabric, module, accumulate: int) -> tuple[EngineUpdate, ...]:
+    """Turn each trained network of an ``AptModule`` into a DeepSpeed engine (in place), in the order of its
+    optimisers: G, D and, for the streaming stage's distribution matching, the fake score (its frozen teacher stays
+    whole on every rank). Under ZeRO-3 the EMA is partitioned like G (ZeRO-1/2: whole, as G is)."""
     device = fabric.device
+    trained = ["generator", "discriminator"] + (["fake_score"] if getattr(module, "fake_score", None) is not None else [])
     for name, child in module.named_children():
-        if name not in ("generator", "discriminator"):
-            child.to(device)  # the engines place G and D themselves (ZeRO-3: already partitioned)
+        if name not in trained:
+            child.to(device)  # the engines place the trained networks themselves (ZeRO-3: already partitioned)
     module._device = device  # LightningModule.device, read by the step to place noise
-    opt_g, opt_d = module.configure_optimizers()
-    G, opt_g = fabric.setup(module.generator, opt_g)
-    D, opt_d = fabric.setup(module.discriminator, opt_d)
-    module.generator, module.discriminator = G, BypassWhenFrozen(D, fabric.strategy.precision)
+    optimizers = module.configure_optimizers()
+    assert len(optimizers) == len(trained), (trained, len(optimizers))
+    engines = [fabric.setup(getattr(module, name), opt)[0] for name, opt in zip(trained, optimizers)]
+    for name, engine in zip(trained, engines):
+        setattr(module, name, BypassWhenFrozen(engine, fabric.strategy.precision) if name == "discriminator" else engine)
+    G = engines[0]
     if G._forward_module.zero_optimization_stage() == 3:
         module.ema_partitions = PartitionedEma(module.generator_ema, G)
         module.log_ema_size()
-    return EngineUpdate(fabric, G, accumulate), EngineUpdate(fabric, D, accumulate)
+    return tuple(EngineUpdate(fabric, engine, accumulate) for engine in engines)
 
 
 def apply_sequence_parallel_apt(generator: nn.Module, discriminator: nn.Module, mesh) -> None:

@@ -4,6 +4,7 @@ Layout of ``RUN/checkpoints/step-000200/``::
 
     generator_engine/checkpoint/       DeepSpeed: G's weights and ZeRO optimiser partitions (a file per rank)
     discriminator_engine/checkpoint/   the same for D
+    fake_score_engine/checkpoint/      the same for a streaming run's fake score (distribution matching), if any
     generator_ema.safetensors          the EMA generator, whole (``apt sample`` reads it as it is); ZeRO-1/2
     generator_ema_partitions/          ZeRO-3 instead: ``rank-00000.safetensors``... (this rank's partitions,
                                        ``apt.distributed.zero3_ema``), ``buffers.safetensors``, ``layout.json``
@@ -46,6 +47,8 @@ from apt.config import ConfigError, to_yaml
 
 TAG = "checkpoint"
 ENGINES = ("generator", "discriminator")
+"""The engines every checkpoint of this runner has; ``FAKE_SCORE`` too when the run trains one."""
+FAKE_SCORE = "fake_score"
 EMA_FILE = "generator_ema.safetensors"
 EMA_PARTITIONS = "generator_ema_partitions"
 
@@ -62,8 +65,18 @@ def is_sharded(path: str | Path) -> bool:
     return all(engine_dir(path, n).is_dir() for n in ENGINES)
 
 
+def module_engines(module) -> tuple[str, ...]:
+    """The engines of ``module`` a checkpoint holds: G, D and a streaming run's fake score."""
+    return ENGINES + ((FAKE_SCORE,) if getattr(module, FAKE_SCORE, None) is not None else ())
+
+
+def saved_engines(path: str | Path) -> tuple[str, ...]:
+    """The engines a sharded checkpoint holds."""
+    return ENGINES + ((FAKE_SCORE,) if engine_dir(path, FAKE_SCORE).is_dir() else ())
+
+
 def save(fabric, path: str | Path, module, *, keep: int = 0) -> None:
-    """Collective: every rank writes its shards of both engines; rank 0 the rest, then publishes."""
+    """Collective: every rank writes its shards of every engine; rank 0 the rest, then publishes."""
     final = Path(fabric.broadcast(str(path)))
     tmp = final.parent / f".{final.name}.tmp"
     if fabric.is_global_zero:
@@ -73,7 +86,7 @@ def save(fabric, path: str | Path, module, *, keep: int = 0) -> None:
         if module.ema_partitions is not None:
             (tmp / EMA_PARTITIONS).mkdir()
     fabric.barrier()
-    for name in ENGINES:
+    for name in module_engines(module):
         engine = getattr(module, name)._forward_module
         engine.save_checkpoint(str(engine_dir(tmp, name)), tag=TAG, save_latest=False)
     if module.ema_partitions is not None:  # ZeRO-3: each rank its own partitions, never the whole EMA
@@ -122,7 +135,7 @@ def load_without_pickle(path: str, map_location=None):
 
 
 def load(fabric, path: str | Path, module) -> None:
-    """Restore both engines (weights + optimiser partitions), the EMA, rng, data position and counters."""
+    """Restore every engine (weights + optimiser partitions), the EMA, rng, data position and counters."""
     path = Path(path)
     if not is_sharded(path):
         raise ConfigError(
@@ -137,7 +150,10 @@ def load(fabric, path: str | Path, module) -> None:
             f"resume: {path} was written by {saved_world} ranks, this run has {fabric.world_size}; ZeRO partitions "
             "need the same world size (consolidate it with `python -m apt consolidate` to start a new run from its weights)"
         )
-    for name in ENGINES:
+    if saved_engines(path) != module_engines(module):
+        raise ConfigError(f"resume: {path} holds the engines {', '.join(saved_engines(path))}, this run trains "
+                          f"{', '.join(module_engines(module))} (stream.dmd_weight must be on in both or in neither)")
+    for name in module_engines(module):
         engine = getattr(module, name)._forward_module
         engine.checkpoint_engine.load = load_without_pickle  # DeepSpeed's default load unpickles any object
         load_path, _ = engine.load_checkpoint(str(engine_dir(path, name)), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
