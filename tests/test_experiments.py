@@ -225,6 +225,8 @@ def test_stream_probe_follow_and_drift_on_the_shipped_generator() -> None:
     assert (first["first_frame"], late["first_frame"]) == (0, 24) and first["per_attribute"]["colour_kept"] == 1.0
     with pytest.raises(FileNotFoundError, match="generator.safetensors"):  # --weights reaches the loader: this folder has net_ema only
         probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--weights", "generator"])
+    (report,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--split", "report"])
+    assert report["windows"][0]["distance"] != first["distance"]  # the report's draw of prompts and seeds, not validation's
     (split,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--cache-layout", "2", "1"])
     same = split["windows"][0]  # the first window fits the cache: any split of it is the same function
     assert same["per_attribute"] == first["per_attribute"] and same["distance"] == pytest.approx(first["distance"], abs=0.05)

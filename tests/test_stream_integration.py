@@ -36,6 +36,7 @@ def test_stream_demo_quick_writes_the_report(stream_demo):
     assert report["whole_clip_seconds"] > 0 and "total_seconds" in report
     ours = report["rows"][1]
     assert report["rows"][2]["attribute_accuracy_16x"] is None
+    assert [r["num_samples"] for r in report["rows"]] == [16, 16, 8]  # the slow teacher on the first 8 of the 16 videos
     assert ours["peak_bytes_16x"] <= 1.1 * ours["peak_bytes_1x"]  # the rolling cache: memory does not grow with length
     for stage in ("teacher", "distill", "apt"):
         assert latest_checkpoint(stream_demo / stage) is not None

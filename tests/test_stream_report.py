@@ -192,3 +192,10 @@ def test_stream_demo_picks_the_checkpoint_by_validation_accuracy_at_4x(monkeypat
     best, selection = stream_demo.pick_checkpoint(list(scores), train_frames=8, n=4, classifier_path="unused")
     assert best == "c"
     assert [s["val_attribute_accuracy_4x"] for s in selection] == [0.80, 0.84, 0.84, 0.70]
+
+
+def test_stream_rows_refuse_a_row_count_above_the_report_count(tmp_path):
+    from apt.toy.stream_report import evaluate_stream_rows
+
+    with pytest.raises(ValueError, match=r"row_samples must be between 1 and num_samples=16, got \{'causal-teacher': 32\}"):
+        evaluate_stream_rows([], out_dir=tmp_path, num_samples=16, train_frames=8, row_samples={"causal-teacher": 32})

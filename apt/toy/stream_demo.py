@@ -35,10 +35,12 @@ WORLDS = {
 DEFAULT_WORLD = "free-colour"
 """The world whose captions leave the colour out, so a stream must keep it from its own context (docs/streaming.md)."""
 VAL_PROMPT_SEED, VAL_NOISE_SEED = 4242, 40_000
-REPORT_SAMPLES = 128
+REPORT_SAMPLES = 512
+TEACHER_REPORT_SAMPLES = 128
 VALIDATION_SAMPLES = 512
-"""Validation videos per candidate: at 128 a row's accuracy has a standard error of about 4 points, the size of the
-gains between checkpoints (docs/log/streaming.md)."""
+"""Videos per report row and per validation candidate: at 128 a row's accuracy has a standard error of about 4
+points, the size of the gains the bar's first two lines measure; at 512 about 2 (docs/log/streaming.md). The causal
+teacher's row (50 network evaluations per chunk, a quality reference outside the bar's accuracy lines) keeps 128."""
 
 
 def ensure_long_shards(quick: bool, keys: tuple[str, ...], world: str = DEFAULT_WORLD) -> dict[str, str]:
@@ -56,28 +58,33 @@ def ensure_long_shards(quick: bool, keys: tuple[str, ...], world: str = DEFAULT_
     return out
 
 
-def validation_split(n: int, *, train_frames: int, world: str = DEFAULT_WORLD) -> tuple[list[str], list[int]]:
+VALIDATION_DRAW = (VAL_PROMPT_SEED, VAL_NOISE_SEED, VAL_PROMPT_SEED)
+"""The validation split's seeds: (prompts, first noise seed, real clips of the distance's statistics)."""
+
+
+def validation_split(n: int, *, train_frames: int, world: str = DEFAULT_WORLD, draw: tuple[int, int, int] = VALIDATION_DRAW) -> tuple[list[str], list[int]]:
     """The validation prompts (in ``world``'s captions) and noise seeds, disjoint from the report's."""
     from apt.toy.long_world import world_prompts
     from apt.toy.world import eval_prompts
 
-    return world_prompts(eval_prompts(n, seed=VAL_PROMPT_SEED, frames=train_frames), world), [VAL_NOISE_SEED + i for i in range(n)]
+    return world_prompts(eval_prompts(n, seed=draw[0], frames=train_frames), world), [draw[1] + i for i in range(n)]
 
 
 def validation_windows(candidates: list, *, train_frames: int, n: int, classifier_path: str, world: str = DEFAULT_WORLD,
-                       starts: list[int], weights: str | None = None, cache_layout: tuple[int, int] | None = None) -> list[list[dict]]:
+                       starts: list[int], weights: str | None = None, cache_layout: tuple[int, int] | None = None,
+                       draw: tuple[int, int, int] = VALIDATION_DRAW) -> list[list[dict]]:
     """``window_metrics`` of each one-step candidate's 4x-long videos on the validation split (prompts and seeds
     disjoint from the report's), for the windows starting at ``starts``; ``weights``: which of a checkpoint's
     weight files (None = the product, e.g. generator_ema); ``cache_layout``: stream with another (sink, window) split
-    (``apt.inference.load_generator``)."""
+    (``apt.inference.load_generator``); ``draw``: another split's seeds (a probe's; e.g. the report's)."""
     from apt.inference import load_generator
     from apt.toy.classifier import load_toy_classifier
     from apt.toy.drift import long_real_stats, window_metrics
     from apt.toy.stream_report import generate_videos
 
     classifier = load_toy_classifier(classifier_path)
-    real = long_real_stats(classifier, frames=train_frames, n=n, seed=VAL_PROMPT_SEED)
-    prompts, seeds = validation_split(n, train_frames=train_frames, world=world)
+    real = long_real_stats(classifier, frames=train_frames, n=n, seed=draw[2])
+    prompts, seeds = validation_split(n, train_frames=train_frames, world=world, draw=draw)
     out = []
     for ckpt in candidates:
         x = generate_videos(load_generator(ckpt, weights=weights, cache_layout=cache_layout), prompts, seeds, frames=4 * train_frames, steps=1, cfg_scale=1.0, batch=128)
@@ -173,7 +180,7 @@ def run_stream_demo(out: str | None = None, *, quick: bool = False, apt_whole: s
              # the demo's time, so its quality is measured to 4x (its speed and memory at every length).
              ("causal-teacher", t_gen, t_gen.config.flow.sample_steps, t_gen.config.flow.cfg_scale, 128, 4)]
     report = evaluate_stream_rows(rows, out_dir=out_dir, num_samples=16 if quick else REPORT_SAMPLES, train_frames=train_frames,
-                                  timing_calls=3 if quick else 20, world=world)
+                                  timing_calls=3 if quick else 20, world=world, row_samples={"causal-teacher": 8 if quick else TEACHER_REPORT_SAMPLES})
     if not whole:  # the bar's latency line needs the time of a whole training-length clip: the same network at one step
         ref = load_generator(out_dir / "bidirectional" if quick else WHOLE_CLIP_TEACHER)
         report["whole_clip_seconds"] = speed_and_memory(ref, "a red circle moving left on a black background", steps=1, cfg_scale=1.0,

@@ -104,20 +104,29 @@ def speed_and_memory(gen: Generator, prompt: str, *, steps: int, cfg_scale: floa
 
 
 def evaluate_stream_rows(rows: list[tuple[str, Generator, int, float, int, int]], *, out_dir, num_samples: int, train_frames: int,
-                         classifier_path: str = "assets/toy_classifier", timing_calls: int = 20, world: str = "long") -> dict:
+                         classifier_path: str = "assets/toy_classifier", timing_calls: int = 20, world: str = "long",
+                         row_samples: dict[str, int] | None = None) -> dict:
     """``rows``: (name, generator, steps, cfg_scale, generation batch, longest video in training lengths). Returns the
     report (rows, drift curves, real windows' accuracy and the real-vs-real floor); a length a row does not reach is None.
+    Each row is scored on ``num_samples`` videos, or on the first ``row_samples[name]`` of them (a slow row); its
+    distance is to real statistics of as many windows (the distance's bias depends on the count: compare distances
+    only between rows of the same count, ``num_samples`` in each row).
 
     ``world``: the streaming world the causal rows were trained on (``apt.toy.long_world``); under ``free-shape`` /
     ``free-colour`` the causal rows are prompted without the shape / colour and every row is scored with it kept from
     the first window (a whole-clip row, trained on the demo world's captions, is prompted with every attribute)."""
+    row_samples = row_samples or {}
+    if any(not 0 < n <= num_samples for n in row_samples.values()):
+        raise ValueError(f"row_samples must be between 1 and num_samples={num_samples}, got {row_samples}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classifier = load_toy_classifier(classifier_path)
     full_prompts = eval_prompts(num_samples, seed=REPORT_PROMPT_SEED, frames=train_frames)
     prompts = world_prompts(full_prompts, world)
     seeds = [REPORT_NOISE_SEED + i for i in range(num_samples)]
-    real = long_real_stats(classifier, frames=train_frames, n=num_samples, seed=REAL_SEED, cache_path=str(out_dir / f"real_long_{train_frames}f_{num_samples}.npz"))
+    reals = {n: long_real_stats(classifier, frames=train_frames, n=n, seed=REAL_SEED, cache_path=str(out_dir / f"real_long_{train_frames}f_{n}.npz"))
+             for n in {num_samples, *row_samples.values()}}
+    real = reals[num_samples]
     # Real windows of a disjoint set: the accuracy a perfect generator gets from this classifier, and the distance floor.
     # Real videos of a disjoint set, 16x long, scored like the rows: the accuracy a perfect generator gets from this
     # classifier at every length (its misreadings included), and the real-vs-real distance floor.
@@ -130,13 +139,14 @@ def evaluate_stream_rows(rows: list[tuple[str, Generator, int, float, int, int]]
     starts = [(k - 1) * train_frames for k in LENGTHS]
     for name, gen, steps, cfg, batch, longest in rows:
         t0 = time.perf_counter()
+        n = row_samples.get(name, num_samples)
         causal = bool(gen.config.model.causal_chunk_frames)
-        x = generate_videos(gen, prompts if causal else full_prompts, seeds, frames=longest * train_frames, steps=steps, cfg_scale=cfg, batch=batch)
+        x = generate_videos(gen, (prompts if causal else full_prompts)[:n], seeds[:n], frames=longest * train_frames, steps=steps, cfg_scale=cfg, batch=batch)
         gen_seconds = time.perf_counter() - t0
-        curve = window_metrics(classifier, x, prompts, real, window_frames=train_frames)
+        curve = window_metrics(classifier, x, prompts[:n], reals[n], window_frames=train_frames)
         curves[name] = curve
         at = {w["first_frame"]: w for w in curve}
-        row = {"name": name, "steps": steps, "cfg_scale": cfg, "nfe_per_chunk": steps * (2 if cfg != 1.0 else 1),
+        row = {"name": name, "num_samples": n, "steps": steps, "cfg_scale": cfg, "nfe_per_chunk": steps * (2 if cfg != 1.0 else 1),
                "causal": causal, "generation_seconds": round(gen_seconds, 1)}
         for k, s in zip(LENGTHS, starts):
             row[f"distance_{k}x"] = at[s]["distance"] if s in at else None
@@ -198,19 +208,20 @@ def check_stream_bar(report: dict) -> list[dict]:
 
 def print_stream_table(report: dict) -> None:
     f = report["train_frames"]
-    print(f"\nwindows of {f} frames (the training length) ending a video of 1x / 4x / 16x that length; N = {report['num_samples']}")
-    print(f"{'row':<22}{'NFE/chunk':>10}{'dist 1x':>9}{'dist 4x':>9}{'dist 16x':>10}{'acc 1x':>8}{'acc 4x':>8}{'acc 16x':>9}"
+    print(f"\nwindows of {f} frames (the training length) ending a video of 1x / 4x / 16x that length; N videos per row "
+          "(distances compare between rows of the same N)")
+    print(f"{'row':<22}{'N':>6}{'NFE/chunk':>10}{'dist 1x':>9}{'dist 4x':>9}{'dist 16x':>10}{'acc 1x':>8}{'acc 4x':>8}{'acc 16x':>9}"
           f"{'1st chunk ms':>14}{'fps b1':>9}{'MB 1x':>8}{'MB 16x':>8}")
     for r in report["rows"]:
         d = [_fmt(r[f"distance_{k}x"], ".1f") for k in LENGTHS]
         a = [_fmt(r[f"attribute_accuracy_{k}x"], ".3f") for k in LENGTHS]
-        print(f"{r['name']:<22}{r['nfe_per_chunk']:>10}{d[0]:>9}{d[1]:>9}{d[2]:>10}{a[0]:>8}{a[1]:>8}{a[2]:>9}"
+        print(f"{r['name']:<22}{r.get('num_samples', report['num_samples']):>6}{r['nfe_per_chunk']:>10}{d[0]:>9}{d[1]:>9}{d[2]:>10}{a[0]:>8}{a[1]:>8}{a[2]:>9}"
               f"{r['first_chunk_seconds'] * 1e3:>14.2f}{r['fps']:>9.1f}{r['peak_bytes_1x'] / 2**20:>8.2f}{r['peak_bytes_16x'] / 2**20:>8.2f}")
     real = report["real"]
     if "attribute_accuracy_4x" in real:  # real videos, scored alike: what a perfect generator gets
         d = [_fmt(real[f"distance_{k}x"], ".1f") for k in LENGTHS]
         a = [_fmt(real[f"attribute_accuracy_{k}x"], ".3f") for k in LENGTHS]
-        print(f"{'real videos':<22}{'-':>10}{d[0]:>9}{d[1]:>9}{d[2]:>10}{a[0]:>8}{a[1]:>8}{a[2]:>9}")
+        print(f"{'real videos':<22}{report['num_samples']:>6}{'-':>10}{d[0]:>9}{d[1]:>9}{d[2]:>10}{a[0]:>8}{a[1]:>8}{a[2]:>9}")
     print(f"real {report.get('world', 'long')}-world windows: attribute accuracy {real['attribute_accuracy']:.3f}; "
           f"real-vs-real floor {real['real_vs_real_floor']:.2f}")
     print(format_bar(check_stream_bar(report), "the streaming claim") + "\n")
