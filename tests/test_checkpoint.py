@@ -17,6 +17,7 @@ from apt.checkpoint import (
     load_weights,
     save_weights,
     verify_checkpoint,
+    write_checksums,
 )
 
 
@@ -97,3 +98,25 @@ def test_pruning_keeps_the_newest_up_to_the_saved_step(tmp_path):
         torch.save({}, tmp_path / "checkpoints" / f"step-{step:06d}" / "trainer_state.pt")
     assert [p.name for p in checkpoints_to_prune(tmp_path, 1, 3)] == ["step-000001", "step-000002"]
     assert checkpoints_to_prune(tmp_path, 0, 3) == []
+
+
+@pytest.mark.parametrize("saved_fake, run_fake", [(True, False), (False, True)])
+def test_a_zero_checkpoint_resumes_only_a_run_with_the_same_engines(tmp_path, saved_fake, run_fake):
+    """A streaming ZeRO run with distribution matching saves a third engine (the fake score): resuming it without one,
+    or a checkpoint without one into a run that trains one, is refused before any engine loads, naming both sets."""
+    from types import SimpleNamespace
+
+    from apt.config import ConfigError
+    from apt.distributed import sharded_checkpoint
+
+    ckpt = tmp_path / "step-000002"
+    for name in ("generator", "discriminator", *(("fake_score",) if saved_fake else ())):
+        (sharded_checkpoint.engine_dir(ckpt, name) / "checkpoint").mkdir(parents=True)
+    torch.save({"apt": {}, "sharded": {"strategy": "deepspeed_stage_2", "world_size": 2}}, ckpt / "trainer_state.pt")
+    write_checksums(ckpt)
+    untouched = SimpleNamespace(_forward_module=None)  # an engine the check must not reach
+    module = SimpleNamespace(generator=untouched, discriminator=untouched, fake_score=untouched if run_fake else None)
+    saved = "generator, discriminator" + (", fake_score" if saved_fake else "")
+    trained = "generator, discriminator" + (", fake_score" if run_fake else "")
+    with pytest.raises(ConfigError, match=f"holds the engines {saved}, this run trains {trained}"):
+        sharded_checkpoint.load(SimpleNamespace(world_size=2), ckpt, module)
