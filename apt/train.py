@@ -292,9 +292,12 @@ def close_process_group() -> None:
     """Destroy the launched process group before the interpreter exits.
 
     Left to interpreter shutdown, gloo's threads can be torn down while in use and a rank aborts
-    ("terminate called without an active exception", exit -6) after a run that finished and saved.
+    ("terminate called without an active exception", exit -6) after a run that finished and saved. The barrier
+    first: a rank that reached the end early (others still writing) aborted so once in a test helper's teardown.
+    Called on success only, when every rank got here.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

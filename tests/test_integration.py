@@ -97,6 +97,17 @@ def test_distill_then_apt_resume_identically(tiny_teacher, tiny_distilled, toy_s
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
+def without_key_bias(key: str, w: torch.Tensor) -> torch.Tensor:
+    """A readout head's ``nn.MultiheadAttention`` input bias without its key third: softmax ignores a shift shared by
+    every key, so the key bias's gradient is float noise, which Adam's first steps turn into moves of about the learning
+    rate whose sign depends on summation order (seen here: up to 3e-5 apart between 1 batch of 4 and 2 of 2 on one
+    machine, equal on another)."""
+    if key.endswith("attn.in_proj_bias"):
+        q, _, v = w.chunk(3)
+        return torch.cat([q, v])
+    return w
+
+
 def test_apt_accumulation_on_the_trainer_path_equals_one_big_batch(tiny_teacher, tiny_distilled, toy_shards, tmp_path):
     """train.accumulate_grad_batches=2 micro-batches of 2 clips give the losses and weights of one batch of 4: the
     same 4 clips (the stream batches consecutive samples) and the same per-sample noise."""
@@ -110,7 +121,7 @@ def test_apt_accumulation_on_the_trainer_path_equals_one_big_batch(tiny_teacher,
         assert all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6) for k in a), key
     for name in ("generator", "generator_ema", "discriminator"):
         wa, wb = (load_file(str(latest_checkpoint(r) / f"{name}.safetensors")) for r in (one, two))
-        assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5) for k in wa), name
+        assert all(torch.allclose(without_key_bias(k, wa[k]), without_key_bias(k, wb[k]), rtol=1e-4, atol=1e-5) for k in wa), name
     state = torch.load(latest_checkpoint(two) / "trainer_state.pt", weights_only=False)
     assert state["apt"]["batches_consumed"] == 2 * 3  # warm-up + 2 updates, 2 micro-batches each
 
