@@ -16,6 +16,7 @@ from torch import nn
 
 from apt.distributed.engines import BypassWhenFrozen, EngineUpdate
 from apt.distributed.sequence_parallel import apply_sequence_parallel, sequence_parallel_mesh
+from apt.distributed.sharded_checkpoint import module_engines
 from apt.distributed.zero3_ema import PartitionedEma
 
 
@@ -66,7 +67,7 @@ def deepspeed_engines(fabric, module, accumulate: int) -> tuple[EngineUpdate, ..
     optimisers: G, D and, for the streaming stage's distribution matching, the fake score (its frozen teacher stays
     whole on every rank). Under ZeRO-3 the EMA is partitioned like G (ZeRO-1/2: whole, as G is)."""
     device = fabric.device
-    trained = ["generator", "discriminator"] + (["fake_score"] if getattr(module, "fake_score", None) is not None else [])
+    trained = module_engines(module)
     for name, child in module.named_children():
         if name not in trained:
             child.to(device)  # the engines place the trained networks themselves (ZeRO-3: already partitioned)
