@@ -283,7 +283,7 @@ class StreamConfig:
     every chunk is judged with the stream's first chunk in view (``apt.methods.streaming.ChunkDiscriminator``)."""
     dmd_weight: float = 0.0
     """stream_apt: weight of distribution matching on the rollouts (DMD, as Self Forcing trains; ``apt.methods.dmd``)
-    added to G's adversarial loss; 0 = off (AAPT). On one device, DDP or FSDP2 (not ZeRO)."""
+    added to G's adversarial loss; 0 = off (AAPT). On one device, DDP, FSDP2 or ZeRO."""
     dmd_cfg_scale: float = 3.0
     """stream_apt with DMD: the classifier-free guidance scale of the teacher's (real) score."""
     fake_score_steps: int = 2
