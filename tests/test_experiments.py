@@ -232,6 +232,10 @@ def test_stream_probe_follow_and_drift_on_the_shipped_generator() -> None:
     assert same["per_attribute"] == first["per_attribute"] and same["distance"] == pytest.approx(first["distance"], abs=0.05)
     with pytest.raises(ValueError, match="sink_chunks \\+ window_chunks = 3"):
         probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--cache-layout", "1", "1"])
+    # --steps / --cfg: the causal teacher's sampler (a multi-step model's drift); its first window beats one step
+    (teacher,) = probe.main(["drift", "assets/demo_stream_colour_teacher", "-n", "16", "--steps", "4", "--cfg", "3"])
+    (one_step,) = probe.main(["drift", "assets/demo_stream_colour_teacher", "-n", "16"])
+    assert teacher["windows"][0]["distance"] < one_step["windows"][0]["distance"], (teacher, one_step)
 
 
 def test_stream_probe_frames_writes_a_grid_and_colours_by_window(tmp_path) -> None:
