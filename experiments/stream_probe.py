@@ -6,6 +6,7 @@
     python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --weights generator  # raw G, not EMA
     python experiments/stream_probe.py drift assets/demo_stream_colour_distilled --cache-layout 2 1  # another split of its cache
     python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --split report -n 2048  # the report's draw
+    python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --starts 0 2 4 8 16 24  # where it falls
     python experiments/stream_probe.py drift assets/demo_stream_colour_teacher --cache-layout 3 0 --steps 25 --cfg 3  # the teacher
     # streams whose first chunk is a real clip's (the cache written as teacher forcing would): how often each later
     # window still shows that colour. Separates "keeps a colour it is shown" from "commits to a colour"
@@ -42,14 +43,14 @@ CLASSIFIER = "assets/toy_classifier"
 
 
 def drift(checkpoints: list[str], n: int, weights: str | None = None, cache_layout: tuple[int, int] | None = None,
-          split: str = "validation", steps: int = 1, cfg: float = 1.0) -> list[dict]:
+          split: str = "validation", steps: int = 1, cfg: float = 1.0, starts: tuple[int, ...] = (0, 24)) -> list[dict]:
     from apt.toy.stream_demo import VALIDATION_DRAW, validation_windows
     from apt.toy.stream_report import REAL_SEED, REPORT_NOISE_SEED, REPORT_PROMPT_SEED
 
     draw = VALIDATION_DRAW if split == "validation" else (REPORT_PROMPT_SEED, REPORT_NOISE_SEED, REAL_SEED)
     out = []
     for ckpt, windows in zip(checkpoints, validation_windows(checkpoints, train_frames=8, n=n, classifier_path=CLASSIFIER,
-                                                             world="free-colour", starts=[0, 24], weights=weights,
+                                                             world="free-colour", starts=list(starts), weights=weights,
                                                              cache_layout=cache_layout, draw=draw, steps=steps, cfg_scale=cfg)):
         print(ckpt, split, " | ".join(f"frames {w['first_frame']}-{w['first_frame'] + 7}: distance {w['distance']:.1f}, accuracy "
                                       f"{w['attribute_accuracy']:.3f}, colour kept {w['per_attribute']['colour_kept']:.2f}" for w in windows), flush=True)
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="the prompts and seeds: the demo's validation split, or its report's (not for choosing anything)")
     a.add_argument("--steps", type=int, default=1, help="sampling steps per chunk (a causal teacher: e.g. 25)")
     a.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance (a causal teacher: e.g. 3)")
+    a.add_argument("--starts", type=int, nargs="+", default=[0, 24],
+                   help="first frames of the 8-frame windows scored (0 and 24: the first window and the one ending a 4x video)")
     b = sub.add_parser("follow", help="streams from a real first chunk")
     b.add_argument("checkpoint")
     b.add_argument("--steps", type=int, default=1)
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.probe == "drift":
         return drift(args.checkpoints, args.n, args.weights, None if args.cache_layout is None else tuple(args.cache_layout), args.split,
-                     args.steps, args.cfg)
+                     args.steps, args.cfg, tuple(args.starts))
     if args.probe == "frames":
         return stream_frames(args.checkpoints, args.out, args.n, args.frames)
     if args.probe == "follow":

@@ -236,6 +236,8 @@ def test_stream_probe_follow_and_drift_on_the_shipped_generator() -> None:
     (teacher,) = probe.main(["drift", "assets/demo_stream_colour_teacher", "-n", "16", "--steps", "4", "--cfg", "3"])
     (one_step,) = probe.main(["drift", "assets/demo_stream_colour_teacher", "-n", "16"])
     assert teacher["windows"][0]["distance"] < one_step["windows"][0]["distance"], (teacher, one_step)
+    (by_window,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--starts", "0", "8", "24"])
+    assert [w["first_frame"] for w in by_window["windows"]] == [0, 8, 24] and by_window["windows"][0] == first
 
 
 def test_stream_probe_frames_writes_a_grid_and_colours_by_window(tmp_path) -> None:
