@@ -7,6 +7,7 @@
     python experiments/stream_probe.py drift assets/demo_stream_colour_distilled --cache-layout 2 1  # another split of its cache
     python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --split report -n 2048  # the report's draw
     python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --starts 0 2 4 8 16 24  # where it falls
+    python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --first-steps 4  # a sharper first chunk
     python experiments/stream_probe.py drift assets/demo_stream_colour_teacher --cache-layout 3 0 --steps 25 --cfg 3  # the teacher
     # streams whose first chunk is a real clip's (the cache written as teacher forcing would): how often each later
     # window still shows that colour. Separates "keeps a colour it is shown" from "commits to a colour"
@@ -28,10 +29,12 @@ Everything is generated (toy world, shipped classifier); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,16 +45,44 @@ import torch  # noqa: E402
 CLASSIFIER = "assets/toy_classifier"
 
 
+def first_chunk_with_steps(first_steps: int):
+    """``apt.streaming.stream_chunks`` for one-step streams whose first chunk is made with ``first_steps`` Euler steps
+    instead (a sharper start). The one-step chunks after it read the cache of the first step (t = 1), which holds the
+    first chunk's keys exactly as a one-step stream writes them, so only the recycled first chunk differs."""
+    import apt.streaming as streaming
+
+    whole = streaming.stream_chunks
+
+    @torch.no_grad()
+    def chunks(net, z, text, *, steps=1, shift=1.0, negative=None, cfg_scale=1.0):
+        if steps != 1:
+            yield from whole(net, z, text, steps=steps, shift=shift, negative=negative, cfg_scale=cfg_scale)
+            return
+        cf, (_, _, T, H, W) = streaming.chunk_frames(net), z.shape
+        first = streaming.ChunkStepper(net, text, height=H, width=W, steps=first_steps, shift=shift, negative=negative, cfg_scale=cfg_scale)
+        prev, _ = first.step(z[:, :, :cf], torch.zeros_like(z[:, :, :cf]))
+        yield prev
+        rest = streaming.ChunkStepper(net, text, height=H, width=W, steps=1, shift=shift, negative=negative, cfg_scale=cfg_scale)
+        rest.caches = first.caches[:1]
+        for i in range(1, T // cf):
+            prev, _ = rest.step(z[:, :, i * cf : (i + 1) * cf], prev)
+            yield prev
+
+    return mock.patch.object(streaming, "stream_chunks", chunks)
+
+
 def drift(checkpoints: list[str], n: int, weights: str | None = None, cache_layout: tuple[int, int] | None = None,
-          split: str = "validation", steps: int = 1, cfg: float = 1.0, starts: tuple[int, ...] = (0, 24)) -> list[dict]:
+          split: str = "validation", steps: int = 1, cfg: float = 1.0, starts: tuple[int, ...] = (0, 24),
+          first_steps: int = 1) -> list[dict]:
     from apt.toy.stream_demo import VALIDATION_DRAW, validation_windows
     from apt.toy.stream_report import REAL_SEED, REPORT_NOISE_SEED, REPORT_PROMPT_SEED
 
     draw = VALIDATION_DRAW if split == "validation" else (REPORT_PROMPT_SEED, REPORT_NOISE_SEED, REAL_SEED)
+    with first_chunk_with_steps(first_steps) if first_steps != 1 else contextlib.nullcontext():
+        scored = validation_windows(checkpoints, train_frames=8, n=n, classifier_path=CLASSIFIER, world="free-colour",
+                                    starts=list(starts), weights=weights, cache_layout=cache_layout, draw=draw, steps=steps, cfg_scale=cfg)
     out = []
-    for ckpt, windows in zip(checkpoints, validation_windows(checkpoints, train_frames=8, n=n, classifier_path=CLASSIFIER,
-                                                             world="free-colour", starts=list(starts), weights=weights,
-                                                             cache_layout=cache_layout, draw=draw, steps=steps, cfg_scale=cfg)):
+    for ckpt, windows in zip(checkpoints, scored):
         print(ckpt, split, " | ".join(f"frames {w['first_frame']}-{w['first_frame'] + 7}: distance {w['distance']:.1f}, accuracy "
                                       f"{w['attribute_accuracy']:.3f}, colour kept {w['per_attribute']['colour_kept']:.2f}" for w in windows), flush=True)
         out.append({"checkpoint": ckpt, "windows": windows})
@@ -186,6 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance (a causal teacher: e.g. 3)")
     a.add_argument("--starts", type=int, nargs="+", default=[0, 24],
                    help="first frames of the 8-frame windows scored (0 and 24: the first window and the one ending a 4x video)")
+    a.add_argument("--first-steps", type=int, default=1, help="one-step streams: make the first chunk with this many Euler steps")
     b = sub.add_parser("follow", help="streams from a real first chunk")
     b.add_argument("checkpoint")
     b.add_argument("--steps", type=int, default=1)
@@ -206,8 +238,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     f.add_argument("--frames", type=int, default=32)
     args = p.parse_args(argv)
     if args.probe == "drift":
+        if args.first_steps != 1 and args.steps != 1:
+            p.error("--first-steps is for one-step streams (--steps 1)")
         return drift(args.checkpoints, args.n, args.weights, None if args.cache_layout is None else tuple(args.cache_layout), args.split,
-                     args.steps, args.cfg, tuple(args.starts))
+                     args.steps, args.cfg, tuple(args.starts), args.first_steps)
     if args.probe == "frames":
         return stream_frames(args.checkpoints, args.out, args.n, args.frames)
     if args.probe == "follow":
