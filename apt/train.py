@@ -40,6 +40,7 @@ from apt.config import (
     save_config,
     to_yaml,
 )
+from apt.distributed.process_group import close_process_group, import_before_init
 from apt.distributed.strategies import make_strategy, num_nodes, uses_deepspeed
 from apt.lit.apt import AptModule
 from apt.lit.callbacks import DataFaultMetrics, LogProgress, PeriodicCheckpoint, SampleMedia, Throughput
@@ -260,6 +261,7 @@ def fit(c: Config):
     from apt.lit.data import ShardDataModule
 
     check_config(c)  # load_config checked it; a Config built in code is checked here
+    import_before_init()  # before Lightning / Fabric create the process group: apt.distributed.process_group
     check_paths(c)
     ckpt, broken = resume_path(c)
     L.seed_everything(c.train.seed, workers=True, verbose=False)
@@ -287,17 +289,3 @@ def fit_from_args(recipe: str, overlays: list[str], overrides: list[str], *, dry
     close_process_group()
     return 0
 
-
-def close_process_group() -> None:
-    """Destroy the launched process group before the interpreter exits.
-
-    Left to interpreter shutdown, gloo's threads can be torn down while in use and a rank aborts
-    ("terminate called without an active exception", exit -6) after a run that finished and saved. The barrier
-    first: a rank that reached the end early (others still writing) aborted so once in a test helper's teardown.
-    Called on success only, when every rank got here.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

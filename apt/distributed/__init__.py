@@ -6,4 +6,5 @@ sharded_checkpoint  per-engine sharded checkpoints, atomic across ranks
 consolidate         sharded checkpoint -> standard safetensors layout (``python -m apt consolidate``)
 sequence_parallel   Ulysses sequence parallelism for the built-in DiT; SP groups and the data rank (train.sequence_parallel)
 context_parallel    the same for diffusers adapters (Wan), through diffusers' context-parallel hooks
+process_group       the launched group's lifetime: imports before it exists, an orderly close before exit
 """

@@ -32,12 +32,12 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from apt.config import load_config  # noqa: E402
 from apt.data.shards import pixels_to_tensor  # noqa: E402
+from apt.distributed.process_group import close_process_group, import_before_init  # noqa: E402
 from apt.lit.apt import AptModule  # noqa: E402
 from apt.lit.stream import StreamAptModule  # noqa: E402
 from apt.methods.update import OptimizerUpdate  # noqa: E402
 from apt.toy.long_world import make_long_sample  # noqa: E402
 from apt.toy.world import make_sample  # noqa: E402
-from apt.train import close_process_group  # noqa: E402
 
 
 def global_batch(n: int, frames: int, long_clips: bool = False) -> dict:
@@ -90,6 +90,7 @@ def main() -> None:
 
         from apt.distributed.parallelize import fully_shard_apt
 
+        import_before_init()
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         module = Module(c)
@@ -99,6 +100,7 @@ def main() -> None:
     else:
         from apt.distributed.deepspeed_runner import build_fabric, setup_apt
 
+        import_before_init()
         fabric = build_fabric(c)
         fabric.launch()
         rank, world = fabric.global_rank, fabric.world_size

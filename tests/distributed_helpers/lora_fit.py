@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from apt.config import load_config  # noqa: E402
-from apt.train import STAGES, build_trainer, close_process_group  # noqa: E402
+from apt.distributed.process_group import close_process_group, import_before_init  # noqa: E402
+from apt.train import STAGES, build_trainer  # noqa: E402
 from tests.distributed_helpers.apt_steps import global_batch  # noqa: E402
 
 
@@ -65,6 +66,7 @@ def main() -> None:
         overrides += [f"distill.teacher={args.init}", "optim.schedule=constant"]
     c = load_config(recipe, ["tiny"], overrides)
     torch.manual_seed(0)
+    import_before_init()
     module = STAGES[c.stage](c)
     trainer = build_trainer(c, module)
     batch = global_batch(args.global_batch, c.data.frames)

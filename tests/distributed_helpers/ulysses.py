@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from apt.discriminator import Discriminator  # noqa: E402
+from apt.distributed.process_group import close_process_group, gloo_worker_threads, import_before_init  # noqa: E402
 from apt.distributed.sequence_parallel import UlyssesAttention, apply_sequence_parallel  # noqa: E402
 from apt.models import TextCond, build_dit  # noqa: E402
 from apt.models.attention import attention, sequence_parallel_attention  # noqa: E402
@@ -43,8 +44,8 @@ def averaged_grads(net) -> dict[str, torch.Tensor]:
     return out
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
+def compare() -> dict:
+    """Every comparison; the networks and attention wrappers (which hold the group) are freed on return."""
     P, rank = dist.get_world_size(), dist.get_rank()
     report = {}
 
@@ -115,11 +116,19 @@ def main() -> None:
     dist.all_reduce(gx)
     report["d_input_grad"] = maxdiff(gx / P, xr.grad)
 
+    return report
+
+
+def main() -> None:
+    import_before_init()
+    dist.init_process_group("gloo")
+    report = compare()
+    rank = dist.get_rank()
+    close_process_group()
+    report["gloo_threads_after_close"] = gloo_worker_threads()  # 0: the group was freed, its threads joined
     if rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
         print(json.dumps(report))
-    dist.barrier()  # no rank tears gloo down while the other still talks (seen once: SIGABRT at exit)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch.distributed as dist  # noqa: E402
 
 from apt.discriminator import Discriminator  # noqa: E402
 from apt.distributed.parallelize import apply_sequence_parallel_apt  # noqa: E402
+from apt.distributed.process_group import close_process_group, gloo_worker_threads, import_before_init  # noqa: E402
 from apt.distributed.sequence_parallel import sequence_parallel_mesh  # noqa: E402
 from apt.models import TextCond  # noqa: E402
 from apt.models.adapters import WanAdapter  # noqa: E402
@@ -50,8 +51,8 @@ def grads_vs(sp_net, net) -> float:
     return worst
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
+def compare() -> dict:
+    """Every comparison; the networks and attention wrappers (which hold the group) are freed on return."""
     P = dist.get_world_size()
     mesh = sequence_parallel_mesh(P, "cpu")
     report = {}
@@ -113,11 +114,19 @@ def main() -> None:
     except ValueError as e:
         report["uneven_error"] = str(e)
 
-    if dist.get_rank() == 0:
+    return report
+
+
+def main() -> None:
+    import_before_init()
+    dist.init_process_group("gloo")
+    report = compare()
+    rank = dist.get_rank()
+    close_process_group()
+    report["gloo_threads_after_close"] = gloo_worker_threads()  # 0: the group was freed, its threads joined
+    if rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
         print(json.dumps(report))
-    dist.barrier()  # no rank tears gloo down while the other still talks (seen once: SIGABRT at exit)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
