@@ -261,7 +261,8 @@ def fit(c: Config):
     from apt.lit.data import ShardDataModule
 
     check_config(c)  # load_config checked it; a Config built in code is checked here
-    import_before_init()  # before Lightning / Fabric create the process group: apt.distributed.process_group
+    # before Lightning / Fabric create the process group (apt.distributed.process_group)
+    import_before_init(deepspeed=uses_deepspeed(c) or c.train.sequence_parallel > 1)
     check_paths(c)
     ckpt, broken = resume_path(c)
     L.seed_everything(c.train.seed, workers=True, verbose=False)

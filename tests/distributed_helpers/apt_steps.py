@@ -100,7 +100,7 @@ def main() -> None:
     else:
         from apt.distributed.deepspeed_runner import build_fabric, setup_apt
 
-        import_before_init()
+        import_before_init(deepspeed=True)
         fabric = build_fabric(c)
         fabric.launch()
         rank, world = fabric.global_rank, fabric.world_size

@@ -120,7 +120,7 @@ def compare() -> dict:
 
 
 def main() -> None:
-    import_before_init()
+    import_before_init(deepspeed=True)
     dist.init_process_group("gloo")
     report = compare()
     rank = dist.get_rank()
