@@ -196,8 +196,8 @@ def test_ulysses_attention_on_two_ranks_equals_full_attention(deepspeed_comm_op,
     for key in ("attention_out", "attention_grad_qkv", "dit_out", "dit_grads", "d_logits", "d_grads", "d_input_grad",
                 "dit_trim_batch1", "dit_trim_batch2", "dit_varlen_batch1", "dit_varlen_batch2"):
         assert report[key] < 1e-5, (key, report[key])
-    # DeepSpeed's comm was imported after the group existed; the group was still freed and its gloo threads joined
-    # before exit (a thread alive at interpreter shutdown can abort a finished rank: apt.distributed.process_group).
+    # The group was freed and its gloo threads joined before exit (a thread alive at interpreter shutdown can abort a
+    # finished rank): DeepSpeed's comm imported before the group existed, the networks freed (apt.distributed.process_group).
     assert report["gloo_threads_after_close"] == 0
 
 
