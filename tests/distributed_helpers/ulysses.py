@@ -12,7 +12,6 @@ largest relative differences to OUT.json.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,10 +23,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from apt.discriminator import Discriminator  # noqa: E402
-from apt.distributed.process_group import close_process_group, gloo_worker_threads, import_before_init  # noqa: E402
 from apt.distributed.sequence_parallel import UlyssesAttention, apply_sequence_parallel  # noqa: E402
 from apt.models import TextCond, build_dit  # noqa: E402
 from apt.models.attention import attention, sequence_parallel_attention  # noqa: E402
+from tests.distributed_helpers.gloo_report import run_and_report  # noqa: E402
 
 
 def maxdiff(a, b) -> float:
@@ -119,17 +118,5 @@ def compare() -> dict:
     return report
 
 
-def main() -> None:
-    import_before_init(deepspeed=True)
-    dist.init_process_group("gloo")
-    report = compare()
-    rank = dist.get_rank()
-    close_process_group()
-    report["gloo_threads_after_close"] = gloo_worker_threads()  # 0: the group was freed, its threads joined
-    if rank == 0:
-        Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
-        print(json.dumps(report))
-
-
 if __name__ == "__main__":
-    main()
+    run_and_report(compare, sys.argv[1], deepspeed=True)

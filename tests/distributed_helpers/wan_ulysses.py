@@ -13,7 +13,6 @@ G step, G's gradients through a frozen D. Rank 0 writes the largest relative dif
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,11 +26,11 @@ import torch.distributed as dist  # noqa: E402
 
 from apt.discriminator import Discriminator  # noqa: E402
 from apt.distributed.parallelize import apply_sequence_parallel_apt  # noqa: E402
-from apt.distributed.process_group import close_process_group, gloo_worker_threads, import_before_init  # noqa: E402
 from apt.distributed.sequence_parallel import sequence_parallel_mesh  # noqa: E402
 from apt.models import TextCond  # noqa: E402
 from apt.models.adapters import WanAdapter  # noqa: E402
 from apt.models.adapters.tiny import TINY_TRANSFORMERS  # noqa: E402
+from tests.distributed_helpers.gloo_report import run_and_report  # noqa: E402
 
 
 def maxdiff(a, b) -> float:
@@ -117,17 +116,5 @@ def compare() -> dict:
     return report
 
 
-def main() -> None:
-    import_before_init()
-    dist.init_process_group("gloo")
-    report = compare()
-    rank = dist.get_rank()
-    close_process_group()
-    report["gloo_threads_after_close"] = gloo_worker_threads()  # 0: the group was freed, its threads joined
-    if rank == 0:
-        Path(sys.argv[1]).write_text(json.dumps(report, indent=1))
-        print(json.dumps(report))
-
-
 if __name__ == "__main__":
-    main()
+    run_and_report(compare, sys.argv[1])
