@@ -47,8 +47,9 @@ CLASSIFIER = "assets/toy_classifier"
 
 def first_chunk_with_steps(first_steps: int):
     """A patch of ``apt.streaming.stream_chunks`` (a context manager) under which one-step streams make their first
-    chunk with ``first_steps`` Euler steps (a sharper start). The one-step chunks after it read the cache of the first step (t = 1), which holds the
-    first chunk's keys exactly as a one-step stream writes them, so only the recycled first chunk differs."""
+    chunk with ``first_steps`` Euler steps (a sharper start). The one-step chunks after it read the cache of the
+    first step (t = 1), which holds the first chunk's keys exactly as a one-step stream writes them, so only the
+    recycled first chunk differs."""
     import apt.streaming as streaming
 
     whole = streaming.stream_chunks
