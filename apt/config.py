@@ -69,6 +69,9 @@ class ModelConfig:
     """Causal mode: the first chunks every later chunk attends to (the attention sink)."""
     window_chunks: int = 2
     """Causal mode: past chunks each chunk attends to besides the sink (the rolling window)."""
+    clean_context: bool = False
+    """Causal mode: earlier chunks are seen as their clean frames encoded at t = 0 (a clean key/value cache, as in
+    CausVid and Self Forcing), not through the forward that made them; a stream runs one more forward per chunk."""
 
 
 @dataclass
@@ -560,6 +563,7 @@ def check_causal(c: Config) -> None:
     need(streaming == bool(m.causal_chunk_frames),
          f"stage '{c.stage}' with model.causal_chunk_frames={m.causal_chunk_frames}: the stream_* stages train a causal model "
          "(model.causal_chunk_frames > 0), the others a bidirectional one (0)")
+    need(not m.clean_context or m.causal_chunk_frames > 0, "model.clean_context needs causal mode (model.causal_chunk_frames > 0)")
     if not m.causal_chunk_frames:
         return
     from apt.models.registry import FLAVOURS

@@ -83,6 +83,8 @@ class ChunkStepper:
         """The next chunk from its noise z (B, C, chunk, H, W) and the previous chunk; also each level's input (for a re-cache)."""
         x, inputs = z, []
         for k in range(self.steps):
+            if k and self.caches[k].clean_chunks < self.caches[0].clean_chunks:  # clean context: re-encoded once, by level 0
+                self.caches[k].take_clean_chunk(self.caches[0])
             inputs.append(x)
             x = x + (self.ts[k + 1] - self.ts[k]).to(x.dtype) * self.velocity(x, k, prev)
         return x, inputs
@@ -215,6 +217,8 @@ class StreamSession:
     def set_prompt(self, prompt: str) -> None:
         """Switch to ``prompt`` from the next chunk on: reset the caches and replay the chunks still in view (sink, then
         window, in time order) under the new text, so that later chunks see the past as made under the new prompt."""
+        if bare(self.gen.net).config.clean_context:
+            raise ValueError("set_prompt does not support a model.clean_context run yet (its cache holds re-encoded chunks)")
         text, negative = self._encode(prompt)
         if text.emb_BLD.shape[1] != self.stepper.caches[0].text_tokens:  # new buffers for a longer or shorter prompt
             c = self.gen.config

@@ -17,9 +17,9 @@ from tests.conftest import random_text
 CF = 2  # frames per chunk of the tiny causal model (its temporal patch)
 
 
-def causal_tiny(sink: int = 1, window: int = 2, seed: int = 0):
+def causal_tiny(sink: int = 1, window: int = 2, seed: int = 0, clean: bool = False):
     torch.manual_seed(seed)
-    net = build_dit("tiny", causal_chunk_frames=CF, sink_chunks=sink, window_chunks=window)
+    net = build_dit("tiny", causal_chunk_frames=CF, sink_chunks=sink, window_chunks=window, clean_context=clean)
     for p in net.parameters():  # past the zero inits, so every path carries signal
         torch.nn.init.normal_(p, std=0.05)
     return net.eval()
@@ -71,9 +71,10 @@ def test_recycled_input_has_no_effect_at_init():
         torch.testing.assert_close(net(x, t, text, torch.randn_like(x)), net(x, t, text, torch.randn_like(x)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("clean", [False, True], ids=["own-forward", "clean-context"])
 @pytest.mark.parametrize("sink,window", [(1, 2), (2, 1), (1, 0)])
-def test_cached_stream_equals_one_block_causal_forward(sink, window):
-    net = causal_tiny(sink, window)
+def test_cached_stream_equals_one_block_causal_forward(sink, window, clean):
+    net = causal_tiny(sink, window, clean=clean)
     T = CF * (sink + window + 1)
     x, prev, t = torch.randn(2, 3, T, 16, 16), torch.randn(2, 3, T, 16, 16), torch.rand(2)
     text = random_text(2, 5, 32, pad_from=3)
@@ -108,8 +109,9 @@ def test_an_empty_prompt_streams_finite_and_equal():
     torch.testing.assert_close(streamed, full, rtol=0, atol=1e-5)
 
 
-def test_future_frames_never_change_past_outputs():
-    net = causal_tiny()
+@pytest.mark.parametrize("clean", [False, True], ids=["own-forward", "clean-context"])
+def test_future_frames_never_change_past_outputs(clean):
+    net = causal_tiny(clean=clean)
     x, prev, t, text = torch.randn(2, 3, 8, 16, 16), torch.randn(2, 3, 8, 16, 16), torch.rand(2), random_text(2, 4, 32)
     x2, prev2 = x.clone(), prev.clone()
     x2[:, :, 4:] += torch.randn_like(x2[:, :, 4:])
@@ -199,3 +201,41 @@ def test_gradients_flow_through_a_functional_cache():
     b = net(x[:, :, 2:], t, text, a, cache=cache)
     b.sum().backward()  # through the recycled chunk and the cached keys/values of chunk 0
     assert net.recycle_embed.weight.grad is not None and net.recycle_embed.weight.grad.abs().sum() > 0
+
+
+def test_clean_context_reads_the_clean_previous_chunks_not_the_noisy_ones():
+    """With model.clean_context the earlier chunks are seen through their clean frames (the recycled inputs of the
+    chunks after them) at t = 0: the noisy input of an earlier chunk no longer reaches a later chunk's output, its
+    clean frames do; the first chunk is the same function as without the switch."""
+    own, clean = causal_tiny(), causal_tiny(clean=True)
+    clean.load_state_dict(own.state_dict())  # the switch adds no weights
+    x, prev, t, text = torch.randn(2, 3, 6, 16, 16), torch.randn(2, 3, 6, 16, 16), torch.rand(2), random_text(2, 4, 32)
+    x2 = x.clone()
+    x2[:, :, :2] += 1.0  # chunk 0's noisy input
+    with torch.no_grad():
+        a, b = clean(x, t, text, prev), clean(x2, t, text, prev)
+        torch.testing.assert_close(a[:, :, 2:], b[:, :, 2:], rtol=0, atol=1e-6)  # later chunks ignore chunk 0's noisy input
+        assert (own(x, t, text, prev)[:, :, 2:] - own(x2, t, text, prev)[:, :, 2:]).abs().max() > 1e-3  # without the switch they do not
+        torch.testing.assert_close(a[:, :, :2], own(x, t, text, prev)[:, :, :2], rtol=0, atol=1e-6)
+        prev3 = prev.clone()
+        prev3[:, :, 2:4] += 1.0  # chunk 0's clean frames reach chunk 2 through the clean pass, not only chunk 1 via recycling
+        assert (clean(x, t, text, prev3)[:, :, 4:] - a[:, :, 4:]).abs().max() > 1e-3
+
+
+def test_a_run_config_builds_the_clean_context_model():
+    from apt.config import load_config
+    from apt.models.factory import build_backbone
+
+    c = load_config("recipes/demo/stream_teacher.yaml", ["tiny"], ["model.clean_context=true"])
+    assert build_backbone(c, text_dim=32).config.clean_context
+    assert not build_backbone(load_config("recipes/demo/stream_teacher.yaml", ["tiny"], []), text_dim=32).config.clean_context
+
+
+def test_clean_context_refuses_gradient_checkpointing():
+    net = causal_tiny(clean=True).train()
+    net.gradient_checkpointing = True
+    x, t, text = torch.randn(1, 3, 4, 16, 16), torch.rand(1), random_text(1, 4, 32)
+    with pytest.raises(ValueError, match="clean_context does not support gradient checkpointing"):
+        net(x, t, text)
+    with pytest.raises(ValueError, match="clean_context needs causal mode"):
+        build_dit("tiny", clean_context=True)

@@ -31,6 +31,7 @@ def test_defaults_and_override_precedence():
         ("apt.text_contrast_weight=1", "apt.text_contrast_weight=1.0 needs apt.mismatch_weight > 0"),
         ("optim.schedule=linear", "optim.schedule must be constant or cosine, got 'linear'"),
         ("notakeyvalue", "key=value"),
+        ("model.clean_context=true", "model.clean_context needs causal mode (model.causal_chunk_frames > 0)"),
     ],
 )
 def test_config_errors_name_the_key(override, message):

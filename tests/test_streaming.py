@@ -5,6 +5,7 @@ relativistic loss with approximate R2 inside ``apt_step``, the streaming session
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ from apt.methods.streaming import (
 from apt.methods.update import OptimizerUpdate
 from apt.models import build_dit
 from apt.models.causal import shift_chunks
+from apt.models.dit import DiT
+from apt.models.kv_cache import KVCache
 from apt.streaming import ChunkStepper, stream_sample
 from tests.conftest import random_text
 
@@ -43,8 +46,9 @@ def chunk_d(window_frames: int = 8, seed: int = 1):
     return ChunkDiscriminator(causal_tiny(seed), fractions=list(a.readout_fractions), num_heads=2, window_frames=window_frames), a
 
 
-def test_student_forcing_rolls_out_exactly_as_inference():
-    G = causal_tiny().eval()
+@pytest.mark.parametrize("clean", [False, True], ids=["own-forward", "clean-context"])
+def test_student_forcing_rolls_out_exactly_as_inference(clean):
+    G = causal_tiny(clean_context=clean).eval()
     z, text = torch.randn(2, 3, 16, 16, 16), random_text(2, 4, 32)
     with torch.no_grad():
         rolled = StudentForcing()(G, z, text)
@@ -57,8 +61,9 @@ def test_student_forcing_rolls_out_exactly_as_inference():
     torch.testing.assert_close(full, x, rtol=0, atol=1e-5)
 
 
-def test_student_forcing_gradient_reach():
-    G = causal_tiny()
+@pytest.mark.parametrize("clean", [False, True], ids=["own-forward", "clean-context"])
+def test_student_forcing_gradient_reach(clean):
+    G = causal_tiny(clean_context=clean)
     text = random_text(1, 4, 32)
 
     def grad_wrt_first_noise(**kw):
@@ -164,8 +169,9 @@ def test_apt_step_relativistic_g_step_trains_g_through_the_rollout():
     assert g_loss_relativistic(torch.zeros(3), torch.zeros(3)) == pytest.approx(torch.nn.functional.softplus(torch.zeros(())).item())
 
 
-def test_many_step_causal_sampling_keeps_one_cache_per_step_level():
-    net = causal_tiny().eval()
+@pytest.mark.parametrize("clean", [False, True], ids=["own-forward", "clean-context"])
+def test_many_step_causal_sampling_keeps_one_cache_per_step_level(clean):
+    net = causal_tiny(clean_context=clean).eval()
     text, negative = random_text(1, 4, 32), random_text(1, 1, 32)
     stepper = ChunkStepper(net, text, height=16, width=16, steps=3, negative=negative, cfg_scale=2.0)
     prev = torch.zeros(1, 3, 2, 16, 16)
@@ -177,9 +183,29 @@ def test_many_step_causal_sampling_keeps_one_cache_per_step_level():
     assert torch.isfinite(prev).all()
 
 
+def test_many_step_clean_context_stream_re_encodes_each_chunk_once():
+    """Every step level of a clean-context stream sees the same clean past: level 0 re-encodes the chunk, the other levels
+    copy it, and the stream equals one where every level re-encodes it itself."""
+    net = causal_tiny(clean_context=True).eval()
+    text, z = random_text(1, 4, 32), torch.randn(1, 3, 12, 16, 16)
+    calls, step = [], DiT._causal_step
+
+    def counted(self, *args, **kw):
+        calls.append(kw.get("reencode", False))
+        return step(self, *args, **kw)
+
+    with torch.no_grad(), mock.patch.object(DiT, "_causal_step", counted):
+        shared = stream_sample(net, z, text, steps=3)
+    assert calls.count(True) == 5 and calls.count(False) == 18  # 5 re-encodes (chunks 0-4), 6 chunks x 3 levels
+    with torch.no_grad(), mock.patch.object(KVCache, "take_clean_chunk", lambda self, other: None):
+        own = stream_sample(net, z, text, steps=3)
+    torch.testing.assert_close(shared, own, rtol=0, atol=1e-5)
+
+
 # -- distribution matching on the rollouts (stream.dmd_weight > 0, apt.methods.dmd) --------------------------------------
-def test_teacher_forced_stream_is_the_block_causal_forward_and_streams_past_it():
-    net = causal_tiny().eval()
+@pytest.mark.parametrize("clean", [False, True], ids=["own-forward", "clean-context"])
+def test_teacher_forced_stream_is_the_block_causal_forward_and_streams_past_it(clean):
+    net = causal_tiny(clean_context=clean).eval()
     x0, text = torch.randn(2, 3, 8, 16, 16), random_text(2, 4, 32)
     x_t, t = torch.randn_like(x0), torch.tensor([0.3, 0.8])
     with torch.no_grad():

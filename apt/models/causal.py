@@ -71,3 +71,22 @@ def step_mask(cache: KVCache, with_text_queries: bool) -> torch.Tensor:
     eye[:, :L] = torch.eye(L, dtype=torch.bool, device=keys_BS.device)
     text_rows = torch.cat([cache.text_mask_BL, cache.text_mask_BL.new_zeros(B, S - L)], dim=1)[:, None] | eye[None]
     return torch.cat([text_rows, chunk_rows], dim=1)[:, None]
+
+
+def clean_context_mask(text_mask_BL: torch.Tensor, num_chunks: int, chunk_tokens: int, *, sink_chunks: int, window_chunks: int) -> torch.Tensor:
+    """Mask (B, 1, L + N, L + (num_chunks - 1) n + N) of the noisy pass of a forward with a clean context: queries
+    [text, chunks], keys [text, clean chunks 0 .. num_chunks - 2, chunks]. Text sees the text only; chunk i sees the
+    real text, the clean chunks before it that ``block_causal_mask`` shows it (sink and window) and its own tokens."""
+    B, L = text_mask_BL.shape
+    device = text_mask_BL.device
+    chunk_N = torch.arange(num_chunks, device=device).repeat_interleave(chunk_tokens)
+    clean_M = chunk_N[: (num_chunks - 1) * chunk_tokens]
+    q, k = chunk_N[:, None], clean_M[None, :]
+    clean_NM = (k < q) & ((k < sink_chunks) | (k >= q - window_chunks))
+    own_NN = chunk_N[:, None] == chunk_N[None, :]
+    N, M = chunk_N.numel(), clean_M.numel()
+    text_keys_BL = text_mask_BL.bool()
+    text_rows = text_keys_BL[:, None, :] | torch.eye(L, dtype=torch.bool, device=device)[None]
+    top = torch.cat([text_rows, text_rows.new_zeros(B, L, M + N)], dim=2)
+    bottom = torch.cat([text_keys_BL[:, None, :].expand(B, N, L), torch.cat([clean_NM, own_NN], dim=1)[None].expand(B, N, M + N)], dim=2)
+    return torch.cat([top, bottom], dim=1)[:, None]

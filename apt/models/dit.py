@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from apt.models.attention import TextLayoutCache, attention, text_key_layout
 from apt.models.backbone import TextCond
-from apt.models.causal import block_causal_mask, shift_chunks, step_mask, step_rope
+from apt.models.causal import block_causal_mask, clean_context_mask, shift_chunks, step_mask, step_rope
 from apt.models.checkpointing import checkpoint_kwargs
 from apt.models.kv_cache import KVCache
 from apt.models.layers import RMSNorm, apply_rope, rms_norm_rope, rope_3d, sincos_3d, timestep_embedding
@@ -62,6 +62,10 @@ class DiTConfig:
     window_chunks: int = 2
     """Causal mode: how many chunks before the current one it attends to (the rolling window); a full forward
     takes at most sink_chunks + window_chunks + 1 chunks, a stream any number."""
+    clean_context: bool = False
+    """Causal mode: earlier chunks are seen as their clean frames encoded at t = 0 (the clean key/value cache of
+    CausVid and Self Forcing), not as the keys and values of the forward that made them. A full forward runs the
+    clean pass first; a stream re-encodes each chunk once the next one arrives (one more forward per chunk)."""
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
@@ -73,6 +77,8 @@ class DiTConfig:
             raise ValueError(f"head dim {self.hidden_dim // self.num_heads} must be even for RoPE")
         if self.causal_chunk_frames < 0 or self.causal_chunk_frames % self.patch_size[0]:
             raise ValueError(f"causal_chunk_frames={self.causal_chunk_frames} must be 0 (off) or a multiple of the temporal patch {self.patch_size[0]}")
+        if self.clean_context and not self.causal_chunk_frames:
+            raise ValueError("clean_context needs causal mode (causal_chunk_frames > 0)")
         if self.causal_chunk_frames and (self.sink_chunks < 1 or self.window_chunks < 0):
             raise ValueError(f"causal mode needs sink_chunks >= 1 and window_chunks >= 0, got {self.sink_chunks} and {self.window_chunks}")
 
@@ -94,15 +100,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fused_qk_norm_rope = False  # perf switch, set by apt.perf.apply_perf
 
-    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask_B11S: torch.Tensor | None, kv: tuple["CacheStep", int] | None = None):
+    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask_B11S: torch.Tensor | None,
+                kv: tuple["CacheStep | CleanContext", int] | None = None):
         q, k, v = rearrange(self.qkv(x_BSD), "b s (three k e) -> three b k s e", three=3, k=self.num_heads)
-        if kv is not None:
+        if kv is not None and isinstance(kv[0], CacheStep):
             return self.proj(rearrange(self._cached(q, k, v, rope, mask_B11S, *kv), "b k s e -> b s (k e)"))
         if self.fused_qk_norm_rope:
             q = rms_norm_rope(q, self.q_norm.weight, *rope, eps=self.q_norm.eps)
             k = rms_norm_rope(k, self.k_norm.weight, *rope, eps=self.k_norm.eps)
         else:
             q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        if kv is not None:  # a full forward with clean context: record the clean pass, or attend to it
+            k, v = kv[0].join(kv[1], k, v)
         out_BKSE = attention(q, k, v, mask_B11S)
         return self.proj(rearrange(out_BKSE, "b k s e -> b s (k e)"))
 
@@ -112,8 +121,11 @@ class Attention(nn.Module):
         k = self.k_norm(k)
         for buffer_start, token_start, count in step.writes:
             step.cache.write(layer, buffer_start, k[:, :, token_start : token_start + count], v[:, :, token_start : token_start + count])
-        keys = apply_rope(step.cache.k[layer], step.cos_kv, step.sin_kv)
-        return attention(apply_rope(self.q_norm(q), *rope), keys, step.cache.v[layer], mask)
+        keys, values = step.cache.k[layer], step.cache.v[layer]
+        if step.fresh_text:  # a clean re-encode: its own text (at t = 0) in place of the cached text (at the stream's t)
+            L = step.cache.text_tokens
+            keys, values = torch.cat([k[:, :, :L], keys[:, :, L:]], dim=2), torch.cat([v[:, :, :L], values[:, :, L:]], dim=2)
+        return attention(apply_rope(self.q_norm(q), *rope), apply_rope(keys, step.cos_kv, step.sin_kv), values, mask)
 
 
 @dataclass
@@ -124,6 +136,25 @@ class CacheStep:
     writes: list[tuple[int, int, int]]  # (first buffer slot, first token of the step's sequence, count)
     cos_kv: torch.Tensor
     sin_kv: torch.Tensor
+    fresh_text: bool = False  # attend to this step's own text keys, not the cached ones (a clean re-encode)
+
+
+class CleanContext:
+    """The clean pass of a full forward with ``DiTConfig.clean_context``: every layer's rotated keys and values of
+    the clean chunks, recorded while that pass runs, then put between the text and the chunks of the noisy pass."""
+
+    def __init__(self, text_tokens: int):
+        self.text_tokens, self.recording = text_tokens, True
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def join(self, layer: int, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        L = self.text_tokens
+        if self.recording:
+            self.k[layer], self.v[layer] = k_BKSE[:, :, L:], v_BKSE[:, :, L:]
+            return k_BKSE, v_BKSE
+        return (torch.cat([k_BKSE[:, :, :L], self.k[layer], k_BKSE[:, :, L:]], dim=2),
+                torch.cat([v_BKSE[:, :, :L], self.v[layer], v_BKSE[:, :, L:]], dim=2))
 
 
 class DiTBlock(nn.Module):
@@ -278,74 +309,124 @@ class DiT(nn.Module):
 
     def _forward_causal(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, prev_BCTHW: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         c = self.config
-        B, C, T, H, W = x_BCTHW.shape
         self.check_input_shape(x_BCTHW.shape)
-        pt, ph, pw = c.patch_size
-        num_chunks, Tp, Hp, Wp = T // c.causal_chunk_frames, T // pt, H // ph, W // pw
-        n = Tp // num_chunks * Hp * Wp  # tokens per chunk
+        cf, num_chunks = c.causal_chunk_frames, x_BCTHW.shape[2] // c.causal_chunk_frames
         if prev_BCTHW is None:
             if cache is not None and cache.chunks_written > 0:
                 raise ValueError(f"streaming chunk {cache.chunks_written} needs prev_BCTHW (the chunk made before it)")
-            prev_BCTHW = shift_chunks(x_BCTHW, c.causal_chunk_frames)
+            prev_BCTHW = shift_chunks(x_BCTHW, cf)
         elif prev_BCTHW.shape != x_BCTHW.shape:
             raise ValueError(f"prev_BCTHW has shape {tuple(prev_BCTHW.shape)}, x has {tuple(x_BCTHW.shape)}")
+        prev_BCTHW = prev_BCTHW.to(x_BCTHW.dtype)
+
+        if cache is not None:
+            if num_chunks != 1:
+                raise ValueError(f"a cached step takes one {cf}-frame chunk, got {x_BCTHW.shape[2]} frames")
+            if c.clean_context:
+                if cache.clean_chunks < cache.chunks_written:  # the previous chunk, now that it is made (it is this chunk's recycled input)
+                    self._causal_step(prev_BCTHW, torch.zeros_like(t_B), text, cache.recycled, cache, reencode=True)
+                    cache.clean_chunks = cache.chunks_written
+                cache.recycled = prev_BCTHW
+            return self._causal_step(x_BCTHW, t_B, text, prev_BCTHW, cache)
+
+        if num_chunks > c.max_chunks:
+            raise ValueError(f"a full causal forward takes at most sink_chunks + window_chunks + 1 = {c.max_chunks} chunks, got {num_chunks}; "
+                             "stream longer videos chunk by chunk with a cache")
+        context = None
+        if c.clean_context and num_chunks > 1:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                raise ValueError("model.clean_context does not support gradient checkpointing yet")
+            # The clean pass: chunk j's clean frames are chunk j + 1's recycled input (the last chunk is seen by none).
+            context = CleanContext(text.emb_BLD.shape[1])
+            self._causal_full(prev_BCTHW[:, :, cf:], torch.zeros_like(t_B), text, prev_BCTHW[:, :, :-cf], context)
+            context.recording = False
+        return self._causal_full(x_BCTHW, t_B, text, prev_BCTHW, context)
+
+    def _causal_inputs(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, prev_BCTHW: torch.Tensor):
+        """Tokens of the noisy chunks plus the recycled previous chunks (AAPT §3.1) with a spatial-only position table;
+        the text tokens; the conditioning vector."""
+        c = self.config
+        pt, ph, pw = c.patch_size
+        Tp, Hp, Wp = x_BCTHW.shape[2] // pt, x_BCTHW.shape[3] // ph, x_BCTHW.shape[4] // pw
 
         def patchify(v: torch.Tensor) -> torch.Tensor:
             return rearrange(v, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
 
-        # 1. Tokens: the noisy chunk and the recycled previous chunk (AAPT §3.1), plus a spatial-only position table.
-        h_BND = self.patch_embed(patchify(x_BCTHW)) + self.recycle_embed(patchify(prev_BCTHW.to(x_BCTHW.dtype)))
+        h_BND = self.patch_embed(patchify(x_BCTHW)) + self.recycle_embed(patchify(prev_BCTHW))
         if c.abs_pos_embed:
             h_BND = h_BND + self._tables("sincos", 1, Hp, Wp, 0, h_BND).repeat(Tp, 1)
         text_BLD = self.text_proj(text.emb_BLD.to(h_BND.dtype))
-        L = text_BLD.shape[1]
         mask_BL = text.mask_BL.bool()
         pooled_BD = (text.emb_BLD * mask_BL[..., None]).sum(1) / mask_BL.sum(1, keepdim=True).clamp(min=1)
         c_BD = self.time_mlp(timestep_embedding(t_B * 1000.0, 256).to(h_BND.dtype)) + self.pooled_text_mlp(pooled_BD.to(h_BND.dtype))
+        return h_BND, text_BLD, mask_BL, c_BD, (Tp, Hp, Wp)
 
-        # 2. Attention inputs: the whole clip under the block-causal mask, or one chunk against the cache.
-        kv = None
-        if cache is None:
-            if num_chunks > c.max_chunks:
-                raise ValueError(f"a full causal forward takes at most sink_chunks + window_chunks + 1 = {c.max_chunks} chunks, got {num_chunks}; "
-                                 "stream longer videos chunk by chunk with a cache")
-            x_BSD = torch.cat([text_BLD, h_BND], dim=1)
-            mask = block_causal_mask(mask_BL, num_chunks, n, sink_chunks=c.sink_chunks, window_chunks=c.window_chunks)
-            rope = self._tables("rope", Tp, Hp, Wp, L, h_BND)
-            first = L
+    def _causal_full(self, x_BCTHW, t_B, text, prev_BCTHW, context: CleanContext | None) -> torch.Tensor:
+        """The whole clip under the block-causal mask; with a clean context that has been recorded, chunk i attends to
+        the clean pass's chunks before it and to its own tokens."""
+        c = self.config
+        h_BND, text_BLD, mask_BL, c_BD, (Tp, Hp, Wp) = self._causal_inputs(x_BCTHW, t_B, text, prev_BCTHW)
+        L, num_chunks = text_BLD.shape[1], x_BCTHW.shape[2] // c.causal_chunk_frames
+        n = h_BND.shape[1] // num_chunks
+        if context is not None and not context.recording:
+            mask = clean_context_mask(mask_BL, num_chunks, n, sink_chunks=c.sink_chunks, window_chunks=c.window_chunks)
         else:
-            if num_chunks != 1:
-                raise ValueError(f"a cached step takes one {c.causal_chunk_frames}-frame chunk, got {T} frames")
-            if (cache.k[0].shape[0], cache.text_tokens, cache.chunk_tokens) != (B, L, n):
-                raise ValueError(f"cache made for batch {cache.k[0].shape[0]}, {cache.text_tokens} text tokens, {cache.chunk_tokens} tokens per chunk; "
-                                 f"got batch {B}, {L} text tokens, {n} tokens per chunk")
-            with_text = not cache.has_text  # the first step also computes the text's keys and values
-            if with_text:
+            mask = block_causal_mask(mask_BL, num_chunks, n, sink_chunks=c.sink_chunks, window_chunks=c.window_chunks)
+        rope = self._tables("rope", Tp, Hp, Wp, L, h_BND)
+        x_BSD = torch.cat([text_BLD, h_BND], dim=1)
+        self._num_text_tokens = L
+        for i, block in enumerate(self._blocks):
+            if context is None and self.gradient_checkpointing and torch.is_grad_enabled():
+                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
+            else:
+                x_BSD = block(x_BSD, c_BD, rope, mask, None if context is None else (context, i))
+        return self._causal_output(x_BSD, L, c_BD, x_BCTHW, t_B, (Tp, Hp, Wp))
+
+    def _causal_step(self, x_BCTHW, t_B, text, prev_BCTHW, cache: KVCache, *, reencode: bool = False) -> torch.Tensor | None:
+        """One chunk against the cache: its keys and values go into its slot, then it attends over the buffer. A clean
+        re-encode (``reencode``) writes the chunk made last again, from its clean frames at t = 0 and under its own text
+        keys, as that chunk saw the cache; it returns nothing and commits nothing."""
+        c = self.config
+        h_BND, text_BLD, mask_BL, c_BD, (Tp, Hp, Wp) = self._causal_inputs(x_BCTHW, t_B, text, prev_BCTHW)
+        B, L, n = h_BND.shape[0], text_BLD.shape[1], h_BND.shape[1]
+        if (cache.k[0].shape[0], cache.text_tokens, cache.chunk_tokens) != (B, L, n):
+            raise ValueError(f"cache made for batch {cache.k[0].shape[0]}, {cache.text_tokens} text tokens, {cache.chunk_tokens} tokens per chunk; "
+                             f"got batch {B}, {L} text tokens, {n} tokens per chunk")
+        chunk = cache.chunks_written - 1 if reencode else cache.chunks_written
+        written = cache.chunks_written
+        cache.chunks_written = chunk  # a re-encode sees the cache as its chunk did
+        try:
+            with_text = reencode or not cache.has_text  # the first step also computes the text's keys and values
+            if with_text and not reencode:
                 cache.set_text_mask(mask_BL)
-            table_cos, table_sin = self._tables("rope", c.max_chunks * (Tp // num_chunks), Hp, Wp, 0, h_BND)
+            table_cos, table_sin = self._tables("rope", c.max_chunks * Tp, Hp, Wp, 0, h_BND)
             cos_kv, sin_kv, cos_q, sin_q = step_rope(cache, table_cos, table_sin)
-            start = cache.token_start(cache.chunks_written)
+            start = cache.token_start(chunk)
             if with_text:
                 ident = (cos_q.new_ones(L, cos_q.shape[1]), sin_q.new_zeros(L, sin_q.shape[1]))
                 rope = (torch.cat([ident[0], cos_q]), torch.cat([ident[1], sin_q]))
-                x_BSD, writes, first = torch.cat([text_BLD, h_BND], dim=1), [(0, 0, L), (start, L, n)], L
+                writes = [(start, L, n)] if reencode else [(0, 0, L), (start, L, n)]
+                x_BSD, first = torch.cat([text_BLD, h_BND], dim=1), L
             else:
                 rope, x_BSD, writes, first = (cos_q, sin_q), h_BND, [(start, 0, n)], 0
+            kv = CacheStep(cache, writes, cos_kv, sin_kv, fresh_text=reencode)
             mask = step_mask(cache, with_text)
-            kv = CacheStep(cache, writes, cos_kv, sin_kv)
-        self._num_text_tokens = first
+            self._num_text_tokens = first
+            for i, block in enumerate(self._blocks):
+                x_BSD = block(x_BSD, c_BD, rope, mask, (kv, i))
+        finally:
+            cache.chunks_written = written
+        if reencode:
+            return None
+        cache.commit()
+        return self._causal_output(x_BSD, first, c_BD, x_BCTHW, t_B, (Tp, Hp, Wp))
 
-        for i, block in enumerate(self._blocks):
-            if kv is None and self.gradient_checkpointing and torch.is_grad_enabled():
-                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
-            else:
-                x_BSD = block(x_BSD, c_BD, rope, mask, None if kv is None else (kv, i))
-        if cache is not None:
-            cache.commit()
-
+    def _causal_output(self, x_BSD, first: int, c_BD, x_BCTHW, t_B, grid: tuple[int, int, int]) -> torch.Tensor:
+        c = self.config
+        pt, ph, pw = c.patch_size
         shift, scale = self.final_modulation(F.silu(c_BD))[:, None].chunk(2, dim=-1)
         out_BNP = self.final_proj(self.final_norm(x_BSD[:, first:]) * (1 + scale) + shift)
-        out = rearrange(out_BNP, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=Tp, h=Hp, w=Wp, pt=pt, ph=ph, pw=pw)
+        out = rearrange(out_BNP, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw)
         if c.prediction == "x0":
             t = t_B.to(out.dtype).clamp(min=c.min_t)[:, None, None, None, None]
             return (x_BCTHW - out) / t

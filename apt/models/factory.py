@@ -79,7 +79,8 @@ def causal_overrides(config: Config) -> dict:
     m = config.model
     if not m.causal_chunk_frames:
         return {}
-    return {"causal_chunk_frames": m.causal_chunk_frames, "sink_chunks": m.sink_chunks, "window_chunks": m.window_chunks}
+    return {"causal_chunk_frames": m.causal_chunk_frames, "sink_chunks": m.sink_chunks, "window_chunks": m.window_chunks,
+            "clean_context": m.clean_context}
 
 
 def _python_backbone(config: Config, *, text_dim: int, weights: dict[str, torch.Tensor] | None, source: str = "") -> nn.Module:

@@ -47,6 +47,10 @@ class KVCache:
         self.has_text = False
         self.chunks_written = 0
         self.chunk_in_slot: list[int | None] = [None] * self.chunk_slots
+        # Clean-context models (DiTConfig.clean_context): the last chunk's recycled input, to re-encode it once the next
+        # chunk arrives, and how many chunks hold their clean re-encode.
+        self.recycled: torch.Tensor | None = None
+        self.clean_chunks = 0
 
     # -- layout ---------------------------------------------------------------------------------
     def chunk_slot(self, i: int) -> int:
@@ -107,6 +111,8 @@ class KVCache:
         """Cut the autograd graph behind the cached keys and values (a rollout's gradient stops here)."""
         self.k = [k.detach() for k in self.k]
         self.v = [v.detach() for v in self.v]
+        if self.recycled is not None:
+            self.recycled = self.recycled.detach()
 
     def reset(self) -> None:
         """Forget the text and every chunk (buffers kept: same memory, same shapes)."""
@@ -114,6 +120,18 @@ class KVCache:
         self.chunks_written = 0
         self.chunk_in_slot = [None] * self.chunk_slots
         self.text_mask_BL = torch.zeros_like(self.text_mask_BL)
+        self.recycled, self.clean_chunks = None, 0
+
+    def take_clean_chunk(self, other: "KVCache") -> None:
+        """Copy the clean re-encode of the last chunk from ``other``, a cache of the same layout and chunks that holds it
+        (a many-step stream's caches share their chunks' clean keys and values; only their text differs)."""
+        i = self.chunks_written - 1
+        if i < 0 or other.clean_chunks < self.chunks_written or other.slots != self.slots:
+            raise ValueError(f"cannot take chunk {i}'s clean keys from a cache with {other.clean_chunks} clean chunks and {other.slots} slots")
+        start = self.token_start(i)
+        for layer in range(len(self.k)):
+            self.write(layer, start, other.k[layer][:, :, start : start + self.chunk_tokens], other.v[layer][:, :, start : start + self.chunk_tokens])
+        self.clean_chunks = self.chunks_written
 
     def visible_chunks(self) -> list[int]:
         """Indices of the chunks held (sink and window), in time order."""
