@@ -231,6 +231,21 @@ def test_a_run_config_builds_the_clean_context_model():
     assert not build_backbone(load_config("recipes/demo/stream_teacher.yaml", ["tiny"], []), text_dim=32).config.clean_context
 
 
+def test_loading_a_causal_checkpoint_under_the_other_clean_context_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from apt.config import load_config, save_config
+    from apt.models.factory import build_backbone, load_backbone
+
+    clean = load_config("recipes/demo/stream_distill.yaml", ["tiny"], ["model.clean_context=true"])
+    save_config(clean, tmp_path / "config.yaml")
+    save_file(build_backbone(clean, text_dim=32).state_dict(), str(tmp_path / "net_ema.safetensors"))
+    assert load_backbone(clean, str(tmp_path), "net_ema", text_dim=32).config.clean_context
+    default = load_config("recipes/demo/stream_distill.yaml", ["tiny"], [])
+    with pytest.raises(ValueError, match="was trained with model.clean_context=true; this run has model.clean_context=false"):
+        load_backbone(default, str(tmp_path), "net_ema", text_dim=32)
+
+
 def test_clean_context_refuses_gradient_checkpointing():
     net = causal_tiny(clean=True).train()
     net.gradient_checkpointing = True

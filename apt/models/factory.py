@@ -21,12 +21,13 @@ base (``lora.base`` of its config.yaml) + adapters, merged into a plain network.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from apt.checkpoint import load_weights
-from apt.config import Config, ConfigError
+from apt.checkpoint import load_weights, resolve_weights_dir
+from apt.config import Config, ConfigError, config_from_yaml
 from apt.models import build_dit
 
 
@@ -141,11 +142,25 @@ def load_backbone(config: Config, path: str, name: str, *, text_dim: int) -> nn.
         load_adapter_state(net, state, source=f"{name} in {path}")
         return net
     net = build_backbone(config, text_dim=text_dim)
+    state = load_weights(path, name)
+    check_same_context(config, resolve_weights_dir(path, name), f"{name} in {path}")
     try:
-        net.load_state_dict(load_weights(path, name))
+        net.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"weights {name} in {path} do not fit model flavour '{config.model.flavour}': {str(e).splitlines()[0]}") from None
     return net
+
+
+def check_same_context(config: Config, checkpoint_dir, source: str) -> None:
+    """A causal checkpoint trained with one ``model.clean_context`` computes another function under the other (its cache
+    holds other keys and values; the switch adds no weights, so loading alone would not notice): refuse the mismatch."""
+    saved_yaml = Path(checkpoint_dir) / "config.yaml"
+    if not config.model.causal_chunk_frames or not saved_yaml.exists():
+        return
+    saved = config_from_yaml(saved_yaml).model
+    if saved.causal_chunk_frames and saved.clean_context != config.model.clean_context:
+        raise ValueError(f"{source} was trained with model.clean_context={str(saved.clean_context).lower()}; this run has "
+                         f"model.clean_context={str(config.model.clean_context).lower()} (set it to match)")
 
 
 def load_full_weights(config: Config, path: str, *, text_dim: int) -> nn.Module:
