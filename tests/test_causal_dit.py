@@ -254,3 +254,34 @@ def test_clean_context_refuses_gradient_checkpointing():
         net(x, t, text)
     with pytest.raises(ValueError, match="clean_context needs causal mode"):
         build_dit("tiny", clean_context=True)
+
+
+def test_a_clean_context_checkpoint_streams_through_a_session_and_refuses_a_prompt_switch(tmp_path):
+    from safetensors.torch import save_file
+
+    from apt.config import load_config, save_config
+    from apt.inference import load_generator
+    from apt.models.factory import build_backbone
+    from apt.streaming import StreamSession, stream_sample
+    from apt.text import TextEncoder
+
+    c = load_config("recipes/demo/stream_distill.yaml", ["tiny"], ["model.clean_context=true"])
+    save_config(c, tmp_path / "config.yaml")
+    net = build_backbone(c, text_dim=TextEncoder.load(c.text.encoder).dim)
+    torch.manual_seed(0)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_file(net.state_dict(), str(tmp_path / "net_ema.safetensors"))
+    gen = load_generator(tmp_path)
+    assert gen.net.config.clean_context
+    session = StreamSession(gen, "a circle moving left on a black background", seed=3)
+    frames = torch.cat([session.next_chunk() for _ in range(6)], dim=2)
+    # The session is the batched stream of the same noise (each chunk's re-encode included).
+    g = torch.Generator().manual_seed(3)
+    shape = (1, c.data.channels, CF, c.data.height, c.data.width)
+    z = torch.cat([torch.randn(shape, generator=g) for _ in range(6)], dim=2)
+    with torch.no_grad():
+        x = stream_sample(gen.net, z, gen.text_encoder.encode(["a circle moving left on a black background"]))
+    torch.testing.assert_close(frames, x, rtol=0, atol=1e-5)  # a pixel-space model: the decoded chunks are the chunks
+    with pytest.raises(ValueError, match="set_prompt does not support a model.clean_context run"):
+        session.set_prompt("a square moving up on a gray background")
