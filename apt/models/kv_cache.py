@@ -124,7 +124,9 @@ class KVCache:
 
     def take_clean_chunk(self, other: "KVCache") -> None:
         """Copy the clean re-encode of the last chunk from ``other``, a cache of the same layout and chunks that holds it
-        (a many-step stream's caches share their chunks' clean keys and values; only their text differs)."""
+        (a many-step stream's caches share their chunks' clean keys and values; only their text differs). With no window,
+        chunk i - 1's ring slot in ``other`` already holds chunk i; nothing reads chunk i - 1 there any more, and this
+        cache's own step overwrites the slot before it attends."""
         i = self.chunks_written - 1
         if i < 0 or other.clean_chunks < self.chunks_written or other.slots != self.slots:
             raise ValueError(f"cannot take chunk {i}'s clean keys from a cache with {other.clean_chunks} clean chunks and {other.slots} slots")
