@@ -89,10 +89,19 @@ class ChunkStepper:
             x = x + (self.ts[k + 1] - self.ts[k]).to(x.dtype) * self.velocity(x, k, prev)
         return x, inputs
 
-    def replay(self, inputs: list[torch.Tensor], prev: torch.Tensor) -> None:
-        """Write one chunk's keys and values again (every level) from its stored inputs; the outputs are dropped."""
+    def replay(self, inputs: list[torch.Tensor], prev: torch.Tensor, made: torch.Tensor | None = None) -> None:
+        """Write one chunk's keys and values again (every level) from its stored inputs; the outputs are dropped. Clean
+        context: ``made`` (the chunk's clean frames) re-encodes it at once, for a chunk that the next replayed one does
+        not follow (its recycled input is not these frames); None leaves that to the next step, as a stream does."""
         for k, x in enumerate(inputs):
+            if k and self.caches[k].clean_chunks < self.caches[0].clean_chunks:
+                self.caches[k].take_clean_chunk(self.caches[0])
             self.velocity(x, k, prev)
+        if made is not None:
+            width = self.text.emb_BLD.shape[0] // made.shape[0]  # CFG: the prompt and the negative prompt
+            bare(self.net).reencode_last_chunk(made.repeat(width, 1, 1, 1, 1), self.text, prev.repeat(width, 1, 1, 1, 1), self.caches[0])
+            for cache in self.caches[1:]:
+                cache.take_clean_chunk(self.caches[0])
 
     def reset(self, text: TextCond, negative: TextCond | None = None) -> None:
         """Empty every cache (same buffers) and take a new text of the same token length."""
@@ -174,8 +183,10 @@ class StreamSession:
         self.stepper = ChunkStepper(g.net, text, height=c.data.height, width=c.data.width, steps=self.steps, shift=c.flow.sample_shift,
                                     negative=negative, cfg_scale=self.cfg_scale)
         self.prev = torch.zeros(self.shape, device=g.device)
-        # Inputs of the chunks still in view (sink + window), for a re-cache when the prompt changes.
-        self.kept: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        # Inputs (each level's, the recycled chunk) of the chunks still in view (sink + window), for a re-cache when the
+        # prompt changes; with a clean context also their frames, to re-encode them.
+        self.clean = bare(g.net).config.clean_context
+        self.kept: dict[int, tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]] = {}
 
     def _encode(self, prompt: str) -> tuple[TextCond, TextCond | None]:
         g = self.gen
@@ -199,7 +210,7 @@ class StreamSession:
         slot = cache.chunk_slot(cache.chunks_written)
         x, inputs = self.stepper.step(z, self.prev)
         self.kept = {j: v for j, v in self.kept.items() if cache.chunk_slot(j) != slot}
-        self.kept[cache.chunks_written - 1] = (inputs, self.prev)
+        self.kept[cache.chunks_written - 1] = (inputs, self.prev, x if self.clean else None)
         self.prev = x
         return self.decoder(x)
 
@@ -216,9 +227,9 @@ class StreamSession:
     @torch.inference_mode()
     def set_prompt(self, prompt: str) -> None:
         """Switch to ``prompt`` from the next chunk on: reset the caches and replay the chunks still in view (sink, then
-        window, in time order) under the new text, so that later chunks see the past as made under the new prompt."""
-        if bare(self.gen.net).config.clean_context:
-            raise ValueError("set_prompt does not support a model.clean_context run yet (its cache holds re-encoded chunks)")
+        window, in time order) under the new text, so that later chunks see the past as made under the new prompt. Clean
+        context: every replayed chunk but the last is re-encoded from its frames at once (the next replayed chunk need not
+        follow it); the last one is re-encoded by the next step, as in a stream."""
         text, negative = self._encode(prompt)
         if text.emb_BLD.shape[1] != self.stepper.caches[0].text_tokens:  # new buffers for a longer or shorter prompt
             c = self.gen.config
@@ -226,8 +237,9 @@ class StreamSession:
                                         shift=c.flow.sample_shift, negative=negative, cfg_scale=self.cfg_scale)
         else:
             self.stepper.reset(text, negative)
-        for j in sorted(self.kept):
-            inputs, prev = self.kept[j]
-            self.stepper.replay(inputs, prev)
+        order = sorted(self.kept)
+        for j in order:
+            inputs, prev, made = self.kept[j]
+            self.stepper.replay(inputs, prev, None if j == order[-1] else made)
         self.kept = {i: self.kept[j] for i, j in enumerate(sorted(self.kept))}  # renumbered as replayed
         self.prompt = prompt

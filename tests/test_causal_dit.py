@@ -222,6 +222,33 @@ def test_clean_context_reads_the_clean_previous_chunks_not_the_noisy_ones():
         assert (clean(x, t, text, prev3)[:, :, 4:] - a[:, :, 4:]).abs().max() > 1e-3
 
 
+def test_a_clean_stream_encodes_the_text_at_t0_once_and_equals_re_encoding_it_every_chunk():
+    """The text attends to the text only, so its keys and values at t = 0 never change: the first re-encode computes
+    them beside its chunk, later re-encodes run on the chunk's tokens alone. Past the window (6 chunks, sink 1 +
+    window 1), the stream equals one whose every re-encode computes the text again."""
+    net = causal_tiny(1, 1, clean=True)
+    x, prev, t, text = torch.randn(2, 3, 12, 16, 16), torch.randn(2, 3, 12, 16, 16), torch.rand(2), random_text(2, 5, 32, pad_from=3)
+    lengths = []
+    hook = net.blocks[0].register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        kept, cache = stream(net, x, t, text, prev)
+    hook.remove()
+    L, n = 5, 16  # text tokens; tokens per chunk (16x16 frames, 4x4 patches, one temporal patch)
+    # chunk 0 with the text; chunk 1's call: the first re-encode (text at t = 0 and chunk 0), then chunk 1; then chunks only
+    assert lengths == [L + n, L + n, n] + [n, n] * 4
+    assert cache.has_clean_text
+
+    def forget_clean_text(module, args, kwargs):
+        cache.clean_text_k, cache.clean_text_v = [None] * len(cache.k), [None] * len(cache.k)
+
+    cache = net.new_cache(batch=2, height=16, width=16, text_tokens=5)
+    hook = net.register_forward_pre_hook(forget_clean_text, with_kwargs=True)
+    with torch.no_grad():
+        again, _ = stream(net, x, t, text, prev, cache)
+    hook.remove()
+    torch.testing.assert_close(kept, again, rtol=0, atol=1e-6)
+
+
 def test_a_run_config_builds_the_clean_context_model():
     from apt.config import load_config
     from apt.models.factory import build_backbone
@@ -256,7 +283,7 @@ def test_clean_context_refuses_gradient_checkpointing():
         build_dit("tiny", clean_context=True)
 
 
-def test_a_clean_context_checkpoint_streams_through_a_session_and_refuses_a_prompt_switch(tmp_path):
+def test_a_clean_context_checkpoint_streams_through_a_session_and_switches_prompts(tmp_path):
     from safetensors.torch import save_file
 
     from apt.config import load_config, save_config
@@ -283,5 +310,38 @@ def test_a_clean_context_checkpoint_streams_through_a_session_and_refuses_a_prom
     with torch.no_grad():
         x = stream_sample(gen.net, z, gen.text_encoder.encode(["a circle moving left on a black background"]))
     torch.testing.assert_close(frames, x, rtol=0, atol=1e-5)  # a pixel-space model: the decoded chunks are the chunks
-    with pytest.raises(ValueError, match="set_prompt does not support a model.clean_context run"):
-        session.set_prompt("a square moving up on a gray background")
+
+    # A prompt switch re-caches the chunks in view. Under the same prompt before anything has left the window (chunk 3,
+    # sink 1 + window 2): the stream goes on as if nothing happened (chunks 0-1 re-encoded at once, chunk 2 by the next step).
+    prompt, other = "a circle moving left on a black background", "a square moving up on a gray background"
+
+    def chunks(gen, switch_to, n=6, at=3, **sampler):
+        s = StreamSession(gen, prompt, seed=5, **sampler)
+        out = []
+        for i in range(n):
+            if i == at and switch_to:
+                s.set_prompt(switch_to)
+            out.append(s.next_chunk())
+        return out, s
+
+    (plain, _), (same, _), (switched, _) = chunks(gen, None), chunks(gen, prompt), chunks(gen, other)
+    for a, b in zip(plain, same):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert (plain[3] - switched[3]).abs().max() > 1e-4  # the new prompt from the next chunk on
+    (plain2, _), (same2, _) = chunks(gen, None, steps=2, cfg_scale=3.0), chunks(gen, prompt, steps=2, cfg_scale=3.0)  # levels, CFG
+    for a, b in zip(plain2, same2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # Past the window (sink 2 + window 1, switch at chunk 5): the ring holds chunks 3 and 4, so the replay is 0, 1, 3, 4;
+    # chunk 1 is re-encoded from its own frames, not from chunk 3's recycled input, so the sink's clean keys survive.
+    split = load_generator(tmp_path, cache_layout=(2, 1))
+    s = StreamSession(split, prompt, seed=5)
+    for _ in range(5):
+        s.next_chunk()
+    cache = s.stepper.caches[0]
+    L, n = cache.text_tokens, cache.chunk_tokens
+    sink_before = [k[:, :, L : L + 2 * n].clone() for k in cache.k]
+    s.set_prompt(prompt)
+    assert sorted(s.kept) == [0, 1, 2, 3] and s.chunks_made == 4
+    for before, after in zip(sink_before, s.stepper.caches[0].k):
+        torch.testing.assert_close(after[:, :, L : L + 2 * n], before, rtol=0, atol=1e-6)
+    assert s.next_chunk().shape == plain[0].shape

@@ -122,9 +122,12 @@ class Attention(nn.Module):
         for buffer_start, token_start, count in step.writes:
             step.cache.write(layer, buffer_start, k[:, :, token_start : token_start + count], v[:, :, token_start : token_start + count])
         keys, values = step.cache.k[layer], step.cache.v[layer]
-        if step.fresh_text:  # a clean re-encode: its own text (at t = 0) in place of the cached text (at the stream's t)
-            L = step.cache.text_tokens
-            keys, values = torch.cat([k[:, :, :L], keys[:, :, L:]], dim=2), torch.cat([v[:, :, :L], values[:, :, L:]], dim=2)
+        if step.clean_text:  # a clean re-encode: the text at t = 0 in place of the cached text (at the stream's t)
+            cache, L = step.cache, step.cache.text_tokens
+            if cache.clean_text_k[layer] is None:  # the first re-encode computes it (its sequence starts with the text)
+                cache.clean_text_k[layer], cache.clean_text_v[layer] = k[:, :, :L], v[:, :, :L]
+            keys = torch.cat([cache.clean_text_k[layer], keys[:, :, L:]], dim=2)
+            values = torch.cat([cache.clean_text_v[layer], values[:, :, L:]], dim=2)
         return attention(apply_rope(self.q_norm(q), *rope), apply_rope(keys, step.cos_kv, step.sin_kv), values, mask)
 
 
@@ -136,7 +139,7 @@ class CacheStep:
     writes: list[tuple[int, int, int]]  # (first buffer slot, first token of the step's sequence, count)
     cos_kv: torch.Tensor
     sin_kv: torch.Tensor
-    fresh_text: bool = False  # attend to this step's own text keys, not the cached ones (a clean re-encode)
+    clean_text: bool = False  # attend to the text at t = 0 (the cache's, or this step's own), not the cached text (a clean re-encode)
 
 
 class CleanContext:
@@ -324,8 +327,7 @@ class DiT(nn.Module):
                 raise ValueError(f"a cached step takes one {cf}-frame chunk, got {x_BCTHW.shape[2]} frames")
             if c.clean_context:
                 if cache.clean_chunks < cache.chunks_written:  # the previous chunk, now that it is made (it is this chunk's recycled input)
-                    self._causal_step(prev_BCTHW, torch.zeros_like(t_B), text, cache.recycled, cache, reencode=True)
-                    cache.clean_chunks = cache.chunks_written
+                    self.reencode_last_chunk(prev_BCTHW, text, cache.recycled, cache)
                 cache.recycled = prev_BCTHW
             return self._causal_step(x_BCTHW, t_B, text, prev_BCTHW, cache)
 
@@ -341,6 +343,15 @@ class DiT(nn.Module):
             self._causal_full(prev_BCTHW[:, :, cf:], torch.zeros_like(t_B), text, prev_BCTHW[:, :, :-cf], context)
             context.recording = False
         return self._causal_full(x_BCTHW, t_B, text, prev_BCTHW, context)
+
+    def reencode_last_chunk(self, x_BCTHW: torch.Tensor, text: TextCond, prev_BCTHW: torch.Tensor, cache: KVCache) -> None:
+        """Clean context: replace the cached keys and values of the chunk made last by those of its clean frames ``x`` (with
+        its recycled input ``prev``) at t = 0. A stream's next step does this itself (its recycled input is those frames);
+        a re-cache that replays chunks which were not consecutive calls it directly."""
+        if not self.config.clean_context or cache.chunks_written == 0:
+            raise ValueError("a re-encode needs a clean-context model (model.clean_context) and a chunk in the cache")
+        self._causal_step(x_BCTHW, torch.zeros(x_BCTHW.shape[0], device=x_BCTHW.device), text, prev_BCTHW, cache, reencode=True)
+        cache.clean_chunks = cache.chunks_written
 
     def _causal_inputs(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, prev_BCTHW: torch.Tensor):
         """Tokens of the noisy chunks plus the recycled previous chunks (AAPT §3.1) with a spatial-only position table;
@@ -384,8 +395,9 @@ class DiT(nn.Module):
 
     def _causal_step(self, x_BCTHW, t_B, text, prev_BCTHW, cache: KVCache, *, reencode: bool = False) -> torch.Tensor | None:
         """One chunk against the cache: its keys and values go into its slot, then it attends over the buffer. A clean
-        re-encode (``reencode``) writes the chunk made last again, from its clean frames at t = 0 and under its own text
-        keys, as that chunk saw the cache; it returns nothing and commits nothing."""
+        re-encode (``reencode``) writes the chunk made last again, from its clean frames at t = 0 and under the text's keys
+        at t = 0 (the first re-encode computes them beside the chunk, the cache keeps them), as that chunk saw the cache;
+        it returns nothing and commits nothing."""
         c = self.config
         h_BND, text_BLD, mask_BL, c_BD, (Tp, Hp, Wp) = self._causal_inputs(x_BCTHW, t_B, text, prev_BCTHW)
         B, L, n = h_BND.shape[0], text_BLD.shape[1], h_BND.shape[1]
@@ -396,7 +408,8 @@ class DiT(nn.Module):
         written = cache.chunks_written
         cache.chunks_written = chunk  # a re-encode sees the cache as its chunk did
         try:
-            with_text = reencode or not cache.has_text  # the first step also computes the text's keys and values
+            # The first step also computes the text's keys and values; the first re-encode, the text's at t = 0.
+            with_text = not cache.has_clean_text if reencode else not cache.has_text
             if with_text and not reencode:
                 cache.set_text_mask(mask_BL)
             table_cos, table_sin = self._tables("rope", c.max_chunks * Tp, Hp, Wp, 0, h_BND)
@@ -409,7 +422,7 @@ class DiT(nn.Module):
                 x_BSD, first = torch.cat([text_BLD, h_BND], dim=1), L
             else:
                 rope, x_BSD, writes, first = (cos_q, sin_q), h_BND, [(start, 0, n)], 0
-            kv = CacheStep(cache, writes, cos_kv, sin_kv, fresh_text=reencode)
+            kv = CacheStep(cache, writes, cos_kv, sin_kv, clean_text=reencode)
             mask = step_mask(cache, with_text)
             self._num_text_tokens = first
             for i, block in enumerate(self._blocks):

@@ -48,9 +48,12 @@ class KVCache:
         self.chunks_written = 0
         self.chunk_in_slot: list[int | None] = [None] * self.chunk_slots
         # Clean-context models (DiTConfig.clean_context): the last chunk's recycled input, to re-encode it once the next
-        # chunk arrives, and how many chunks hold their clean re-encode.
+        # chunk arrives, how many chunks hold their clean re-encode, and every layer's text keys and values at t = 0,
+        # which every re-encode attends to (kept from the first one: text attends to text only, so they never change).
         self.recycled: torch.Tensor | None = None
         self.clean_chunks = 0
+        self.clean_text_k: list[torch.Tensor | None] = [None] * depth
+        self.clean_text_v: list[torch.Tensor | None] = [None] * depth
 
     # -- layout ---------------------------------------------------------------------------------
     def chunk_slot(self, i: int) -> int:
@@ -113,6 +116,12 @@ class KVCache:
         self.v = [v.detach() for v in self.v]
         if self.recycled is not None:
             self.recycled = self.recycled.detach()
+        self.clean_text_k = [None if k is None else k.detach() for k in self.clean_text_k]
+        self.clean_text_v = [None if v is None else v.detach() for v in self.clean_text_v]
+
+    @property
+    def has_clean_text(self) -> bool:
+        return self.clean_text_k[-1] is not None
 
     def reset(self) -> None:
         """Forget the text and every chunk (buffers kept: same memory, same shapes)."""
@@ -121,6 +130,7 @@ class KVCache:
         self.chunk_in_slot = [None] * self.chunk_slots
         self.text_mask_BL = torch.zeros_like(self.text_mask_BL)
         self.recycled, self.clean_chunks = None, 0
+        self.clean_text_k, self.clean_text_v = [None] * len(self.k), [None] * len(self.k)
 
     def take_clean_chunk(self, other: "KVCache") -> None:
         """Copy the clean re-encode of the last chunk from ``other``, a cache of the same layout and chunks that holds it
