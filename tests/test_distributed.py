@@ -303,6 +303,7 @@ def single_stream(tiny_causal_init, tmp_path_factory) -> dict:
 
 
 DMD = ("--dmd", "100")  # the recipe's weight (its loss about 0.5 on these tiny nets)
+CLEAN = ("--extra", "model.clean_context=true", "model.sink_chunks=2", "model.window_chunks=1")  # the clean cache, split 2 + 1
 
 
 @pytest.fixture(scope="module")
@@ -310,19 +311,26 @@ def single_stream_dmd(tiny_causal_init, tmp_path_factory) -> dict:
     return apt_steps(tiny_causal_init, tmp_path_factory.mktemp("single_stream_dmd") / "single.pt", "single", "--stage", "stream_apt", *DMD)
 
 
-@pytest.mark.parametrize("mode, dmd", [("deepspeed_stage_2", False), ("deepspeed_stage_3", False), ("fsdp2", False), ("fsdp2", True),
-                                       ("deepspeed_stage_2", True), ("deepspeed_stage_3", True)],
-                         ids=["zero2", "zero3", "fsdp2", "fsdp2+dmd", "zero2+dmd", "zero3+dmd"])
-def test_stream_apt_steps_on_two_ranks_match_one_process(mode, dmd, request, tiny_causal_init, tmp_path):
-    """The streaming stage (16-frame student-forcing rollouts judged in 8-frame windows, relativistic loss + aR1 + aR2;
+@pytest.fixture(scope="module")
+def single_stream_dmd_clean(tiny_causal_init, tmp_path_factory) -> dict:
+    return apt_steps(tiny_causal_init, tmp_path_factory.mktemp("single_stream_dmd_clean") / "single.pt", "single", "--stage", "stream_apt", *DMD, *CLEAN)
+
+
+@pytest.mark.parametrize("mode, dmd, clean", [("deepspeed_stage_2", False, False), ("deepspeed_stage_3", False, False), ("fsdp2", False, False),
+                                              ("fsdp2", True, False), ("deepspeed_stage_2", True, False), ("deepspeed_stage_3", True, False),
+                                              ("deepspeed_stage_3", True, True)],
+                         ids=["zero2", "zero3", "fsdp2", "fsdp2+dmd", "zero2+dmd", "zero3+dmd", "zero3+dmd+clean"])
+def test_stream_apt_steps_on_two_ranks_match_one_process(mode, dmd, clean, request, tiny_causal_init, tmp_path):
+    """The streaming stage (16-frame student-forcing rollouts, D streamed over them, relativistic loss + aR1 + aR2;
     with ``dmd``, plus distribution matching: the fake score sharded like D under FSDP2, a third engine under ZeRO, the
-    frozen teacher whole), global batch 4: one process vs 2 ranks x 2 samples, 3 iterations, same tolerances as the APT
-    stage."""
+    frozen teacher whole; with ``clean``, every network with the clean key/value cache, which FSDP2 refuses: its backward
+    crashed there), global batch 4: one process vs
+    2 ranks x 2 samples, 3 iterations, same tolerances as the APT stage."""
     if mode.startswith("deepspeed"):
         request.getfixturevalue("deepspeed_comm_op")
-    one = request.getfixturevalue("single_stream_dmd" if dmd else "single_stream")
+    one = request.getfixturevalue("single_stream_dmd_clean" if clean else "single_stream_dmd" if dmd else "single_stream")
     single = {k: [dict(h) for h in v] if k == "history" else v for k, v in one.items()}  # the loop below pops keys
-    sharded = apt_steps(tiny_causal_init, tmp_path / "sharded.pt", mode, "--stage", "stream_apt", *(DMD if dmd else ()), nproc=2)
+    sharded = apt_steps(tiny_causal_init, tmp_path / "sharded.pt", mode, "--stage", "stream_apt", *(DMD if dmd else ()), *(CLEAN if clean else ()), nproc=2)
     assert sharded["g_updates"] == single["g_updates"] == 2
     assert "r2" in single["history"][-1]
     assert ("loss_dmd" in single["history"][-1] and "loss_fake_score" in single["history"][-1]) == dmd
