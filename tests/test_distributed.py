@@ -324,8 +324,7 @@ def test_stream_apt_steps_on_two_ranks_match_one_process(mode, dmd, clean, reque
     """The streaming stage (16-frame student-forcing rollouts, D streamed over them, relativistic loss + aR1 + aR2;
     with ``dmd``, plus distribution matching: the fake score sharded like D under FSDP2, a third engine under ZeRO, the
     frozen teacher whole; with ``clean``, every network with the clean key/value cache, which FSDP2 refuses: its backward
-    crashed there), global batch 4: one process vs
-    2 ranks x 2 samples, 3 iterations, same tolerances as the APT stage."""
+    crashed there), global batch 4: one process vs 2 ranks x 2 samples, 3 iterations, same tolerances as the APT stage."""
     if mode.startswith("deepspeed"):
         request.getfixturevalue("deepspeed_comm_op")
     one = request.getfixturevalue("single_stream_dmd_clean" if clean else "single_stream_dmd" if dmd else "single_stream")
