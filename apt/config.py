@@ -564,9 +564,6 @@ def check_causal(c: Config) -> None:
          f"stage '{c.stage}' with model.causal_chunk_frames={m.causal_chunk_frames}: the stream_* stages train a causal model "
          "(model.causal_chunk_frames > 0), the others a bidirectional one (0)")
     need(not m.clean_context or m.causal_chunk_frames > 0, "model.clean_context needs causal mode (model.causal_chunk_frames > 0)")
-    need(not m.clean_context or c.train.strategy != "fsdp2",
-         "model.clean_context does not run under train.strategy=fsdp2 yet (its backward crashes, docs/streaming.md); "
-         "use deepspeed_stage_2 or deepspeed_stage_3")
     if not m.causal_chunk_frames:
         return
     from apt.models.registry import FLAVOURS

@@ -83,8 +83,12 @@ class Discriminator(nn.Module):
         """The visual tokens (B, N, D) leaving each readout layer; the blocks after the deepest one are skipped.
 
         ``forward_kwargs`` go to the backbone (a causal one's recycled chunk and cache: ``prev_BCTHW``, ``cache``); a
-        cached step stopped after the deepest readout layer still counts its chunk as written."""
+        cached step stopped after the deepest readout layer still counts its chunk as written. A clean-context backbone
+        runs every block: its clean pass (or re-encode) comes first, and the pass read is the last one."""
         last = self.layers[-1]
+        clean = getattr(getattr(self.backbone, "config", None), "clean_context", False)
+        if clean:
+            last = len(self.backbone.blocks) - 1
 
         def stop(_module, _inputs, _output):
             raise _ReadoutDone
@@ -92,7 +96,9 @@ class Discriminator(nn.Module):
         with tap_hidden_states(self.backbone, self.layers) as hidden:
             handle = self.backbone.blocks[last].register_forward_hook(stop) if last < len(self.backbone.blocks) - 1 else None
             try:
-                self.backbone(x_BCTHW, t_B, text, **forward_kwargs)  # the velocity output is not used
+                out = self.backbone(x_BCTHW, t_B, text, **forward_kwargs)  # the velocity output is not used, but with a clean
+                if clean:  # context it carries (times zero) the clean pass's last block, whose backward FSDP2 must see
+                    hidden[self.layers[-1]] = hidden[self.layers[-1]] + 0.0 * out.sum()  # (apt.models.dit.joined)
             except _ReadoutDone:
                 if forward_kwargs.get("cache") is not None:
                     forward_kwargs["cache"].commit()  # its layers up to the deepest readout one are written; later ones are never read

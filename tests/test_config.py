@@ -39,13 +39,6 @@ def test_config_errors_name_the_key(override, message):
         load_config("recipes/demo/teacher.yaml", ["tiny"], [override])
 
 
-def test_clean_context_is_refused_under_fsdp2_before_any_work():
-    for recipe in ("stream_teacher", "stream_distill", "stream_apt"):
-        with pytest.raises(ConfigError, match="model.clean_context does not run under train.strategy=fsdp2 yet"):
-            load_config(f"recipes/demo/{recipe}.yaml", ["tiny"], ["model.clean_context=true", "train.strategy=fsdp2", "train.devices=2"])
-        load_config(f"recipes/demo/{recipe}.yaml", ["tiny"], ["model.clean_context=true", "train.strategy=deepspeed_stage_3", "train.devices=2"])
-
-
 @pytest.mark.parametrize(
     "recipe, overrides, message",
     [

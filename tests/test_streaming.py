@@ -134,6 +134,34 @@ def test_chunk_discriminator_streamed_context_sees_the_first_chunk():
         ChunkDiscriminator(causal_tiny(), fractions=[0.5, 1.0], num_heads=2, window_frames=8, context="all")
 
 
+@pytest.mark.parametrize("context", ["windows", "stream"])
+def test_a_clean_context_d_reads_the_noisy_pass_at_a_readout_layer_before_the_last(context):
+    """A D whose deepest readout layer is not the last block stops its backbone there; with a clean context the clean
+    pass (or re-encode) runs first, so D must run every block and read the noisy pass, as a D reading the last block too."""
+    backbone = causal_tiny(1, clean_context=True)
+    shallow = ChunkDiscriminator(backbone, fractions=[0.5], num_heads=2, window_frames=8, context=context).eval()
+    both = ChunkDiscriminator(copy.deepcopy(backbone), fractions=[0.5, 1.0], num_heads=2, window_frames=8, context=context).eval()
+    x, t, text = torch.randn(2, 3, 16, 16, 16), torch.rand(2), random_text(2, 4, 32)
+    with torch.no_grad():
+        layer = shallow.layers[0]
+        if context == "windows":
+            a, b = shallow.hidden_states(x[:, :, :8], t, text)[layer], both.hidden_states(x[:, :, :8], t, text)[layer]
+        else:
+            a, b = streamed_features(shallow, x, t, text, layer), streamed_features(both, x, t, text, layer)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def streamed_features(D, x, t, text, layer):
+    """Layer ``layer``'s visual tokens of every chunk of D's streamed readout."""
+    from apt.streaming import cache_for
+
+    cache, prev, out = cache_for(D.backbone, x, text, inplace=True), torch.zeros_like(x[:, :, :CF]), []
+    for i in range(x.shape[2] // CF):
+        out.append(D.hidden_states(x[:, :, i * CF : (i + 1) * CF], t, text, prev_BCTHW=prev, cache=cache)[layer])
+        prev = x[:, :, i * CF : (i + 1) * CF]
+    return torch.cat(out, dim=1)
+
+
 def test_apt_step_relativistic_with_r2_on_per_chunk_logits():
     G, (D, a) = causal_tiny(), chunk_d(window_frames=8)
     a.gan_loss, a.r2_lambda, a.r1_sigma, a.d_warmup_steps = "relativistic", 10.0, 0.1, 10  # D step only, lr 0

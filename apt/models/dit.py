@@ -142,6 +142,16 @@ class CacheStep:
     clean_text: bool = False  # attend to the text at t = 0 (the cache's, or this step's own), not the cached text (a clean re-encode)
 
 
+def joined(out: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    """``out`` plus zero times the last block's output of a pass read only through its keys and values (a clean pass or
+    re-encode). The values are unchanged; the gradient reaches that output, as FSDP2 needs: it gathers a block's
+    sharded parameters for the block's backward when its output receives a gradient, and otherwise that block's
+    backward (through its keys and values) would run on freed parameters."""
+    if hidden is None or not torch.is_grad_enabled() or not hidden.requires_grad:
+        return out
+    return out + 0.0 * hidden.sum()
+
+
 class CleanContext:
     """The clean pass of a full forward with ``DiTConfig.clean_context``: every layer's rotated keys and values of
     the clean chunks, recorded while that pass runs, then put between the text and the chunks of the noisy pass."""
@@ -325,33 +335,36 @@ class DiT(nn.Module):
         if cache is not None:
             if num_chunks != 1:
                 raise ValueError(f"a cached step takes one {cf}-frame chunk, got {x_BCTHW.shape[2]} frames")
+            reencoded = None
             if c.clean_context:
                 if cache.clean_chunks < cache.chunks_written:  # the previous chunk, now that it is made (it is this chunk's recycled input)
-                    self.reencode_last_chunk(prev_BCTHW, text, cache.recycled, cache)
+                    reencoded = self.reencode_last_chunk(prev_BCTHW, text, cache.recycled, cache)
                 cache.recycled = prev_BCTHW
-            return self._causal_step(x_BCTHW, t_B, text, prev_BCTHW, cache)
+            return joined(self._causal_step(x_BCTHW, t_B, text, prev_BCTHW, cache), reencoded)
 
         if num_chunks > c.max_chunks:
             raise ValueError(f"a full causal forward takes at most sink_chunks + window_chunks + 1 = {c.max_chunks} chunks, got {num_chunks}; "
                              "stream longer videos chunk by chunk with a cache")
-        context = None
+        context, clean = None, None
         if c.clean_context and num_chunks > 1:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 raise ValueError("model.clean_context does not support gradient checkpointing yet")
             # The clean pass: chunk j's clean frames are chunk j + 1's recycled input (the last chunk is seen by none).
             context = CleanContext(text.emb_BLD.shape[1])
-            self._causal_full(prev_BCTHW[:, :, cf:], torch.zeros_like(t_B), text, prev_BCTHW[:, :, :-cf], context)
+            clean = self._causal_full(prev_BCTHW[:, :, cf:], torch.zeros_like(t_B), text, prev_BCTHW[:, :, :-cf], context)
             context.recording = False
-        return self._causal_full(x_BCTHW, t_B, text, prev_BCTHW, context)
+        return joined(self._causal_full(x_BCTHW, t_B, text, prev_BCTHW, context), clean)
 
-    def reencode_last_chunk(self, x_BCTHW: torch.Tensor, text: TextCond, prev_BCTHW: torch.Tensor, cache: KVCache) -> None:
+    def reencode_last_chunk(self, x_BCTHW: torch.Tensor, text: TextCond, prev_BCTHW: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Clean context: replace the cached keys and values of the chunk made last by those of its clean frames ``x`` (with
         its recycled input ``prev``) at t = 0. A stream's next step does this itself (its recycled input is those frames);
-        a re-cache that replays chunks which were not consecutive calls it directly."""
+        a re-cache that replays chunks which were not consecutive calls it directly. Returns the last block's output
+        (used by nothing but ``joined``)."""
         if not self.config.clean_context or cache.chunks_written == 0:
             raise ValueError("a re-encode needs a clean-context model (model.clean_context) and a chunk in the cache")
-        self._causal_step(x_BCTHW, torch.zeros(x_BCTHW.shape[0], device=x_BCTHW.device), text, prev_BCTHW, cache, reencode=True)
+        hidden = self._causal_step(x_BCTHW, torch.zeros(x_BCTHW.shape[0], device=x_BCTHW.device), text, prev_BCTHW, cache, reencode=True)
         cache.clean_chunks = cache.chunks_written
+        return hidden
 
     def _causal_inputs(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, prev_BCTHW: torch.Tensor):
         """Tokens of the noisy chunks plus the recycled previous chunks (AAPT §3.1) with a spatial-only position table;
@@ -374,7 +387,7 @@ class DiT(nn.Module):
 
     def _causal_full(self, x_BCTHW, t_B, text, prev_BCTHW, context: CleanContext | None) -> torch.Tensor:
         """The whole clip under the block-causal mask; with a clean context that has been recorded, chunk i attends to
-        the clean pass's chunks before it and to its own tokens."""
+        the clean pass's chunks before it and to its own tokens. The clean pass itself returns its last block's output."""
         c = self.config
         h_BND, text_BLD, mask_BL, c_BD, (Tp, Hp, Wp) = self._causal_inputs(x_BCTHW, t_B, text, prev_BCTHW)
         L, num_chunks = text_BLD.shape[1], x_BCTHW.shape[2] // c.causal_chunk_frames
@@ -391,13 +404,15 @@ class DiT(nn.Module):
                 x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
             else:
                 x_BSD = block(x_BSD, c_BD, rope, mask, None if context is None else (context, i))
+        if context is not None and context.recording:
+            return x_BSD
         return self._causal_output(x_BSD, L, c_BD, x_BCTHW, t_B, (Tp, Hp, Wp))
 
-    def _causal_step(self, x_BCTHW, t_B, text, prev_BCTHW, cache: KVCache, *, reencode: bool = False) -> torch.Tensor | None:
+    def _causal_step(self, x_BCTHW, t_B, text, prev_BCTHW, cache: KVCache, *, reencode: bool = False) -> torch.Tensor:
         """One chunk against the cache: its keys and values go into its slot, then it attends over the buffer. A clean
         re-encode (``reencode``) writes the chunk made last again, from its clean frames at t = 0 and under the text's keys
         at t = 0 (the first re-encode computes them beside the chunk, the cache keeps them), as that chunk saw the cache;
-        it returns nothing and commits nothing."""
+        it commits nothing and returns its last block's output."""
         c = self.config
         h_BND, text_BLD, mask_BL, c_BD, (Tp, Hp, Wp) = self._causal_inputs(x_BCTHW, t_B, text, prev_BCTHW)
         B, L, n = h_BND.shape[0], text_BLD.shape[1], h_BND.shape[1]
@@ -430,7 +445,7 @@ class DiT(nn.Module):
         finally:
             cache.chunks_written = written
         if reencode:
-            return None
+            return x_BSD
         cache.commit()
         return self._causal_output(x_BSD, first, c_BD, x_BCTHW, t_B, (Tp, Hp, Wp))
 
