@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from apt.flow import sample_timesteps
-from apt.models.backbone import Backbone, TextCond, readout_layers, tap_hidden_states
+from apt.models.backbone import Backbone, TextCond, joined, readout_layers, tap_hidden_states
 
 
 class ReadoutHead(nn.Module):
@@ -97,8 +97,8 @@ class Discriminator(nn.Module):
             handle = self.backbone.blocks[last].register_forward_hook(stop) if last < len(self.backbone.blocks) - 1 else None
             try:
                 out = self.backbone(x_BCTHW, t_B, text, **forward_kwargs)  # the velocity output is not used, but with a clean
-                if clean:  # context it carries (times zero) the clean pass's last block, whose backward FSDP2 must see
-                    hidden[self.layers[-1]] = hidden[self.layers[-1]] + 0.0 * out.sum()  # (apt.models.dit.joined)
+                if clean:  # context it carries the clean pass's last block, whose backward FSDP2 must see
+                    hidden[self.layers[-1]] = joined(hidden[self.layers[-1]], out)
             except _ReadoutDone:
                 if forward_kwargs.get("cache") is not None:
                     forward_kwargs["cache"].commit()  # its layers up to the deepest readout one are written; later ones are never read

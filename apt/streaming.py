@@ -94,8 +94,6 @@ class ChunkStepper:
         context: ``made`` (the chunk's clean frames) re-encodes it at once, for a chunk that the next replayed one does
         not follow (its recycled input is not these frames); None leaves that to the next step, as a stream does."""
         for k, x in enumerate(inputs):
-            if k and self.caches[k].clean_chunks < self.caches[0].clean_chunks:
-                self.caches[k].take_clean_chunk(self.caches[0])
             self.velocity(x, k, prev)
         if made is not None:
             width = self.text.emb_BLD.shape[0] // made.shape[0]  # CFG: the prompt and the negative prompt

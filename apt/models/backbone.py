@@ -135,6 +135,16 @@ def tap_hidden_states(backbone: Backbone, layers: list[int]) -> Iterator[dict[in
             h.remove()
 
 
+def joined(out: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+    """``out`` plus zero times ``hidden``, a block's output that nothing else reads (e.g. the last block of a causal
+    DiT's clean pass, read only through its keys and values). The values are unchanged; the gradient reaches that
+    output, as FSDP2 needs: it gathers a block's sharded parameters for the block's backward when its output receives
+    a gradient, and otherwise that block's backward (through its keys and values) would run on freed parameters."""
+    if hidden is None or not torch.is_grad_enabled() or not hidden.requires_grad:
+        return out
+    return out + 0.0 * hidden.sum()
+
+
 class BackboneForwardError(ValueError):
     """The network's forward raised during ``check_backbone`` (the message names the input shapes)."""
 

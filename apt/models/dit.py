@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from apt.models.attention import TextLayoutCache, attention, text_key_layout
-from apt.models.backbone import TextCond
+from apt.models.backbone import TextCond, joined
 from apt.models.causal import block_causal_mask, clean_context_mask, shift_chunks, step_mask, step_rope
 from apt.models.checkpointing import checkpoint_kwargs
 from apt.models.kv_cache import KVCache
@@ -140,16 +140,6 @@ class CacheStep:
     cos_kv: torch.Tensor
     sin_kv: torch.Tensor
     clean_text: bool = False  # attend to the text at t = 0 (the cache's, or this step's own), not the cached text (a clean re-encode)
-
-
-def joined(out: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-    """``out`` plus zero times the last block's output of a pass read only through its keys and values (a clean pass or
-    re-encode). The values are unchanged; the gradient reaches that output, as FSDP2 needs: it gathers a block's
-    sharded parameters for the block's backward when its output receives a gradient, and otherwise that block's
-    backward (through its keys and values) would run on freed parameters."""
-    if hidden is None or not torch.is_grad_enabled() or not hidden.requires_grad:
-        return out
-    return out + 0.0 * hidden.sum()
 
 
 class CleanContext:
@@ -359,7 +349,7 @@ class DiT(nn.Module):
         """Clean context: replace the cached keys and values of the chunk made last by those of its clean frames ``x`` (with
         its recycled input ``prev``) at t = 0. A stream's next step does this itself (its recycled input is those frames);
         a re-cache that replays chunks which were not consecutive calls it directly. Returns the last block's output
-        (used by nothing but ``joined``)."""
+        (used by nothing but ``apt.models.backbone.joined``)."""
         if not self.config.clean_context or cache.chunks_written == 0:
             raise ValueError("a re-encode needs a clean-context model (model.clean_context) and a chunk in the cache")
         hidden = self._causal_step(x_BCTHW, torch.zeros(x_BCTHW.shape[0], device=x_BCTHW.device), text, prev_BCTHW, cache, reencode=True)
