@@ -282,8 +282,9 @@ class StreamConfig:
     False lets it flow back through them into the earlier chunks that carry gradient."""
     d_context: str = "windows"
     """stream_apt: how D sees a rollout longer than the training length. "windows": cut into ``window_frames`` windows
-    judged separately; "stream": chunk by chunk with D's own cache (the sink and rolling window G streams with), so
-    every chunk is judged with the stream's first chunk in view (``apt.methods.streaming.ChunkDiscriminator``)."""
+    judged separately; "stream": the whole rollout as D's own stream would see it (the sink and rolling window G streams
+    with, in one forward), so every chunk is judged with the stream's first chunk in view
+    (``apt.methods.streaming.ChunkDiscriminator``)."""
     dmd_weight: float = 0.0
     """stream_apt: weight of distribution matching on the rollouts (DMD, as Self Forcing trains; ``apt.methods.dmd``)
     added to G's adversarial loss; 0 = off (AAPT). On one device, DDP, FSDP2 or ZeRO."""
@@ -574,11 +575,6 @@ def check_causal(c: Config) -> None:
     need(c.data.frames % m.causal_chunk_frames == 0,
          f"data.frames={c.data.frames} is not a whole number of model.causal_chunk_frames={m.causal_chunk_frames}-frame chunks")
     need(c.train.sequence_parallel == 1, "train.sequence_parallel: the causal model's block mask is not wired into Ulysses; use 1")
-    longest = (m.sink_chunks + m.window_chunks + 1) * m.causal_chunk_frames
-    if c.stage != "stream_apt":  # teacher-forced stages run one full block-causal forward per clip
-        need(c.data.frames <= longest,
-             f"data.frames={c.data.frames}: a teacher-forced clip is one block-causal forward of at most (model.sink_chunks + "
-             f"model.window_chunks + 1) x model.causal_chunk_frames = {longest} frames")
 
 
 def check_lora(c: Config) -> None:
@@ -726,11 +722,8 @@ def check_stream(c: Config) -> None:
         need(c.stage == "stream_apt", f"{key}: distribution matching is an option of stage stream_apt, not '{c.stage}'")
     if c.stage == "stream_apt":
         window = s.window_frames or c.data.frames
-        longest = (c.model.sink_chunks + c.model.window_chunks + 1) * cf
         need(c.data.frames % window == 0, f"stream.window_frames={window} must divide data.frames={c.data.frames} (D judges whole windows)")
-        need(window % cf == 0 and window <= longest,
-             f"stream.window_frames={window} must be a whole number of {cf}-frame chunks and at most {longest} frames "
-             "(D's block-causal forward: model.sink_chunks + model.window_chunks + 1 chunks)")
+        need(window % cf == 0, f"stream.window_frames={window} must be a whole number of {cf}-frame chunks")
 
 
 def check_eval(c: Config) -> None:

@@ -167,11 +167,50 @@ def test_kv_cache_bookkeeping_sink_ring_and_positions():
         cache.commit()
 
 
-def test_full_forward_refuses_more_chunks_than_the_window_and_streams_need_prev():
+@pytest.mark.parametrize("clean", [False, True], ids=["own-forward", "clean-context"])
+@pytest.mark.parametrize("sink,window", [(1, 2), (2, 1), (3, 0), (1, 0)])
+def test_a_full_forward_longer_than_the_cache_equals_its_stream_with_gradients(sink, window, clean):
+    """Past sink + window + 1 chunks one forward computes every chunk as its cached step does (``RollingViews``: each
+    chunk's own views of the sink and window at their window-relative positions), values and gradients."""
+    net = causal_tiny(sink, window, clean=clean).train()
+    T = CF * 9
+    x, prev, t = torch.randn(2, 3, T, 16, 16), torch.randn(2, 3, T, 16, 16), torch.rand(2)
+    text = random_text(2, 5, 32, pad_from=3)
+    weight = torch.randn(2, 3, T, 16, 16)
+
+    def grads(out):
+        net.zero_grad()
+        (out * weight).sum().backward()
+        return {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+
+    full = net(x, t, text, prev)
+    cache = net.new_cache(batch=2, height=16, width=16, text_tokens=5, inplace=False)
+    streamed, _ = stream(net, x, t, text, prev, cache)
+    torch.testing.assert_close(full, streamed, rtol=0, atol=1e-5)
+    g_full, g_stream = grads(full), grads(streamed)
+    assert g_full.keys() == g_stream.keys() and "recycle_embed.weight" in g_full
+    for k in g_full:  # float32 sums over every token in a different order: compare to the gradient's own scale
+        assert (g_full[k] - g_stream[k]).abs().max() <= 1e-5 * g_full[k].abs().max() + 1e-8, k
+
+
+def test_a_long_full_forward_checkpoints_and_never_lets_the_future_reach_the_past():
+    net = causal_tiny(sink=2, window=1)
+    x, t, text = torch.randn(1, 3, 14, 16, 16, requires_grad=True), torch.rand(1), random_text(1, 4, 32)
+    out = net(x, t, text)
+    out[:, :, 8:10].sum().backward()  # chunk 4 (past the cache's 4 chunks)
+    seen = x.grad.abs().sum(dim=(0, 1, 3, 4)).reshape(7, 2).sum(1)
+    assert (seen[:5] > 0).all() and (seen[5:] == 0).all()
+    net.gradient_checkpointing = True
+    x.grad = None
+    again = net(x, t, text)
+    again[:, :, 8:10].sum().backward()
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad.abs().sum(dim=(0, 1, 3, 4)).reshape(7, 2).sum(1), seen, rtol=1e-5, atol=0)
+
+
+def test_full_forward_shapes_and_streams_need_prev():
     net = causal_tiny(sink=1, window=1)
     x, t, text = torch.randn(1, 3, 8, 16, 16), torch.rand(1), random_text(1, 4, 32)
-    with pytest.raises(ValueError, match="at most sink_chunks"):
-        net(x, t, text)
     with pytest.raises(ValueError, match="whole number"):
         build_dit("tiny", patch_size=(1, 4, 4), causal_chunk_frames=2)(x[:, :, :3], t, text)
     cache = net.new_cache(batch=1, height=16, width=16, text_tokens=4)

@@ -55,6 +55,15 @@ def test_distribution_matching_errors_name_the_key(recipe, overrides, message):
         load_config("recipes/demo/stream_apt.yaml", ["tiny"], ["stream.dmd_weight=1", f"train.strategy={strategy}", *where])
 
 
+def test_teacher_forced_stages_take_clips_longer_than_the_cache():
+    """A clip past sink + window + 1 chunks is one forward in which every chunk sees what its stream shows it."""
+    for recipe in ("stream_teacher", "stream_distill"):
+        c = load_config(f"recipes/demo/{recipe}.yaml", ["tiny"], ["data.frames=16", "model.sink_chunks=2", "model.window_chunks=1"])
+        assert c.data.frames > (c.model.sink_chunks + c.model.window_chunks + 1) * c.model.causal_chunk_frames
+    with pytest.raises(ConfigError, match="must be a whole number of 6-frame chunks"):
+        load_config("recipes/demo/stream_apt.yaml", ["tiny"], ["stream.window_frames=3", "data.frames=18", "model.causal_chunk_frames=6"])
+
+
 SP = ["train.strategy=ddp", "train.devices=2", "train.sequence_parallel=2"]
 
 

@@ -127,9 +127,11 @@ def test_chunk_discriminator_streamed_context_sees_the_first_chunk():
         other_w, other_s = D(y, t, text), Ds(y, t, text)
     torch.testing.assert_close(other_w[:, 4:], windowed[:, 4:], rtol=0, atol=1e-6)  # the second window never sees it
     assert (other_s[:, 7] - streamed[:, 7]).abs().min() > 1e-4  # the last chunk, 6 chunks later, sees it through the sink
+    with torch.no_grad():
+        torch.testing.assert_close(streamed, cached_logits(Ds, x, t, text), rtol=0, atol=1e-5)  # one forward = its cached stream
     x.requires_grad_(True)
     Ds(x, t, text)[:, 7].sum().backward()
-    assert x.grad[:, :, :2].abs().sum() > 0  # the sink's chunk, through the cache
+    assert x.grad[:, :, :2].abs().sum() > 0  # the sink's chunk, as the cache would carry it
     with pytest.raises(ValueError, match="'windows' or 'stream'"):
         ChunkDiscriminator(causal_tiny(), fractions=[0.5, 1.0], num_heads=2, window_frames=8, context="all")
 
@@ -148,7 +150,22 @@ def test_a_clean_context_d_reads_the_noisy_pass_at_a_readout_layer_before_the_la
             a, b = shallow.hidden_states(x[:, :, :8], t, text)[layer], both.hidden_states(x[:, :, :8], t, text)[layer]
         else:
             a, b = streamed_features(shallow, x, t, text, layer), streamed_features(both, x, t, text, layer)
+            torch.testing.assert_close(shallow.hidden_states(x, t, text)[layer], a, rtol=0, atol=1e-5)  # D's one forward
+        logits = both(x, t, text)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    if context == "stream":
+        torch.testing.assert_close(logits, cached_logits(both, x, t, text), rtol=0, atol=1e-5)
+
+
+def cached_logits(D, x, t, text):
+    """D's per-chunk logits through D's own cache, one cached step per chunk."""
+    from apt.streaming import cache_for
+
+    cache, prev, out = cache_for(D.backbone, x, text, inplace=True), torch.zeros_like(x[:, :, :CF]), []
+    for i in range(x.shape[2] // CF):
+        out.append(D.logit(D.readout(x[:, :, i * CF : (i + 1) * CF], t, text, prev_BCTHW=prev, cache=cache)))
+        prev = x[:, :, i * CF : (i + 1) * CF]
+    return torch.stack(out, dim=1)
 
 
 def streamed_features(D, x, t, text, layer):
@@ -241,9 +258,14 @@ def test_teacher_forced_stream_is_the_block_causal_forward_and_streams_past_it(c
         whole = TeacherForced(net, x0)(x_t, t, text)
     torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
     long0 = torch.cat([x0, torch.randn_like(x0)], dim=2)  # 8 chunks: past one block-causal forward
+    long_t = torch.cat([x_t, x_t], dim=2)
     with torch.no_grad():
-        out = teacher_forced_stream(net, torch.cat([x_t, x_t], dim=2), t, text, long0)
+        out = teacher_forced_stream(net, long_t, t, text, long0)
+        cache, chunks = net.new_cache(batch=2, height=16, width=16, text_tokens=4), []
+        for i in range(0, 16, CF):  # a cached stream written at t, chunk i with the clean chunk i - 1 recycled
+            chunks.append(net(long_t[:, :, i : i + CF], t, text, shift_chunks(long0, CF)[:, :, i : i + CF], cache=cache))
     torch.testing.assert_close(out[:, :, :8], whole, rtol=0, atol=1e-5)  # the past never sees the future
+    torch.testing.assert_close(out, torch.cat(chunks, dim=2), rtol=0, atol=1e-5)
 
 
 def test_dmd_loss_gradient_is_the_normalised_score_difference():

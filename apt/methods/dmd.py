@@ -12,7 +12,7 @@ chunk is judged in the context the generator itself made. Here it is added to AA
     L_G    += w 1/2 || x - sg(x - g) ||^2,  g = (x0_fake - x0_real) / mean|x - x0_real|   (its gradient in x is w g)
     L_fake  = || v_fake(x_t) - (eps - x) ||^2  on detached rollouts (flow matching), ``stream.fake_score_steps`` per iteration
 
-Both scores read the noised rollout chunk by chunk, teacher-forced on the rollout itself
+Both scores read the noised rollout as a stream would (one forward), teacher-forced on the rollout itself
 (``apt.methods.streaming.teacher_forced_stream``: chunk i at t with G's clean chunk i - 1 recycled), as the causal
 teacher was trained: the teacher says what a chunk should look like after the chunks G made before it, which is the
 conditional the drift of a student-forced stream breaks. The fake score's loss is on the velocity whatever the

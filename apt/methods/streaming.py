@@ -50,17 +50,11 @@ class TeacherForced(nn.Module):
 
 
 def teacher_forced_stream(net: nn.Module, x_t_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond, x0_BCTHW: torch.Tensor) -> torch.Tensor:
-    """net's output on a noised clip of any length, teacher-forced and streamed: chunk i of x_t with the clean chunk
-    i - 1 of x0 recycled, one cached step per chunk, the cache written at t. On up to sink + window + 1 chunks this is
-    ``TeacherForced(net, x0)(x_t, t, text)`` (one block-causal forward, how the causal stages train); past that, every
-    chunk sees the sink and the rolling window, as in a stream. Gradients reach the network (not x0)."""
-    cf = chunk_frames(net)
-    cache = cache_for(net, x_t_BCTHW, text, inplace=not torch.is_grad_enabled())
-    prev, out = torch.zeros_like(x0_BCTHW[:, :, :cf]), []
-    for i in range(x_t_BCTHW.shape[2] // cf):
-        out.append(net(x_t_BCTHW[:, :, i * cf : (i + 1) * cf], t_B, text, prev, cache=cache))
-        prev = x0_BCTHW[:, :, i * cf : (i + 1) * cf].detach()
-    return torch.cat(out, dim=2)
+    """net's output on a noised clip of any length, teacher-forced as a stream sees it: chunk i of x_t with the clean
+    chunk i - 1 of x0 recycled, the past at t. On up to sink + window + 1 chunks this is ``TeacherForced(net, x0)(x_t, t,
+    text)`` (how the causal stages train); past that, every chunk sees the sink and the rolling window, as a cached
+    stream written at t would show it (one forward: ``apt.models.dit.RollingViews``). Gradients reach the network (not x0)."""
+    return net(x_t_BCTHW, t_B, text, shift_chunks(x0_BCTHW.detach(), chunk_frames(net)))
 
 
 class StudentForcing:
@@ -115,11 +109,11 @@ class ChunkDiscriminator(Discriminator):
 
     - ``"windows"``: cut into windows of ``window_frames`` (the training length) that D judges separately (AAPT
       §3.4: long rollouts judged on segments); a window's first chunk sees nothing before it.
-    - ``"stream"``: the whole clip chunk by chunk with D's own key/value cache, the sink and rolling window that G
-      streams with: every chunk is judged in the context it was made in, the clip's first chunk (the sink)
-      included, so a chunk that contradicts the start of the stream is visible to D. Its view is still the
-      training length (sink + window + current chunk). On a clip of at most that length both modes are the same
-      function (the cache reproduces the block-causal forward).
+    - ``"stream"``: the whole clip as D's stream would see it, with the sink and rolling window that G streams with
+      (one forward; the backbone computes a clip longer than its cache as its cached stream would): every chunk is
+      judged in the context it was made in, the clip's first chunk (the sink) included, so a chunk that contradicts
+      the start of the stream is visible to D. Its view is still the training length (sink + window + current
+      chunk). On a clip of at most that length both modes are the same function.
 
     Logits (B, chunks), sample-major (windows: window by window)."""
 
@@ -134,26 +128,15 @@ class ChunkDiscriminator(Discriminator):
         self.window_frames, self.context = window_frames, context
 
     def forward(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> torch.Tensor:
-        if self.context == "stream":
-            return self._streamed(x_BCTHW, t_B, text)
-        B = x_BCTHW.shape[0]
-        x_win = windows(x_BCTHW, self.window_frames)
-        per_sample = torch.arange(B, device=t_B.device).repeat_interleave(x_win.shape[0] // B)
-        hidden = self.hidden_states(x_win, t_B[per_sample], text[per_sample.to(text.mask_BL.device)])
-        chunks = self.window_frames // self.chunk_frames
+        B, T = x_BCTHW.shape[0], x_BCTHW.shape[2]
+        if self.context == "windows":
+            x_BCTHW = windows(x_BCTHW, self.window_frames)
+            per_sample = torch.arange(B, device=t_B.device).repeat_interleave(x_BCTHW.shape[0] // B)
+            t_B, text, T = t_B[per_sample], text[per_sample.to(text.mask_BL.device)], self.window_frames
+        elif T % self.chunk_frames:
+            raise ValueError(f"{T} frames is not a whole number of {self.chunk_frames}-frame chunks")
+        # stream: one forward of the whole clip, in which each chunk sees what its cached step would (the sink and window)
+        hidden = self.hidden_states(x_BCTHW, t_B, text)
+        chunks = T // self.chunk_frames
         feats = [head(h.reshape(h.shape[0] * chunks, h.shape[1] // chunks, h.shape[2])) for head, h in zip(self.heads, (hidden[i] for i in self.layers))]
         return self.logit(torch.cat(feats, dim=-1)).reshape(B, -1)
-
-    def _streamed(self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, text: TextCond) -> torch.Tensor:
-        """One cached step per chunk, the previous chunk recycled as at inference; the cache keeps the autograd graph
-        (out-of-place writes) when gradients are on, so a chunk's logit depends on the chunks before it."""
-        cf, T = self.chunk_frames, x_BCTHW.shape[2]
-        if T % cf:
-            raise ValueError(f"{T} frames is not a whole number of {cf}-frame chunks")
-        cache = cache_for(self.backbone, x_BCTHW, text, inplace=not torch.is_grad_enabled())
-        prev, logits = torch.zeros_like(x_BCTHW[:, :, :cf]), []
-        for i in range(T // cf):
-            x = x_BCTHW[:, :, i * cf : (i + 1) * cf]
-            logits.append(self.logit(self.readout(x, t_B, text, prev_BCTHW=prev, cache=cache)))
-            prev = x
-        return torch.stack(logits, dim=1)

@@ -33,7 +33,16 @@ from torch.utils.checkpoint import checkpoint
 
 from apt.models.attention import TextLayoutCache, attention, text_key_layout
 from apt.models.backbone import TextCond, joined
-from apt.models.causal import block_causal_mask, clean_context_mask, shift_chunks, step_mask, step_rope
+from apt.models.causal import (
+    block_causal_mask,
+    clean_context_mask,
+    rolling_mask,
+    rolling_views,
+    shift_chunks,
+    step_mask,
+    step_rope,
+    text_self_mask,
+)
 from apt.models.checkpointing import checkpoint_kwargs
 from apt.models.kv_cache import KVCache
 from apt.models.layers import RMSNorm, apply_rope, rms_norm_rope, rope_3d, sincos_3d, timestep_embedding
@@ -60,8 +69,8 @@ class DiTConfig:
     sink_chunks: int = 1
     """Causal mode: the first chunks every later chunk attends to (the attention sink)."""
     window_chunks: int = 2
-    """Causal mode: how many chunks before the current one it attends to (the rolling window); a full forward
-    takes at most sink_chunks + window_chunks + 1 chunks, a stream any number."""
+    """Causal mode: how many chunks before the current one it attends to (the rolling window). A full forward of a
+    clip longer than sink_chunks + window_chunks + 1 chunks computes each chunk as a stream would."""
     clean_context: bool = False
     """Causal mode: earlier chunks are seen as their clean frames encoded at t = 0 (the clean key/value cache of
     CausVid and Self Forcing), not as the keys and values of the forward that made them. A full forward runs the
@@ -84,7 +93,8 @@ class DiTConfig:
 
     @property
     def max_chunks(self) -> int:
-        """Chunks a full (uncached) causal forward may take: the sink, the window and the current chunk."""
+        """Chunks in one view of the cache: the sink, the window and the current chunk (the clip length the causal
+        stages train on; a full forward of a longer clip computes each chunk as the stream does)."""
         return self.sink_chunks + self.window_chunks + 1
 
 
@@ -100,11 +110,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fused_qk_norm_rope = False  # perf switch, set by apt.perf.apply_perf
 
-    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask_B11S: torch.Tensor | None,
-                kv: tuple["CacheStep | CleanContext", int] | None = None):
+    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask_B11S: torch.Tensor | None,
+                kv: tuple["CacheStep | CleanContext | RollingViews", int] | None = None):
         q, k, v = rearrange(self.qkv(x_BSD), "b s (three k e) -> three b k s e", three=3, k=self.num_heads)
         if kv is not None and isinstance(kv[0], CacheStep):
             return self.proj(rearrange(self._cached(q, k, v, rope, mask_B11S, *kv), "b k s e -> b s (k e)"))
+        if kv is not None and isinstance(kv[0], RollingViews):
+            return self.proj(rearrange(kv[0].attend(kv[1], self.q_norm(q), self.k_norm(k), v), "b k s e -> b s (k e)"))
         if self.fused_qk_norm_rope:
             q = rms_norm_rope(q, self.q_norm.weight, *rope, eps=self.q_norm.eps)
             k = rms_norm_rope(k, self.k_norm.weight, *rope, eps=self.k_norm.eps)
@@ -158,6 +170,51 @@ class CleanContext:
             return k_BKSE, v_BKSE
         return (torch.cat([k_BKSE[:, :, :L], self.k[layer], k_BKSE[:, :, L:]], dim=2),
                 torch.cat([v_BKSE[:, :, :L], self.v[layer], v_BKSE[:, :, L:]], dim=2))
+
+
+class RollingViews:
+    """A full causal forward of a clip longer than the cache (more than sink + window + 1 chunks), computed in one
+    forward as its stream computes it: chunk i attends to the text, the sink chunks and chunks i - W .. i, each key
+    rotated to the window-relative position it has in the cache while chunk i is made, the query at min(i, s + W).
+    Every chunk's keys and values are gathered into its V = s + W + 1 views (``apt.models.causal.rolling_views``) and
+    the chunks attend as a batch. With a clean context, the clean pass records its chunks' keys (normed, not rotated)
+    and values in ``clean``, and the noisy pass's chunk i sees the clean chunks before it and its own tokens."""
+
+    def __init__(self, text_mask_BL: torch.Tensor, num_chunks: int, chunk_tokens: int, *, sink_chunks: int, window_chunks: int,
+                 cos_PE: torch.Tensor, sin_PE: torch.Tensor, clean: "CleanContext | None" = None):
+        self.text_tokens, self.chunk_tokens, self.clean = text_mask_BL.shape[1], chunk_tokens, clean
+        clean_chunks = num_chunks - 1 if clean is not None and not clean.recording else 0
+        self.index, position, used = rolling_views(num_chunks, sink_chunks=sink_chunks, window_chunks=window_chunks,
+                                                   clean_chunks=clean_chunks, device=text_mask_BL.device)
+        cos, sin = cos_PE.unflatten(0, (-1, chunk_tokens)), sin_PE.unflatten(0, (-1, chunk_tokens))  # (positions, n, E)
+        self.cos_k, self.sin_k = cos[position], sin[position]  # (C, V, n, E)
+        current = position.gather(1, used.sum(1, keepdim=True) - 1)[:, 0]  # the chunk itself, its last view
+        self.cos_q, self.sin_q = cos[current], sin[current]  # (C, n, E)
+        self.text_mask = text_self_mask(text_mask_BL)
+        self.mask = rolling_mask(text_mask_BL, used, chunk_tokens)
+
+    def attend(self, layer: int, q_BKSE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor) -> torch.Tensor:
+        """Attention of [text, chunks] with q and k normed, not rotated (text tokens are never rotated)."""
+        L, n = self.text_tokens, self.chunk_tokens
+        B, K, _, E = q_BKSE.shape
+        C = self.index.shape[0]
+        text_out = attention(q_BKSE[:, :, :L], k_BKSE[:, :, :L], v_BKSE[:, :, :L], self.text_mask)
+        k_pool, v_pool = k_BKSE[:, :, L:], v_BKSE[:, :, L:]
+        if self.clean is not None and self.clean.recording:
+            self.clean.k[layer], self.clean.v[layer] = k_pool, v_pool
+        elif self.clean is not None:
+            k_pool, v_pool = torch.cat([self.clean.k[layer], k_pool], dim=2), torch.cat([self.clean.v[layer], v_pool], dim=2)
+        keys = apply_rope(k_pool.unflatten(2, (-1, n))[:, :, self.index], self.cos_k, self.sin_k)  # (B, K, C, V, n, E)
+        values = v_pool.unflatten(2, (-1, n))[:, :, self.index]
+        keys = torch.cat([k_BKSE[:, :, None, :L].expand(B, K, C, L, E), keys.flatten(3, 4)], dim=3)
+        values = torch.cat([v_BKSE[:, :, None, :L].expand(B, K, C, L, E), values.flatten(3, 4)], dim=3)
+        queries = apply_rope(q_BKSE[:, :, L:].unflatten(2, (C, n)), self.cos_q, self.sin_q)
+
+        def fold(x: torch.Tensor) -> torch.Tensor:  # (B, K, C, tokens, E) -> (B C, K, tokens, E)
+            return x.transpose(1, 2).flatten(0, 1)
+
+        out = attention(fold(queries), fold(keys), fold(values), self.mask).unflatten(0, (B, C)).transpose(1, 2).flatten(2, 3)
+        return torch.cat([text_out, out], dim=2)
 
 
 class DiTBlock(nn.Module):
@@ -332,18 +389,16 @@ class DiT(nn.Module):
                 cache.recycled = prev_BCTHW
             return joined(self._causal_step(x_BCTHW, t_B, text, prev_BCTHW, cache), reencoded)
 
-        if num_chunks > c.max_chunks:
-            raise ValueError(f"a full causal forward takes at most sink_chunks + window_chunks + 1 = {c.max_chunks} chunks, got {num_chunks}; "
-                             "stream longer videos chunk by chunk with a cache")
+        rolling = num_chunks > c.max_chunks  # longer than the cache: every chunk sees what its stream's step sees
         context, clean = None, None
         if c.clean_context and num_chunks > 1:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 raise ValueError("model.clean_context does not support gradient checkpointing yet")
             # The clean pass: chunk j's clean frames are chunk j + 1's recycled input (the last chunk is seen by none).
             context = CleanContext(text.emb_BLD.shape[1])
-            clean = self._causal_full(prev_BCTHW[:, :, cf:], torch.zeros_like(t_B), text, prev_BCTHW[:, :, :-cf], context)
+            clean = self._causal_full(prev_BCTHW[:, :, cf:], torch.zeros_like(t_B), text, prev_BCTHW[:, :, :-cf], context, rolling)
             context.recording = False
-        return joined(self._causal_full(x_BCTHW, t_B, text, prev_BCTHW, context), clean)
+        return joined(self._causal_full(x_BCTHW, t_B, text, prev_BCTHW, context, rolling), clean)
 
     def reencode_last_chunk(self, x_BCTHW: torch.Tensor, text: TextCond, prev_BCTHW: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Clean context: replace the cached keys and values of the chunk made last by those of its clean frames ``x`` (with
@@ -375,25 +430,34 @@ class DiT(nn.Module):
         c_BD = self.time_mlp(timestep_embedding(t_B * 1000.0, 256).to(h_BND.dtype)) + self.pooled_text_mlp(pooled_BD.to(h_BND.dtype))
         return h_BND, text_BLD, mask_BL, c_BD, (Tp, Hp, Wp)
 
-    def _causal_full(self, x_BCTHW, t_B, text, prev_BCTHW, context: CleanContext | None) -> torch.Tensor:
+    def _causal_full(self, x_BCTHW, t_B, text, prev_BCTHW, context: CleanContext | None, rolling: bool) -> torch.Tensor:
         """The whole clip under the block-causal mask; with a clean context that has been recorded, chunk i attends to
-        the clean pass's chunks before it and to its own tokens. The clean pass itself returns its last block's output."""
+        the clean pass's chunks before it and to its own tokens. ``rolling`` (a clip longer than the cache): through
+        ``RollingViews``, as the stream computes it. The clean pass itself returns its last block's output."""
         c = self.config
         h_BND, text_BLD, mask_BL, c_BD, (Tp, Hp, Wp) = self._causal_inputs(x_BCTHW, t_B, text, prev_BCTHW)
         L, num_chunks = text_BLD.shape[1], x_BCTHW.shape[2] // c.causal_chunk_frames
         n = h_BND.shape[1] // num_chunks
-        if context is not None and not context.recording:
-            mask = clean_context_mask(mask_BL, num_chunks, n, sink_chunks=c.sink_chunks, window_chunks=c.window_chunks)
+        views = None
+        if rolling:
+            cos_PE, sin_PE = self._tables("rope", c.max_chunks * (Tp // num_chunks), Hp, Wp, 0, h_BND)
+            views = RollingViews(mask_BL, num_chunks, n, sink_chunks=c.sink_chunks, window_chunks=c.window_chunks, cos_PE=cos_PE, sin_PE=sin_PE,
+                                 clean=context)
+            rope, mask = None, None
         else:
-            mask = block_causal_mask(mask_BL, num_chunks, n, sink_chunks=c.sink_chunks, window_chunks=c.window_chunks)
-        rope = self._tables("rope", Tp, Hp, Wp, L, h_BND)
+            if context is not None and not context.recording:
+                mask = clean_context_mask(mask_BL, num_chunks, n, sink_chunks=c.sink_chunks, window_chunks=c.window_chunks)
+            else:
+                mask = block_causal_mask(mask_BL, num_chunks, n, sink_chunks=c.sink_chunks, window_chunks=c.window_chunks)
+            rope = self._tables("rope", Tp, Hp, Wp, L, h_BND)
         x_BSD = torch.cat([text_BLD, h_BND], dim=1)
         self._num_text_tokens = L
         for i, block in enumerate(self._blocks):
+            kv = (views, i) if views is not None else None if context is None else (context, i)
             if context is None and self.gradient_checkpointing and torch.is_grad_enabled():
-                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
+                x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask, kv, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
             else:
-                x_BSD = block(x_BSD, c_BD, rope, mask, None if context is None else (context, i))
+                x_BSD = block(x_BSD, c_BD, rope, mask, kv)
         if context is not None and context.recording:
             return x_BSD
         return self._causal_output(x_BSD, L, c_BD, x_BCTHW, t_B, (Tp, Hp, Wp))

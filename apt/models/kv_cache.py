@@ -28,6 +28,14 @@ from __future__ import annotations
 import torch
 
 
+def window_position(j: int, i: int, *, sink_chunks: int, window_chunks: int) -> int:
+    """Temporal position (in chunks) of visible chunk j while chunk i is generated: the sink keeps 0 .. s - 1,
+    the window is re-based to follow it, so chunk i sits at min(i, s + W)."""
+    if j < sink_chunks:
+        return j
+    return j - max(0, i - sink_chunks - window_chunks)
+
+
 class KVCache:
     """Per-layer key/value buffers (B, K, slots, E) and the bookkeeping of which chunk sits in which slot."""
 
@@ -66,11 +74,8 @@ class KVCache:
         return self.text_tokens + self.chunk_slot(i) * self.chunk_tokens
 
     def position(self, j: int, i: int) -> int:
-        """Temporal position (in chunks) of visible chunk j while chunk i is generated: the sink keeps 0 .. s - 1,
-        the window is re-based to follow it, so chunk i sits at min(i, s + W)."""
-        if j < self.sink_chunks:
-            return j
-        return j - max(0, i - self.sink_chunks - self.window_chunks)
+        """Temporal position (in chunks) of visible chunk j while chunk i is generated (``window_position``)."""
+        return window_position(j, i, sink_chunks=self.sink_chunks, window_chunks=self.window_chunks)
 
     def step_positions(self) -> list[int | None]:
         """Per chunk slot, the position of the chunk it holds while the next chunk (the current one, already placed
