@@ -75,6 +75,45 @@ def test_stream_command_writes_frames_as_they_come_and_switches_prompts(stream_d
     assert "cache layout (3, 3)" in capsys.readouterr().err
 
 
+def test_causal_adaptation_trains_on_clips_longer_than_the_cache(stream_demo, tmp_path):
+    """The teacher-forced stage on 16-frame clips with the cache split 2 + 1 (4 chunks): one forward per clip in which
+    every chunk sees what a stream shows it (``apt.models.dit.RollingViews``)."""
+    from apt.toy.stream_demo import ensure_long_shards
+    from tests.conftest import losses
+
+    shards = ensure_long_shards(True, ("rollout",))["rollout"]
+    run = tmp_path / "teacher16"
+    assert main(["fit", "recipes/demo/stream_teacher.yaml", "tiny", f"run_dir={run}", f"data.shards={shards}", "data.frames=16",
+                 f"stream.init={stream_demo / 'teacher'}", "model.sink_chunks=2", "model.window_chunks=1", "train.max_steps=2",
+                 "train.log_every_steps=1"]) == 0
+    assert latest_checkpoint(run).name == "step-000002"
+    logged = losses(run, "loss")
+    assert len(logged) == 2 and all(0 < v < 10 for v in logged.values()), logged
+
+
+@pytest.mark.experiments
+def test_step_profile_times_the_parts_of_an_iteration(stream_demo, tmp_path):
+    """experiments/step_profile.py: a short stream_apt fit with the parts of every iteration timed, then unwrapped."""
+    import importlib.util
+
+    import apt.methods.streaming as streaming
+    from apt.toy.stream_demo import ensure_long_shards
+
+    spec = importlib.util.spec_from_file_location("step_profile", "experiments/step_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rollout = streaming.StudentForcing.__call__
+    shards = ensure_long_shards(True, ("rollout",))["rollout"]
+    rows = module.main(["recipes/demo/stream_apt.yaml", "tiny", f"data.shards={shards}", f"apt.generator={stream_demo / 'distill'}",
+                        f"apt.teacher={stream_demo / 'teacher'}", "apt.d_warmup_steps=1", "stream.dmd_weight=1.0", "train.max_steps=2",
+                        f"run_dir={tmp_path / 'run'}"])
+    step = rows["apt_step (one iteration)"]
+    assert step["calls"] == 3  # one D-only warm-up iteration, then 2 updates
+    assert rows["rollout"]["calls"] >= 3 and rows["teacher-forced streams (DMD)"]["calls"] > 0 and rows["backward"]["calls"] > 0
+    assert 0 < rows["rollout"]["seconds"] < step["seconds"]
+    assert streaming.StudentForcing.__call__ is rollout  # unwrapped after the fit
+
+
 def test_stream_apt_with_distribution_matching_resumes_identically(stream_demo, tmp_path):
     """stream.dmd_weight > 0: the fake score is saved (the frozen teacher is not) and a resumed run continues exactly,
     the fake score's weights and optimiser included."""

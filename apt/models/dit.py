@@ -155,8 +155,9 @@ class CacheStep:
 
 
 class CleanContext:
-    """The clean pass of a full forward with ``DiTConfig.clean_context``: every layer's rotated keys and values of
-    the clean chunks, recorded while that pass runs, then put between the text and the chunks of the noisy pass."""
+    """The clean pass of a full forward with ``DiTConfig.clean_context``: every layer's keys and values of the clean
+    chunks, recorded while that pass runs, then put between the text and the chunks of the noisy pass. Keys are stored
+    rotated (``join``), or normed and not yet rotated when a clip longer than the cache goes through ``RollingViews``."""
 
     def __init__(self, text_tokens: int):
         self.text_tokens, self.recording = text_tokens, True
