@@ -75,20 +75,21 @@ def test_stream_command_writes_frames_as_they_come_and_switches_prompts(stream_d
     assert "cache layout (3, 3)" in capsys.readouterr().err
 
 
-def test_causal_adaptation_trains_on_clips_longer_than_the_cache(stream_demo, tmp_path):
-    """The teacher-forced stage on 16-frame clips with the cache split 2 + 1 (4 chunks): one forward per clip in which
-    every chunk sees what a stream shows it (``apt.models.dit.RollingViews``)."""
+def test_teacher_forced_stages_train_on_clips_longer_than_the_cache(stream_demo, tmp_path):
+    """Causal adaptation and distillation on 16-frame clips with the cache split 2 + 1 (4 chunks): one forward per clip
+    in which every chunk sees what a stream shows it (``apt.models.dit.RollingViews``)."""
     from apt.toy.stream_demo import ensure_long_shards
     from tests.conftest import losses
 
     shards = ensure_long_shards(True, ("rollout",))["rollout"]
-    run = tmp_path / "teacher16"
-    assert main(["fit", "recipes/demo/stream_teacher.yaml", "tiny", f"run_dir={run}", f"data.shards={shards}", "data.frames=16",
-                 f"stream.init={stream_demo / 'teacher'}", "model.sink_chunks=2", "model.window_chunks=1", "train.max_steps=2",
-                 "train.log_every_steps=1"]) == 0
-    assert latest_checkpoint(run).name == "step-000002"
-    logged = losses(run, "loss")
-    assert len(logged) == 2 and all(0 < v < 10 for v in logged.values()), logged
+    long_clips = [f"data.shards={shards}", "data.frames=16", "model.sink_chunks=2", "model.window_chunks=1", "train.max_steps=2",
+                  "train.log_every_steps=1"]
+    for recipe, init in (("stream_teacher", f"stream.init={stream_demo / 'teacher'}"), ("stream_distill", f"distill.teacher={stream_demo / 'teacher'}")):
+        run = tmp_path / recipe
+        assert main(["fit", f"recipes/demo/{recipe}.yaml", "tiny", f"run_dir={run}", init, *long_clips]) == 0, recipe
+        assert latest_checkpoint(run).name == "step-000002"
+        logged = losses(run, "loss")
+        assert len(logged) == 2 and all(0 < v < 10 for v in logged.values()), (recipe, logged)
 
 
 @pytest.mark.experiments
