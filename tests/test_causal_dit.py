@@ -98,9 +98,10 @@ def test_splits_of_one_cache_size_agree_on_short_clips_and_differ_past_them():
     assert (sa[:, :, 8:] - sb[:, :, 8:]).abs().max() > 1e-4  # 100x the agreement above
 
 
-def test_an_empty_prompt_streams_finite_and_equal():
+@pytest.mark.parametrize("frames", [8, 16], ids=["within-the-cache", "past-the-cache"])
+def test_an_empty_prompt_streams_finite_and_equal(frames):
     net = causal_tiny()
-    x, t = torch.randn(1, 3, 8, 16, 16), torch.rand(1)
+    x, t = torch.randn(1, 3, frames, 16, 16), torch.rand(1)
     text = TextCond(torch.zeros(1, 1, 32), torch.zeros(1, 1, dtype=torch.bool))  # what the encoder gives ""
     with torch.no_grad():
         full = net(x, t, text)
