@@ -194,6 +194,21 @@ def test_a_full_forward_longer_than_the_cache_equals_its_stream_with_gradients(s
         assert (g_full[k] - g_stream[k]).abs().max() <= 1e-5 * g_full[k].abs().max() + 1e-8, k
 
 
+@pytest.mark.parametrize("clean", [False, True], ids=["own-forward", "clean-context"])
+def test_a_long_full_forward_in_groups_of_chunks_is_the_same_function(clean, monkeypatch):
+    """The gathered views hold V copies of the window: past ``RollingViews.GATHER_LIMIT`` elements the chunks attend in
+    groups (here one chunk at a time), with the same result."""
+    from apt.models.dit import RollingViews
+
+    net = causal_tiny(2, 1, clean=clean)
+    x, t, text = torch.randn(2, 3, 14, 16, 16), torch.rand(2), random_text(2, 5, 32, pad_from=3)
+    with torch.no_grad():
+        whole = net(x, t, text)
+        monkeypatch.setattr(RollingViews, "GATHER_LIMIT", 1)
+        grouped = net(x, t, text)
+    torch.testing.assert_close(grouped, whole, rtol=0, atol=1e-6)
+
+
 def test_a_long_full_forward_checkpoints_and_never_lets_the_future_reach_the_past():
     net = causal_tiny(sink=2, window=1)
     x, t, text = torch.randn(1, 3, 14, 16, 16, requires_grad=True), torch.rand(1), random_text(1, 4, 32)

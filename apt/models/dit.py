@@ -181,6 +181,9 @@ class RollingViews:
     the chunks attend as a batch. With a clean context, the clean pass records its chunks' keys (normed, not rotated)
     and values in ``clean``, and the noisy pass's chunk i sees the clean chunks before it and its own tokens."""
 
+    GATHER_LIMIT = 2**27
+    """Elements of one group's gathered keys (values the same): 512 MB in float32, 256 MB in bf16."""
+
     def __init__(self, text_mask_BL: torch.Tensor, num_chunks: int, chunk_tokens: int, *, sink_chunks: int, window_chunks: int,
                  cos_PE: torch.Tensor, sin_PE: torch.Tensor, clean: "CleanContext | None" = None):
         self.text_tokens, self.chunk_tokens, self.clean = text_mask_BL.shape[1], chunk_tokens, clean
@@ -195,27 +198,35 @@ class RollingViews:
         self.mask = rolling_mask(text_mask_BL, used, chunk_tokens)
 
     def attend(self, layer: int, q_BKSE: torch.Tensor, k_BKSE: torch.Tensor, v_BKSE: torch.Tensor) -> torch.Tensor:
-        """Attention of [text, chunks] with q and k normed, not rotated (text tokens are never rotated)."""
+        """Attention of [text, chunks] with q and k normed, not rotated (text tokens are never rotated). The gathered
+        keys and values hold V copies of the window; chunks attend in groups of at most ``GATHER_LIMIT`` elements."""
         L, n = self.text_tokens, self.chunk_tokens
         B, K, _, E = q_BKSE.shape
-        C = self.index.shape[0]
+        C, V = self.index.shape
         text_out = attention(q_BKSE[:, :, :L], k_BKSE[:, :, :L], v_BKSE[:, :, :L], self.text_mask)
         k_pool, v_pool = k_BKSE[:, :, L:], v_BKSE[:, :, L:]
         if self.clean is not None and self.clean.recording:
             self.clean.k[layer], self.clean.v[layer] = k_pool, v_pool
         elif self.clean is not None:
             k_pool, v_pool = torch.cat([self.clean.k[layer], k_pool], dim=2), torch.cat([self.clean.v[layer], v_pool], dim=2)
-        keys = apply_rope(k_pool.unflatten(2, (-1, n))[:, :, self.index], self.cos_k, self.sin_k)  # (B, K, C, V, n, E)
-        values = v_pool.unflatten(2, (-1, n))[:, :, self.index]
-        keys = torch.cat([k_BKSE[:, :, None, :L].expand(B, K, C, L, E), keys.flatten(3, 4)], dim=3)
-        values = torch.cat([v_BKSE[:, :, None, :L].expand(B, K, C, L, E), values.flatten(3, 4)], dim=3)
-        queries = apply_rope(q_BKSE[:, :, L:].unflatten(2, (C, n)), self.cos_q, self.sin_q)
+        k_pool, v_pool = k_pool.unflatten(2, (-1, n)), v_pool.unflatten(2, (-1, n))
+        queries = apply_rope(q_BKSE[:, :, L:].unflatten(2, (C, n)), self.cos_q, self.sin_q)  # (B, K, C, n, E)
+        mask = self.mask.unflatten(0, (B, C))
 
-        def fold(x: torch.Tensor) -> torch.Tensor:  # (B, K, C, tokens, E) -> (B C, K, tokens, E)
+        def fold(x: torch.Tensor) -> torch.Tensor:  # (B, K, chunks, tokens, E) -> (B chunks, K, tokens, E)
             return x.transpose(1, 2).flatten(0, 1)
 
-        out = attention(fold(queries), fold(keys), fold(values), self.mask).unflatten(0, (B, C)).transpose(1, 2).flatten(2, 3)
-        return torch.cat([text_out, out], dim=2)
+        group = max(1, self.GATHER_LIMIT // (B * K * (L + V * n) * E))
+        outs = []
+        for a in range(0, C, group):
+            index = self.index[a : a + group]
+            g = index.shape[0]
+            keys = apply_rope(k_pool[:, :, index], self.cos_k[a : a + g], self.sin_k[a : a + g])  # (B, K, g, V, n, E)
+            keys = torch.cat([k_BKSE[:, :, None, :L].expand(B, K, g, L, E), keys.flatten(3, 4)], dim=3)
+            values = torch.cat([v_BKSE[:, :, None, :L].expand(B, K, g, L, E), v_pool[:, :, index].flatten(3, 4)], dim=3)
+            out = attention(fold(queries[:, :, a : a + g]), fold(keys), fold(values), mask[:, a : a + g].flatten(0, 1))
+            outs.append(out.unflatten(0, (B, g)).transpose(1, 2).flatten(2, 3))
+        return torch.cat([text_out, *outs], dim=2)
 
 
 class DiTBlock(nn.Module):
