@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a.add_argument("--steps", type=int, default=1, help="sampling steps per chunk (a causal teacher: e.g. 25)")
     a.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance (a causal teacher: e.g. 3)")
     a.add_argument("--starts", type=int, nargs="+", default=[0, 24],
-                   help="first frames of the 8-frame windows scored (0 and 24: the first window and the one ending a 4x video)")
+                   help="first frames of the 8-frame windows scored (0 and 24: the first window and the one ending a 4x video; "
+                        "a start past 24 makes the videos long enough for it)")
     a.add_argument("--first-steps", type=int, default=1, help="one-step streams: make the first chunk with this many Euler steps")
     b = sub.add_parser("follow", help="streams from a real first chunk")
     b.add_argument("checkpoint")

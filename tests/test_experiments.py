@@ -238,6 +238,8 @@ def test_stream_probe_follow_and_drift_on_the_shipped_generator() -> None:
     assert teacher["windows"][0]["distance"] < one_step["windows"][0]["distance"], (teacher, one_step)
     (by_window,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--starts", "0", "8", "24"])
     assert [w["first_frame"] for w in by_window["windows"]] == [0, 8, 24] and by_window["windows"][0] == first
+    (longer,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--starts", "0", "56"])  # 64-frame videos
+    assert [w["first_frame"] for w in longer["windows"]] == [0, 56] and 0 <= longer["windows"][1]["attribute_accuracy"] <= 1
     (sharper,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--first-steps", "4"])  # only the start differs
     assert sharper["windows"][0]["distance"] != first["distance"]
     with pytest.raises(SystemExit):
