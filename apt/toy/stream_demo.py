@@ -75,8 +75,8 @@ def validation_windows(candidates: list, *, train_frames: int, n: int, classifie
                        draw: tuple[int, int, int] = VALIDATION_DRAW, steps: int = 1, cfg_scale: float = 1.0) -> list[list[dict]]:
     """``window_metrics`` of each candidate's videos on the validation split (prompts and seeds disjoint from the
     report's), 4x the training length or as long as the last window of ``starts`` needs, for the windows starting
-    there; ``weights``: which of a checkpoint's weight files (None = the product, e.g. generator_ema); ``cache_layout``: stream with another (sink, window) split
-    (``apt.inference.load_generator``); ``draw``: another split's seeds (a probe's; e.g. the report's); ``steps`` and
+    there; ``weights``: which of a checkpoint's weight files (None = the product, e.g. generator_ema); ``cache_layout``:
+    stream with another (sink, window) split (``apt.inference.load_generator``); ``draw``: another split's seeds (a probe's; e.g. the report's); ``steps`` and
     ``cfg_scale``: the sampler (one step, no guidance for a one-step generator; e.g. 25 and 3 for the causal teacher)."""
     from apt.inference import load_generator
     from apt.toy.classifier import load_toy_classifier
