@@ -54,7 +54,7 @@ def teacher_forced_stream(net: nn.Module, x_t_BCTHW: torch.Tensor, t_B: torch.Te
     chunk i - 1 of x0 recycled, the past at t. On up to sink + window + 1 chunks this is ``TeacherForced(net, x0)(x_t, t,
     text)`` (how the causal stages train); past that, every chunk sees the sink and the rolling window, as a cached
     stream written at t would show it (one forward: ``apt.models.dit.RollingViews``). Gradients reach the network (not x0)."""
-    return net(x_t_BCTHW, t_B, text, shift_chunks(x0_BCTHW.detach(), chunk_frames(net)))
+    return TeacherForced(net, x0_BCTHW.detach())(x_t_BCTHW, t_B, text)
 
 
 class StudentForcing:

@@ -465,7 +465,8 @@ class DiT(nn.Module):
         x_BSD = torch.cat([text_BLD, h_BND], dim=1)
         self._num_text_tokens = L
         for i, block in enumerate(self._blocks):
-            kv = (views, i) if views is not None else None if context is None else (context, i)
+            holder = views if views is not None else context  # what the attention reads besides this pass's tokens
+            kv = None if holder is None else (holder, i)
             if context is None and self.gradient_checkpointing and torch.is_grad_enabled():
                 x_BSD = checkpoint(block, x_BSD, c_BD, rope, mask, kv, use_reentrant=False, **checkpoint_kwargs(self.checkpoint_policy))
             else:
