@@ -185,6 +185,7 @@ class StreamSession:
         # prompt changes; with a clean context also their frames, to re-encode them.
         self.clean = bare(g.net).config.clean_context
         self.kept: dict[int, tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]] = {}
+        self.made = 0  # chunks streamed (the caches count from the last prompt switch, which replays the chunks in view)
 
     def _encode(self, prompt: str) -> tuple[TextCond, TextCond | None]:
         g = self.gen
@@ -198,7 +199,8 @@ class StreamSession:
 
     @property
     def chunks_made(self) -> int:
-        return self.stepper.chunks_made
+        """Chunks streamed so far, across prompt switches."""
+        return self.made
 
     @torch.inference_mode()
     def next_chunk(self) -> torch.Tensor:
@@ -209,7 +211,7 @@ class StreamSession:
         x, inputs = self.stepper.step(z, self.prev)
         self.kept = {j: v for j, v in self.kept.items() if cache.chunk_slot(j) != slot}
         self.kept[cache.chunks_written - 1] = (inputs, self.prev, x if self.clean else None)
-        self.prev = x
+        self.prev, self.made = x, self.made + 1
         return self.decoder(x)
 
     def frames(self, num_frames: int) -> Iterator[torch.Tensor]:

@@ -396,7 +396,7 @@ def test_a_clean_context_checkpoint_streams_through_a_session_and_switches_promp
     L, n = cache.text_tokens, cache.chunk_tokens
     sink_before = [k[:, :, L : L + 2 * n].clone() for k in cache.k]
     s.set_prompt(prompt)
-    assert sorted(s.kept) == [0, 1, 2, 3] and s.chunks_made == 4
+    assert sorted(s.kept) == [0, 1, 2, 3] and s.stepper.chunks_made == 4 and s.chunks_made == 5
     for before, after in zip(sink_before, s.stepper.caches[0].k):
         torch.testing.assert_close(after[:, :, L : L + 2 * n], before, rtol=0, atol=1e-6)
     assert s.next_chunk().shape == plain[0].shape

@@ -64,6 +64,7 @@ def test_stream_command_writes_frames_as_they_come_and_switches_prompts(stream_d
     assert (out / "stream.gif").exists()
     printed = capsys.readouterr().out
     assert "latency to the first frame" in printed and "frames per second" in printed
+    assert "19 frames (10 chunks)" in printed  # 2-frame chunks, counted across the prompt switch
     assert main(["stream", str(stream_demo / "apt"), "--prompt", "a red circle moving left on a black background", "--prompt", "x",
                  "--frames", "4", "--out", str(out)]) == 2  # a second prompt needs its --switch-at
     other = tmp_path / "other-split"
