@@ -1,10 +1,9 @@
 """Streaming speed of a causal DiT with random weights: latency to the first chunk, chunks per second, memory.
 
-    # GPU (docs/streaming.md's rows; bf16)
-    python eval/stream_timing.py --shape wan-1.3b --device cuda --json reports/stream_wan13b_h100.json   # 832x480
-    python eval/stream_timing.py --shape apt-8b --device cuda --json reports/stream_apt8b_h100.json      # 736x416
-    # CPU smoke run
-    python eval/stream_timing.py --shape tiny --device cpu
+    # GPU (docs/streaming.md's rows; bf16): 832x480 and 736x416, one row each, the JSON rewritten after each
+    python eval/stream_timing.py --shape wan-1.3b apt-8b --device cuda --json runs/stream_timing.json
+    # CPU smoke run (what tests/test_stream_timing.py runs)
+    python eval/stream_timing.py --shape tiny --device cpu --window 4 --chunks 8
 
 The DiT is built from a config (no downloads) in causal mode with one latent frame per chunk (4 video frames
 for an 8x/4x VAE, AAPT's one forward per latent frame), an attention sink of 1 latent frame and a rolling
@@ -12,7 +11,9 @@ window (``--window``, default 20 latent frames: ~5 s of 16 fps video). Text: ``-
 embeddings. Reported, batch 1: seconds to the first chunk (text keys and values included), the median
 seconds of a chunk once the window is full and the frames per second it gives, the seconds of one
 bidirectional one-step forward over a training-length clip (sink + window + 1 latent frames, the whole-clip
-generator's first output), and the peak memory of a stream 1x and 16x that length (CUDA: max allocated).
+generator's first output), and the peak memory of a stream 1x and 16x that length (CUDA: max allocated; CPU: the
+bytes of the tensors the stream creates, ``apt.eval.tensor_memory.PeakTensorMemory``). A shape that fails (out of
+memory) is recorded as an error row and the next one runs.
 The VAE decode of each chunk is not included (``apt.streaming.ChunkDecoder``; eval/benchmark_inference.py times
 the decoder).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from apt.eval.tensor_memory import PeakTensorMemory  # noqa: E402
 from apt.models.backbone import TextCond  # noqa: E402
 from apt.models.dit import DiT, DiTConfig  # noqa: E402
 from apt.models.registry import FLAVOURS  # noqa: E402
@@ -50,33 +53,48 @@ SHAPES = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--window", type=int, default=20, help="rolling window, latent frames (the sink is 1 more)")
-    p.add_argument("--text-tokens", type=int, default=128)
-    p.add_argument("--chunks", type=int, default=48, help="chunks streamed for the per-chunk time (the window fills first)")
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
-    shape, (height, width) = SHAPES[args.shape]
-    torch.manual_seed(0)
-    net = DiT(replace(shape, causal_chunk_frames=1, sink_chunks=1, window_chunks=args.window))
-    randomize_zero_init(net)
-    net = net.to(device, dtype).eval()
-    latent = (16, height // 8, width // 8)
-    text = TextCond(torch.randn(1, args.text_tokens, shape.text_dim, device=device, dtype=dtype),
-                    torch.ones(1, args.text_tokens, dtype=torch.bool, device=device))
-    train_chunks = net.config.max_chunks
+def build(config: DiTConfig, device: torch.device, dtype: torch.dtype) -> DiT:
+    """A DiT with random weights, built on ``device`` (an 8B model never passes through CPU memory) and cast to ``dtype``."""
+    with torch.device(device):
+        net = DiT(config)
+        randomize_zero_init(net)
+    return net.to(dtype).eval()
 
-    def stream(chunks: int, per_chunk: list[float] | None = None) -> float:
+
+@torch.inference_mode()
+def whole_clip_seconds(shape: DiTConfig, latent: tuple[int, int, int], frames: int, text: TextCond, device: torch.device,
+                       dtype: torch.dtype) -> float:
+    """Seconds of one bidirectional forward (one step) over ``frames`` latent frames: the whole-clip generator's first output."""
+    whole = build(shape, device, dtype)
+    z = torch.randn(1, latent[0], frames, *latent[1:], device=device, dtype=dtype)
+    t1 = torch.ones(1, device=device, dtype=dtype)
+    whole(z, t1, text)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    whole(z, t1, text)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def measure(shape_name: str, device: torch.device, dtype: torch.dtype, *, window: int, text_tokens: int, chunks: int) -> dict:
+    """One shape's row (the module docstring lists what is measured)."""
+    shape, (height, width) = SHAPES[shape_name]
+    torch.manual_seed(0)
+    latent = (16, height // 8, width // 8)
+    text = TextCond(torch.randn(1, text_tokens, shape.text_dim, device=device, dtype=dtype),
+                    torch.ones(1, text_tokens, dtype=torch.bool, device=device))
+    whole_seconds = whole_clip_seconds(shape, latent, 1 + window + 1, text, device, dtype)
+    net = build(replace(shape, causal_chunk_frames=1, sink_chunks=1, window_chunks=window), device, dtype)
+    train_chunks = net.config.max_chunks  # sink + window + 1: the training-length clip timed whole above
+    if chunks <= train_chunks:
+        raise ValueError(f"--chunks must exceed the sink + window + 1 = {train_chunks} chunks of a full cache, got {chunks}")
+
+    def stream(n: int, per_chunk: list[float] | None = None) -> float:
         """Seconds to the first chunk of a new stream; per-chunk seconds appended to ``per_chunk``."""
         t0 = time.perf_counter()
         stepper = ChunkStepper(net, text, height=latent[1], width=latent[2])
         prev, first = torch.zeros(1, latent[0], 1, *latent[1:], device=device, dtype=dtype), None
-        for _ in range(chunks):
+        for _ in range(n):
             t1 = time.perf_counter()
             prev, _ = stepper.step(torch.randn(1, latent[0], 1, *latent[1:], device=device, dtype=dtype), prev)
             sync(device)
@@ -86,39 +104,60 @@ def main(argv: list[str] | None = None) -> dict:
                 per_chunk.append(time.perf_counter() - t1)
         return first
 
+    def peak_bytes(n: int) -> int:
+        """Peak memory of an n-chunk stream: CUDA's max allocated; on CPU the bytes of the tensors it creates."""
+        if device.type == "cuda":
+            reset_peak_memory(device)
+            stream(n)
+            return peak_memory_bytes(device)
+        with PeakTensorMemory() as m:
+            stream(n)
+        return m.peak
+
     with torch.inference_mode():
         stream(2)  # warm-up
         firsts = [stream(1) for _ in range(5)]
         per_chunk: list[float] = []
-        stream(args.chunks, per_chunk)
-        steady = sorted(per_chunk[train_chunks:])[len(per_chunk[train_chunks:]) // 2]
-        whole = DiT(replace(shape)).to(device, dtype).eval()  # the bidirectional model, one step over a training-length clip
-        z = torch.randn(1, latent[0], train_chunks, *latent[1:], device=device, dtype=dtype)
-        t1 = torch.ones(1, device=device, dtype=dtype)
-        whole(z, t1, text)
-        sync(device)
-        t0 = time.perf_counter()
-        whole(z, t1, text)
-        sync(device)
-        whole_seconds = time.perf_counter() - t0
-        del whole
-        peaks = {}
-        for k in (1, 16):
-            reset_peak_memory(device)
-            stream(k * train_chunks)
-            peaks[k] = peak_memory_bytes(device)
-    first = sorted(firsts)[len(firsts) // 2]
-    result = {"shape": args.shape, "height": height, "width": width, "latent": list(latent), "dtype": str(dtype),
-              "tokens_per_chunk": (latent[1] // 2) * (latent[2] // 2), "window_latent_frames": args.window, "text_tokens": args.text_tokens,
-              "first_chunk_seconds": first, "steady_chunk_seconds": steady, "fps": 4 / steady,
-              "whole_training_clip_one_step_seconds": whole_seconds, "first_chunk_over_whole_clip": first / whole_seconds,
-              "peak_bytes_1x": peaks[1], "peak_bytes_16x": peaks[16], "memory_16x_over_1x": peaks[16] / peaks[1],
-              "environment": environment(device)}
-    print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+        stream(chunks, per_chunk)
+        steady = statistics.median(per_chunk[train_chunks:])
+        peaks = {k: peak_bytes(k * train_chunks) for k in (1, 16)}
+    first = statistics.median(firsts)
+    return {"shape": shape_name, "height": height, "width": width, "latent": list(latent), "dtype": str(dtype),
+            "tokens_per_chunk": (latent[1] // 2) * (latent[2] // 2), "window_latent_frames": window, "text_tokens": text_tokens,
+            "first_chunk_seconds": first, "steady_chunk_seconds": steady, "fps": 4 / steady,
+            "whole_training_clip_one_step_seconds": whole_seconds, "first_chunk_over_whole_clip": first / whole_seconds,
+            "peak_bytes_1x": peaks[1], "peak_bytes_16x": peaks[16], "memory_16x_over_1x": peaks[16] / peaks[1]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", nargs="+", default=["tiny"], choices=sorted(SHAPES), help="one row per shape, in order")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--window", type=int, default=20, help="rolling window, latent frames (the sink is 1 more)")
+    p.add_argument("--text-tokens", type=int, default=128)
+    p.add_argument("--chunks", type=int, default=48, help="chunks streamed for the per-chunk time (the window fills first)")
+    p.add_argument("--json", default=None, help="rewritten after every shape, so a run cut short keeps the rows before the cut")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    report = {"command": " ".join(["python", "eval/stream_timing.py", *(sys.argv[1:] if argv is None else argv)]),
+              "environment": environment(device), "rows": []}
+    for name in args.shape:
+        try:
+            row = measure(name, device, dtype, window=args.window, text_tokens=args.text_tokens, chunks=args.chunks)
+        except Exception as e:  # noqa: BLE001 - a shape that fails (out of memory) is recorded, the next one runs
+            row = {"shape": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]}
+        report["rows"].append(row)
+        print(json.dumps(row, indent=1), flush=True)
+        if args.json:
+            out = Path(args.json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(report, indent=1, default=str))
+            os.replace(tmp, out)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return report
 
 
 if __name__ == "__main__":

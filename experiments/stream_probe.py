@@ -1,7 +1,8 @@
 """Probes of a streaming run on the free-colour toy world: does a stream keep its colour, and can D see a change?
 
     # the demo's validation split (N = 128, prompts and seeds disjoint from the report's): attribute accuracy,
-    # distance and colour kept on the first window and the window ending a 4x-long video, one line per checkpoint
+    # distance and colour kept (and shape, direction) on the first window and the window ending a 4x-long video, one line
+    # per checkpoint
     python experiments/stream_probe.py drift assets/demo_stream_colour_distilled runs/demo-stream/apt/checkpoints/step-000100
     python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --weights generator  # raw G, not EMA
     python experiments/stream_probe.py drift assets/demo_stream_colour_distilled --cache-layout 2 1  # another split of its cache
@@ -85,7 +86,9 @@ def drift(checkpoints: list[str], n: int, weights: str | None = None, cache_layo
     out = []
     for ckpt, windows in zip(checkpoints, scored):
         print(ckpt, split, " | ".join(f"frames {w['first_frame']}-{w['first_frame'] + 7}: distance {w['distance']:.1f}, accuracy "
-                                      f"{w['attribute_accuracy']:.3f}, colour kept {w['per_attribute']['colour_kept']:.2f}" for w in windows), flush=True)
+                                      f"{w['attribute_accuracy']:.3f}, colour kept {w['per_attribute']['colour_kept']:.2f}"
+                                      f" (shape {w['per_attribute']['shape']:.2f}, direction {w['per_attribute']['direction']:.2f})"
+                                      for w in windows), flush=True)
         out.append({"checkpoint": ckpt, "windows": windows})
     return out
 
