@@ -11,8 +11,9 @@ window (``--window``, default 20 latent frames: ~5 s of 16 fps video). Text: ``-
 embeddings. Reported, batch 1: seconds to the first chunk (text keys and values included), the median
 seconds of a chunk once the window is full and the frames per second it gives, the seconds of one
 bidirectional one-step forward over a training-length clip (sink + window + 1 latent frames, the whole-clip
-generator's first output), and the peak memory of a stream 1x and 16x that length (CUDA: max allocated; CPU: the
-bytes of the tensors the stream creates, ``apt.eval.tensor_memory.PeakTensorMemory``). A shape that fails (out of
+generator's first output), and the peak memory of a stream 1x and 16x that length beyond the weights (CUDA: max
+allocated less what was allocated before; CPU: the bytes of the tensors the stream creates,
+``apt.eval.tensor_memory.PeakTensorMemory``). A shape that fails (out of
 memory) is recorded as an error row and the next one runs.
 The VAE decode of each chunk is not included (``apt.streaming.ChunkDecoder``; eval/benchmark_inference.py times
 the decoder).
@@ -105,11 +106,13 @@ def measure(shape_name: str, device: torch.device, dtype: torch.dtype, *, window
         return first
 
     def peak_bytes(n: int) -> int:
-        """Peak memory of an n-chunk stream: CUDA's max allocated; on CPU the bytes of the tensors it creates."""
+        """Peak memory of an n-chunk stream beyond the weights: CUDA's max allocated less what was allocated before;
+        on CPU the bytes of the tensors it creates."""
         if device.type == "cuda":
+            before = torch.cuda.memory_allocated(device)
             reset_peak_memory(device)
             stream(n)
-            return peak_memory_bytes(device)
+            return peak_memory_bytes(device) - before
         with PeakTensorMemory() as m:
             stream(n)
         return m.peak
