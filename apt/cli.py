@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     stream.add_argument("--seed", type=int, default=0)
     stream.add_argument("--steps", type=int, default=None, help="Euler steps per chunk (default: 1, or flow.sample_steps for a causal teacher)")
     stream.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: 1, or flow.cfg_scale for a causal teacher)")
-    stream.add_argument("--out", default="stream", help="output directory (frames/NNNNNN.png as they come, stream.gif at the end)")
+    stream.add_argument("--out", default="stream", help="output directory (frames/NNNNNN.png and stream.mp4 as they come, stream.gif at the end)")
     stream.add_argument("--cache-layout", type=int, nargs=2, metavar=("SINK", "WINDOW"), default=None,
                         help="split the rolling cache as SINK chunks + WINDOW chunks (same sum as the run's model.sink_chunks + "
                              "model.window_chunks; docs/streaming.md)")
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
             r = stream_to_dir(args.checkpoint, args.prompt, frames=args.frames, switch_at=args.switch_at, seed=args.seed, out=args.out,
                               steps=args.steps, cfg_scale=args.cfg_scale, cache_layout=None if args.cache_layout is None else tuple(args.cache_layout))
-            print(f"{r['frames']} frames ({r['chunks']} chunks) -> {r['out']}/frames, {r['out']}/stream.gif")
-            print(f"latency to the first frame {r['first_frame_seconds'] * 1e3:.1f} ms; {r['fps']:.1f} frames per second (PNG writing included)")
+            print(f"{r['frames']} frames ({r['chunks']} chunks) -> {r['out']}/frames, {r['out']}/stream.mp4, {r['out']}/stream.gif")
+            print(f"latency to the first frame {r['first_frame_seconds'] * 1e3:.1f} ms; {r['fps']:.1f} frames per second (writing the files included)")
             return 0
         if args.verb == "export":
             from apt.export_lora import export_route

@@ -62,6 +62,9 @@ def test_stream_command_writes_frames_as_they_come_and_switches_prompts(stream_d
                  "--prompt", "a blue square moving up on a gray background", "--switch-at", "9", "--frames", "19", "--out", str(out)]) == 0
     assert sorted(p.name for p in (out / "frames").glob("*.png")) == [f"{i:06d}.png" for i in range(19)]
     assert (out / "stream.gif").exists()
+    from apt.eval.video_io import read_video
+
+    assert read_video(str(out / "stream.mp4")).shape[0] == 19  # written frame by frame as the PNGs
     printed = capsys.readouterr().out
     assert "latency to the first frame" in printed and "frames per second" in printed
     assert "19 frames (10 chunks)" in printed  # 2-frame chunks, counted across the prompt switch

@@ -7,6 +7,7 @@ import pytest
 
 from apt.eval.video_io import (
     VideoDecodeError,
+    VideoStreamWriter,
     iter_clips,
     iter_frames,
     read_png,
@@ -51,6 +52,30 @@ def test_write_accepts_torch_and_rejects_bad_input(tmp_path):
         write_video(str(tmp_path / "f.mp4"), smooth_clip().astype(np.float32))
     with pytest.raises(ValueError, match="even"):
         write_video(str(tmp_path / "o.mp4"), smooth_clip(H=31))
+
+
+def test_stream_writer_is_playable_while_it_grows(tmp_path):
+    """The streaming mp4: every frame reaches the file as it is written (a copy taken mid-stream decodes the frames
+    before it, as a player or a killed stream would see them), and the closed file holds them all."""
+    import shutil
+
+    clip, path = smooth_clip(T=12), tmp_path / "s" / "stream.mp4"
+    with VideoStreamWriter(path, fps=8) as video:
+        for t, frame in enumerate(clip):
+            video.write(frame)
+            if t == 5:
+                shutil.copy(path, tmp_path / "partial.mp4")
+    partial = read_video(str(tmp_path / "partial.mp4"))
+    assert 5 <= partial.shape[0] <= 6 and np.abs(partial.astype(int) - clip[: partial.shape[0]].astype(int)).mean() < 6
+    back = read_video(str(path))
+    assert back.shape == clip.shape and np.abs(back.astype(int) - clip.astype(int)).mean() < 6
+    assert video_info(str(path)).fps == 8.0
+    with pytest.raises(ValueError, match="even"):
+        VideoStreamWriter(tmp_path / "odd.mp4", fps=8).write(smooth_clip(T=1, H=31)[0])
+    with VideoStreamWriter(tmp_path / "sizes.mp4", fps=8) as video:
+        video.write(clip[0])
+        with pytest.raises(ValueError, match="frame 1 is 16x48, the video 32x48"):
+            video.write(smooth_clip(T=1, H=16)[0])
 
 
 def test_iter_clips_strided(tmp_path):
