@@ -79,6 +79,21 @@ def test_stream_command_writes_frames_as_they_come_and_switches_prompts(stream_d
     assert "cache layout (3, 3)" in capsys.readouterr().err
 
 
+def test_the_guides_api_example_runs(stream_demo, tmp_path, monkeypatch):
+    """docs/streaming.md's Python example, as printed, on the quick chain's run: 64 frames into an mp4."""
+    import re
+    from pathlib import Path
+
+    from apt.eval.video_io import read_video
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "streaming.md").read_text()
+    (example,) = re.findall(r"```python\n(from apt\.eval\.video_io import VideoStreamWriter\n.*?)```", guide, re.S)
+    assert '"runs/demo-stream/apt"' in example
+    monkeypatch.chdir(tmp_path)
+    exec(example.replace('"runs/demo-stream/apt"', repr(str(stream_demo / "apt"))), {})
+    assert read_video(str(tmp_path / "stream.mp4")).shape[0] == 64
+
+
 def test_teacher_forced_stages_train_on_clips_longer_than_the_cache(stream_demo, tmp_path):
     """Causal adaptation and distillation on 16-frame clips with the cache split 2 + 1 (4 chunks): one forward per clip
     in which every chunk sees what a stream shows it (``apt.models.dit.RollingViews``)."""
