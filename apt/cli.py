@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     stream.add_argument("--seed", type=int, default=0)
     stream.add_argument("--steps", type=int, default=None, help="Euler steps per chunk (default: 1, or flow.sample_steps for a causal teacher)")
     stream.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: 1, or flow.cfg_scale for a causal teacher)")
-    stream.add_argument("--out", default="stream", help="output directory (frames/NNNNNN.png and stream.mp4 as they come, stream.gif at the end)")
+    stream.add_argument("--out", default="stream", help="output directory (frames/NNNNNN.png and stream.mp4 as they come, stream.gif at the end "
+                                                        "for streams of at most 512 frames)")
+    stream.add_argument("--fps", type=float, default=8.0, help="playback rate of stream.mp4 and stream.gif")
     stream.add_argument("--cache-layout", type=int, nargs=2, metavar=("SINK", "WINDOW"), default=None,
                         help="split the rolling cache as SINK chunks + WINDOW chunks (same sum as the run's model.sink_chunks + "
                              "model.window_chunks; docs/streaming.md)")
@@ -118,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             from apt.sample import stream_to_dir
 
             r = stream_to_dir(args.checkpoint, args.prompt, frames=args.frames, switch_at=args.switch_at, seed=args.seed, out=args.out,
-                              steps=args.steps, cfg_scale=args.cfg_scale, cache_layout=None if args.cache_layout is None else tuple(args.cache_layout))
-            print(f"{r['frames']} frames ({r['chunks']} chunks) -> {r['out']}/frames, {r['out']}/stream.mp4, {r['out']}/stream.gif")
+                              steps=args.steps, cfg_scale=args.cfg_scale, fps=args.fps,
+                              cache_layout=None if args.cache_layout is None else tuple(args.cache_layout))
+            gif = r["gif"] or "no GIF past 512 frames"
+            print(f"{r['frames']} frames ({r['chunks']} chunks) -> {r['out']}/frames, {r['out']}/stream.mp4, {gif}")
             print(f"latency to the first frame {r['first_frame_seconds'] * 1e3:.1f} ms; {r['fps']:.1f} frames per second (writing the files included)")
             return 0
         if args.verb == "export":

@@ -49,18 +49,29 @@ def check_prompt_lengths(gen, prompts: list[str]) -> None:
                              "tokens and would ignore the rest: shorten it")
 
 
+GIF_MAX_FRAMES = 512
+"""``python -m apt stream`` writes stream.gif only up to this many frames (a GIF is held whole; the mp4 is not)."""
+
+
+def display_scale(height: int, width: int) -> int:
+    """Nearest-neighbour enlargement for viewing: toy frames (16 x 16) to about 128 pixels, real frames as they are."""
+    return max(1, 128 // max(height, width))
+
+
 def stream_to_dir(checkpoint: str, prompts: list[str], *, frames: int, switch_at: list[int], seed: int, out: str,
-                  steps: int | None = None, cfg_scale: float | None = None, scale: int = 8, cache_layout: tuple[int, int] | None = None) -> dict:
+                  steps: int | None = None, cfg_scale: float | None = None, scale: int | None = None, fps: float = 8.0,
+                  cache_layout: tuple[int, int] | None = None, progress_every: float = 10.0) -> dict:
     """``python -m apt stream``: stream a causal run's video chunk by chunk, writing every frame the moment it is decoded,
     as a PNG (``out/frames/000000.png``, ...) and into ``out/stream.mp4`` (a fragmented mp4, playable while it grows:
-    ``apt.eval.video_io.VideoStreamWriter``), and a GIF of the whole at the end. ``prompts[k + 1]`` takes over at frame
-    ``switch_at[k]`` (the cache is re-built under it: ``apt.streaming.StreamSession.set_prompt``). Returns the
-    timings: seconds to the first frame (after the model is loaded and the first prompt encoded, until the frame is
-    decoded), frames per second (writing included).
-    ``cache_layout``: split the rolling cache as (sink_chunks, window_chunks) (``apt.inference.load_generator``)."""
+    ``apt.eval.video_io.VideoStreamWriter``), and for streams of at most ``GIF_MAX_FRAMES`` frames a GIF of the whole at
+    the end (memory stays constant however long the stream). ``prompts[k + 1]`` takes over at frame ``switch_at[k]``
+    (the cache is re-built under it: ``apt.streaming.StreamSession.set_prompt``). Returns the timings: seconds to the
+    first frame (after the model is loaded and the first prompt encoded, until the frame is decoded), frames per second
+    (writing included). ``scale``: nearest-neighbour enlargement of the written frames (default ``display_scale``);
+    ``fps``: the playback rate of the mp4 and GIF; ``cache_layout``: split the rolling cache as (sink_chunks,
+    window_chunks) (``apt.inference.load_generator``). A line of progress (frames so far, their rate) every
+    ``progress_every`` seconds (0: none)."""
     import time
-
-    import numpy as np
 
     from apt.eval.video_io import VideoStreamWriter
     from apt.media import enlarge, save_animation, save_png
@@ -68,6 +79,8 @@ def stream_to_dir(checkpoint: str, prompts: list[str], *, frames: int, switch_at
 
     if frames < 1:
         raise ValueError(f"--frames must be >= 1, got {frames}")
+    if fps <= 0:
+        raise ValueError(f"--fps must be > 0, got {fps}")
     for i, p in enumerate(prompts):
         if not p.strip():
             raise ValueError(f"--prompt {i + 1} is empty")
@@ -77,22 +90,32 @@ def stream_to_dir(checkpoint: str, prompts: list[str], *, frames: int, switch_at
     session = StreamSession(gen, prompts[0], seed=seed, steps=steps, cfg_scale=cfg_scale)
     frame_dir = Path(out) / "frames"
     frame_dir.mkdir(parents=True, exist_ok=True)
-    written, switches, t0, first = [], list(zip(switch_at, prompts[1:])), time.perf_counter(), None
-    with VideoStreamWriter(Path(out) / "stream.mp4", fps=8) as video:
-        while len(written) < frames:
-            if switches and len(written) >= switches[0][0]:
+    gif = [] if frames <= GIF_MAX_FRAMES else None
+    made, shape, switches, t0, first = 0, None, list(zip(switch_at, prompts[1:])), time.perf_counter(), None
+    last_line = t0
+    with VideoStreamWriter(Path(out) / "stream.mp4", fps=fps) as video:
+        while made < frames:
+            if switches and made >= switches[0][0]:
                 session.set_prompt(switches.pop(0)[1])  # at the next chunk boundary at or after the asked frame
             chunk = session.next_chunk()[0]  # (3, t, H, W)
+            k = display_scale(*chunk.shape[2:]) if scale is None else scale
             for f in range(chunk.shape[1]):
-                if len(written) == frames:
+                if made == frames:
                     break
-                img = enlarge(((chunk[:, f].permute(1, 2, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy(), scale)
+                img = enlarge(((chunk[:, f].permute(1, 2, 0).float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy(), k)
                 if first is None:  # the frame is made; writing it (and opening the encoder) is not part of the latency
-                    first = time.perf_counter() - t0
-                save_png(img, frame_dir / f"{len(written):06d}.png")
+                    first, shape = time.perf_counter() - t0, list(img.shape)
+                save_png(img, frame_dir / f"{made:06d}.png")
                 video.write(img)
-                written.append(img)
+                if gif is not None:
+                    gif.append(img)
+                made += 1
+            now = time.perf_counter()
+            if progress_every and now - last_line >= progress_every:
+                print(f"[stream] {made}/{frames} frames, {made / (now - t0):.1f} frames per second", flush=True)
+                last_line = now
     seconds = time.perf_counter() - t0
-    save_animation(written, Path(out) / "stream.gif", fps=8)
-    return {"frames": len(written), "first_frame_seconds": first, "seconds": seconds, "fps": len(written) / seconds,
-            "chunks": session.chunks_made, "out": str(out), "frame_shape": list(np.shape(written[0]))}
+    if gif is not None:
+        save_animation(gif, Path(out) / "stream.gif", fps=fps)
+    return {"frames": made, "first_frame_seconds": first, "seconds": seconds, "fps": made / seconds, "chunks": session.chunks_made,
+            "out": str(out), "frame_shape": shape, "gif": None if gif is None else str(Path(out) / "stream.gif")}

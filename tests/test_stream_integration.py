@@ -79,6 +79,29 @@ def test_stream_command_writes_frames_as_they_come_and_switches_prompts(stream_d
     assert "cache layout (3, 3)" in capsys.readouterr().err
 
 
+def test_stream_to_dir_long_streams_progress_and_frame_size(stream_demo, tmp_path, monkeypatch, capsys):
+    """Past GIF_MAX_FRAMES no GIF is held (memory stays flat however long the stream), progress lines come every
+    progress_every seconds, the mp4 plays at --fps, and only small frames are enlarged for viewing."""
+    import apt.sample
+    from apt.eval.video_io import read_video, video_info
+    from apt.sample import display_scale, stream_to_dir
+
+    monkeypatch.setattr(apt.sample, "GIF_MAX_FRAMES", 6)
+    prompt = ["a red circle moving left on a black background"]
+    r = stream_to_dir(str(stream_demo / "apt"), prompt, frames=7, switch_at=[], seed=0, out=str(tmp_path / "a"), fps=12, progress_every=1e-9)
+    assert r["gif"] is None and not (tmp_path / "a" / "stream.gif").exists()
+    assert read_video(str(tmp_path / "a" / "stream.mp4")).shape[0] == 7 and video_info(str(tmp_path / "a" / "stream.mp4")).fps == 12.0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[stream]")]
+    assert len(lines) == 4 and lines[-1].startswith("[stream] 7/7 frames")  # one per 2-frame chunk
+    r = stream_to_dir(str(stream_demo / "apt"), prompt, frames=6, switch_at=[], seed=0, out=str(tmp_path / "b"), progress_every=0)
+    assert r["gif"] == str(tmp_path / "b" / "stream.gif") and (tmp_path / "b" / "stream.gif").exists()
+    assert "[stream]" not in capsys.readouterr().out
+    assert r["frame_shape"] == [128, 128, 3]  # 16 x 16 toy frames, enlarged 8x
+    assert (display_scale(16, 16), display_scale(480, 832), display_scale(60, 104)) == (8, 1, 1)
+    with pytest.raises(ValueError, match="--fps must be > 0"):
+        stream_to_dir(str(stream_demo / "apt"), prompt, frames=2, switch_at=[], seed=0, out=str(tmp_path / "c"), fps=0)
+
+
 def test_the_guides_api_example_runs(stream_demo, tmp_path, monkeypatch):
     """docs/streaming.md's Python example, as printed, on the quick chain's run: 64 frames into an mp4."""
     import re
