@@ -21,14 +21,25 @@ def enlarge(img_HWC: np.ndarray, scale: int) -> np.ndarray:
     return img_HWC.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else img_HWC
 
 
-def grid_image(clips_BTHWC: np.ndarray, *, scale: int = 4, pad: int = 2) -> np.ndarray:
-    """One row per clip, one column per frame, on a white background."""
+def display_scale(height: int, width: int, *, target: int = 64) -> int:
+    """Nearest-neighbour enlargement for viewing: small (toy) frames to about ``target`` pixels, real frames as they are."""
+    return max(1, target // max(height, width))
+
+
+SAMPLE_GRID_FRAMES = 8
+"""``save_samples``' grid shows at most this many frames of a clip, evenly spaced (its GIF shows them all)."""
+
+
+def grid_image(clips_BTHWC: np.ndarray, *, scale: int = 4, pad: int = 2, max_frames: int | None = None) -> np.ndarray:
+    """One row per clip, one column per frame (at most ``max_frames``, evenly spaced, first and last kept), on a white
+    background."""
     B, T, H, W, C = clips_BTHWC.shape
+    ts = np.linspace(0, T - 1, max_frames).round().astype(int) if max_frames and T > max_frames else np.arange(T)
     h, w = H * scale, W * scale
-    out = np.full((B * (h + pad) + pad, T * (w + pad) + pad, C), 255, np.uint8)
+    out = np.full((B * (h + pad) + pad, len(ts) * (w + pad) + pad, C), 255, np.uint8)
     for b in range(B):
-        for t in range(T):
-            y, x = pad + b * (h + pad), pad + t * (w + pad)
+        for col, t in enumerate(ts):
+            y, x = pad + b * (h + pad), pad + col * (w + pad)
             out[y : y + h, x : x + w] = enlarge(clips_BTHWC[b, t], scale)
     return out
 
@@ -68,12 +79,14 @@ def save_animation(frames_HWC: list[np.ndarray], path: str | Path, *, fps: int =
 
 
 def save_samples(x_BCTHW: torch.Tensor, stem: str | Path, *, fps: int = 8) -> list[Path]:
-    """Write ``stem.png`` (grid) and, for clips, ``stem.gif``; returns the paths written."""
+    """Write ``stem.png`` (grid, at most ``SAMPLE_GRID_FRAMES`` frames per clip) and, for clips, ``stem.gif``; small
+    frames are enlarged for viewing (``display_scale``), real ones kept at their size. Returns the paths written."""
     clips = to_uint8(x_BCTHW)
+    scale = display_scale(*clips.shape[2:4])
     stem = Path(stem)
     paths = [stem.with_suffix(".png")]
-    save_png(grid_image(clips), paths[0])
+    save_png(grid_image(clips, scale=scale, max_frames=SAMPLE_GRID_FRAMES), paths[0])
     if clips.shape[1] > 1:
         paths.append(stem.with_suffix(".gif"))
-        save_gif(clips, paths[1], fps=fps)
+        save_gif(clips, paths[1], fps=fps, scale=scale)
     return paths

@@ -53,11 +53,6 @@ GIF_MAX_FRAMES = 512
 """``python -m apt stream`` writes stream.gif only up to this many frames (a GIF is held whole; the mp4 is not)."""
 
 
-def display_scale(height: int, width: int) -> int:
-    """Nearest-neighbour enlargement for viewing: toy frames (16 x 16) to about 128 pixels, real frames as they are."""
-    return max(1, 128 // max(height, width))
-
-
 def stream_to_dir(checkpoint: str, prompts: list[str], *, frames: int, switch_at: list[int], seed: int, out: str,
                   steps: int | None = None, cfg_scale: float | None = None, scale: int | None = None, fps: float = 8.0,
                   cache_layout: tuple[int, int] | None = None, progress_every: float = 10.0) -> dict:
@@ -67,14 +62,15 @@ def stream_to_dir(checkpoint: str, prompts: list[str], *, frames: int, switch_at
     the end (memory stays constant however long the stream). ``prompts[k + 1]`` takes over at frame ``switch_at[k]``
     (the cache is re-built under it: ``apt.streaming.StreamSession.set_prompt``). Returns the timings: seconds to the
     first frame (after the model is loaded and the first prompt encoded, until the frame is decoded), frames per second
-    (writing included). ``scale``: nearest-neighbour enlargement of the written frames (default ``display_scale``);
+    (writing included). ``scale``: nearest-neighbour enlargement of the written frames (default: toy frames to about 128
+    pixels, real frames as they are, ``apt.media.display_scale``);
     ``fps``: the playback rate of the mp4 and GIF; ``cache_layout``: split the rolling cache as (sink_chunks,
     window_chunks) (``apt.inference.load_generator``). A line of progress (frames so far, their rate) every
     ``progress_every`` seconds (0: none)."""
     import time
 
     from apt.eval.video_io import VideoStreamWriter
-    from apt.media import enlarge, save_animation, save_png
+    from apt.media import display_scale, enlarge, save_animation, save_png
     from apt.streaming import StreamSession
 
     if frames < 1:
@@ -98,7 +94,7 @@ def stream_to_dir(checkpoint: str, prompts: list[str], *, frames: int, switch_at
             if switches and made >= switches[0][0]:
                 session.set_prompt(switches.pop(0)[1])  # at the next chunk boundary at or after the asked frame
             chunk = session.next_chunk()[0]  # (3, t, H, W)
-            k = display_scale(*chunk.shape[2:]) if scale is None else scale
+            k = display_scale(*chunk.shape[2:], target=128) if scale is None else scale
             for f in range(chunk.shape[1]):
                 if made == frames:
                     break

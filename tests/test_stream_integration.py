@@ -84,7 +84,8 @@ def test_stream_to_dir_long_streams_progress_and_frame_size(stream_demo, tmp_pat
     progress_every seconds, the mp4 plays at --fps, and only small frames are enlarged for viewing."""
     import apt.sample
     from apt.eval.video_io import read_video, video_info
-    from apt.sample import display_scale, stream_to_dir
+    from apt.media import display_scale
+    from apt.sample import stream_to_dir
 
     monkeypatch.setattr(apt.sample, "GIF_MAX_FRAMES", 6)
     prompt = ["a red circle moving left on a black background"]
@@ -97,7 +98,7 @@ def test_stream_to_dir_long_streams_progress_and_frame_size(stream_demo, tmp_pat
     assert r["gif"] == str(tmp_path / "b" / "stream.gif") and (tmp_path / "b" / "stream.gif").exists()
     assert "[stream]" not in capsys.readouterr().out
     assert r["frame_shape"] == [128, 128, 3]  # 16 x 16 toy frames, enlarged 8x
-    assert (display_scale(16, 16), display_scale(480, 832), display_scale(60, 104)) == (8, 1, 1)
+    assert (display_scale(16, 16, target=128), display_scale(480, 832, target=128), display_scale(60, 104, target=128)) == (8, 1, 1)
     with pytest.raises(ValueError, match="--fps must be > 0"):
         stream_to_dir(str(stream_demo / "apt"), prompt, frames=2, switch_at=[], seed=0, out=str(tmp_path / "c"), fps=0)
 
