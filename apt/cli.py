@@ -117,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(p)
             return 0
         if args.verb == "stream":
-            from apt.sample import stream_to_dir
+            from apt.sample import GIF_MAX_FRAMES, stream_to_dir
 
             r = stream_to_dir(args.checkpoint, args.prompt, frames=args.frames, switch_at=args.switch_at, seed=args.seed, out=args.out,
                               steps=args.steps, cfg_scale=args.cfg_scale, fps=args.fps,
                               cache_layout=None if args.cache_layout is None else tuple(args.cache_layout))
-            gif = r["gif"] or "no GIF past 512 frames"
+            gif = r["gif"] or f"no GIF past {GIF_MAX_FRAMES} frames"
             print(f"{r['frames']} frames ({r['chunks']} chunks) -> {r['out']}/frames, {r['out']}/stream.mp4, {gif}")
             print(f"latency to the first frame {r['first_frame_seconds'] * 1e3:.1f} ms; {r['fps']:.1f} frames per second (writing the files included)")
             return 0
