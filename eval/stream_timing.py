@@ -82,13 +82,13 @@ def measure(shape_name: str, device: torch.device, dtype: torch.dtype, *, window
     shape, (height, width) = SHAPES[shape_name]
     torch.manual_seed(0)
     latent = (16, height // 8, width // 8)
+    train_chunks = 1 + window + 1  # sink + window + 1: a full cache, the training-length clip timed whole below
+    if chunks <= train_chunks:  # before any model is built or timed
+        raise ValueError(f"--chunks must exceed the sink + window + 1 = {train_chunks} chunks of a full cache, got {chunks}")
     text = TextCond(torch.randn(1, text_tokens, shape.text_dim, device=device, dtype=dtype),
                     torch.ones(1, text_tokens, dtype=torch.bool, device=device))
-    whole_seconds = whole_clip_seconds(shape, latent, 1 + window + 1, text, device, dtype)
+    whole_seconds = whole_clip_seconds(shape, latent, train_chunks, text, device, dtype)
     net = build(replace(shape, causal_chunk_frames=1, sink_chunks=1, window_chunks=window), device, dtype)
-    train_chunks = net.config.max_chunks  # sink + window + 1: the training-length clip timed whole above
-    if chunks <= train_chunks:
-        raise ValueError(f"--chunks must exceed the sink + window + 1 = {train_chunks} chunks of a full cache, got {chunks}")
 
     def stream(n: int, per_chunk: list[float] | None = None) -> float:
         """Seconds to the first chunk of a new stream; per-chunk seconds appended to ``per_chunk``."""
