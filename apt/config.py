@@ -61,6 +61,10 @@ class ModelConfig:
     export rebuild the same network."""
     vae: str = ""
     """Local diffusers VAE directory (source=diffusers): decodes latent samples; data/encode_latents.py uses it."""
+    init: str = ""
+    """Stage teacher only: a checkpoint or run dir whose net_ema the network and its EMA start from, to fine-tune a
+    trained teacher (e.g. on another world's or longer clips); empty = the model's own init (random for the built-in
+    DiT). On resume the run's own checkpoint wins."""
     causal_chunk_frames: int = 0
     """Built-in DiT only. 0 = bidirectional (full attention); > 0 = causal streaming mode over chunks of this many
     frames (a multiple of the flavour's temporal patch): block-causal attention, the previous chunk recycled as
@@ -288,6 +292,12 @@ class StreamConfig:
     dmd_weight: float = 0.0
     """stream_apt: weight of distribution matching on the rollouts (DMD, as Self Forcing trains; ``apt.methods.dmd``)
     added to G's adversarial loss; 0 = off (AAPT). On one device, DDP, FSDP2 or ZeRO."""
+    dmd_teacher: str = ""
+    """stream_apt with DMD: the teacher of both scores. Empty = the causal teacher (``apt.teacher``), teacher-forced on
+    the rollout; a bidirectional checkpoint of the run's flavour (built-in DiT) = read in windows of ``window_frames``
+    overlapping by half a window, so a clip that changes midway lies inside a window that sees both sides (Self
+    Forcing's real score is its bidirectional base model; ``apt.methods.dmd.WholeClipWindows``). The fake score starts
+    as a copy of it."""
     dmd_cfg_scale: float = 3.0
     """stream_apt with DMD: the classifier-free guidance scale of the teacher's (real) score."""
     fake_score_steps: int = 2
@@ -524,6 +534,9 @@ def check_model(c: Config) -> None:
     from apt.models.registry import FLAVOURS
 
     need(c.model.source in MODEL_SOURCES, f"model.source must be one of {', '.join(MODEL_SOURCES)}, got '{c.model.source}'")
+    need(not c.model.init or c.stage == "teacher",
+         f"model.init={c.model.init} starts a teacher stage from a checkpoint; stage '{c.stage}' loads its networks from its own keys"
+         + (" (stream.init)" if c.stage == "stream_teacher" else ""))
     from apt.models.checkpointing import CHECKPOINT_POLICIES
 
     need(c.model.checkpoint_policy in CHECKPOINT_POLICIES,
@@ -720,6 +733,10 @@ def check_stream(c: Config) -> None:
     if s.dmd_weight > 0:
         key = f"stream.dmd_weight={s.dmd_weight}"
         need(c.stage == "stream_apt", f"{key}: distribution matching is an option of stage stream_apt, not '{c.stage}'")
+    if s.dmd_teacher:
+        key = f"stream.dmd_teacher={s.dmd_teacher}"
+        need(s.dmd_weight > 0, f"{key} is the teacher of distribution matching, which is off (stream.dmd_weight=0)")
+        need(c.model.source == "builtin", f"{key}: a bidirectional teacher of the built-in DiT; model.source is '{c.model.source}'")
     if c.stage == "stream_apt":
         window = s.window_frames or c.data.frames
         need(c.data.frames % window == 0, f"stream.window_frames={window} must divide data.frames={c.data.frames} (D judges whole windows)")

@@ -83,9 +83,11 @@ def check_paths(c: Config) -> None:
     from apt.models.factory import weights_available
 
     adversarial = [("apt.generator", c.apt.generator, ["generator_ema", "net_ema"]), ("apt.teacher", c.apt.teacher, ["net_ema"])]
-    needs = {"distill": [("distill.teacher", c.distill.teacher, ["net_ema"])], "apt": adversarial,
+    needs = {"teacher": [("model.init", c.model.init, ["net_ema"])] if c.model.init else [],
+             "distill": [("distill.teacher", c.distill.teacher, ["net_ema"])], "apt": adversarial,
              "stream_teacher": [("stream.init", c.stream.init, ["net_ema"])],
-             "stream_distill": [("distill.teacher", c.distill.teacher, ["net_ema"])], "stream_apt": adversarial}
+             "stream_distill": [("distill.teacher", c.distill.teacher, ["net_ema"])],
+             "stream_apt": adversarial + ([("stream.dmd_teacher", c.stream.dmd_teacher, ["net_ema"])] if c.stream.dmd_teacher else [])}
     for key, path, names in needs.get(c.stage, []):
         if not any(weights_available(c, path, n) for n in names):
             what = " or ".join(f"{n}.safetensors" for n in names)

@@ -45,6 +45,8 @@ def test_config_errors_name_the_key(override, message):
         ("stream_apt", ["stream.dmd_weight=-1"], "stream.dmd_weight must be >= 0 (0 = off), got -1"),
         ("stream_apt", ["stream.dmd_weight=1", "stream.fake_score_steps=0"], "stream.fake_score_steps must be positive, got 0"),
         ("stream_distill", ["stream.dmd_weight=1"], "distribution matching is an option of stage stream_apt, not 'stream_distill'"),
+        ("stream_apt", ["stream.dmd_weight=0", "stream.dmd_teacher=assets/demo_teacher"],
+         "stream.dmd_teacher=assets/demo_teacher is the teacher of distribution matching, which is off (stream.dmd_weight=0)"),
     ],
 )
 def test_distribution_matching_errors_name_the_key(recipe, overrides, message):
@@ -53,6 +55,18 @@ def test_distribution_matching_errors_name_the_key(recipe, overrides, message):
     for strategy in ("auto", "ddp", "fsdp2", "deepspeed_stage_2", "deepspeed_stage_3"):  # every strategy of the stage
         where = ["train.devices=2"] if strategy != "auto" else []
         load_config("recipes/demo/stream_apt.yaml", ["tiny"], ["stream.dmd_weight=1", f"train.strategy={strategy}", *where])
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, message",
+    [
+        ("distill", ["model.init=assets/demo_teacher"], "model.init=assets/demo_teacher starts a teacher stage from a checkpoint; stage 'distill'"),
+        ("stream_teacher", ["model.init=assets/demo_teacher"], "stage 'stream_teacher' loads its networks from its own keys (stream.init)"),
+    ],
+)
+def test_teacher_init_errors_name_the_key(recipe, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(f"recipes/demo/{recipe}.yaml", ["tiny"], overrides)
 
 
 def test_teacher_forced_stages_take_clips_longer_than_the_cache():

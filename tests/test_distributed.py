@@ -316,19 +316,31 @@ def single_stream_dmd_clean(tiny_causal_init, tmp_path_factory) -> dict:
     return apt_steps(tiny_causal_init, tmp_path_factory.mktemp("single_stream_dmd_clean") / "single.pt", "single", "--stage", "stream_apt", *DMD, *CLEAN)
 
 
-@pytest.mark.parametrize("mode, dmd, clean", [("deepspeed_stage_2", False, False), ("deepspeed_stage_3", False, False), ("fsdp2", False, False),
-                                              ("fsdp2", True, False), ("deepspeed_stage_2", True, False), ("deepspeed_stage_3", True, False),
-                                              ("fsdp2", True, True), ("deepspeed_stage_3", True, True)],
-                         ids=["zero2", "zero3", "fsdp2", "fsdp2+dmd", "zero2+dmd", "zero3+dmd", "fsdp2+dmd+clean", "zero3+dmd+clean"])
-def test_stream_apt_steps_on_two_ranks_match_one_process(mode, dmd, clean, request, tiny_causal_init, tmp_path):
+@pytest.fixture(scope="module")
+def single_stream_dmd_bidir(tiny_causal_init, tiny_init, tmp_path_factory) -> dict:
+    return apt_steps(tiny_causal_init, tmp_path_factory.mktemp("single_stream_dmd_bidir") / "single.pt", "single", "--stage", "stream_apt", *DMD,
+                     "--extra", f"stream.dmd_teacher={tiny_init}")
+
+
+@pytest.mark.parametrize("mode, dmd, variant", [("deepspeed_stage_2", False, ""), ("deepspeed_stage_3", False, ""), ("fsdp2", False, ""),
+                                                ("fsdp2", True, ""), ("deepspeed_stage_2", True, ""), ("deepspeed_stage_3", True, ""),
+                                                ("fsdp2", True, "clean"), ("deepspeed_stage_3", True, "clean"),
+                                                ("fsdp2", True, "bidir"), ("deepspeed_stage_3", True, "bidir")],
+                         ids=["zero2", "zero3", "fsdp2", "fsdp2+dmd", "zero2+dmd", "zero3+dmd", "fsdp2+dmd+clean", "zero3+dmd+clean",
+                              "fsdp2+dmd+bidir", "zero3+dmd+bidir"])
+def test_stream_apt_steps_on_two_ranks_match_one_process(mode, dmd, variant, request, tiny_causal_init, tiny_init, tmp_path):
     """The streaming stage (16-frame student-forcing rollouts, D streamed over them, relativistic loss + aR1 + aR2;
     with ``dmd``, plus distribution matching: the fake score sharded like D under FSDP2, a third engine under ZeRO, the
-    frozen teacher whole; with ``clean``, every network with the clean key/value cache), global batch 4: one process vs 2 ranks x 2 samples, 3 iterations, same tolerances as the APT stage."""
+    frozen teacher whole; with ``clean``, every network with the clean key/value cache; with ``bidir``, the scores of a
+    bidirectional teacher read in windows, ``stream.dmd_teacher``), global batch 4: one process vs 2 ranks x 2 samples,
+    3 iterations, same tolerances as the APT stage."""
     if mode.startswith("deepspeed"):
         request.getfixturevalue("deepspeed_comm_op")
-    one = request.getfixturevalue("single_stream_dmd_clean" if clean else "single_stream_dmd" if dmd else "single_stream")
+    one = request.getfixturevalue({"clean": "single_stream_dmd_clean", "bidir": "single_stream_dmd_bidir"}.get(variant)
+                                  or ("single_stream_dmd" if dmd else "single_stream"))
     single = {k: [dict(h) for h in v] if k == "history" else v for k, v in one.items()}  # the loop below pops keys
-    sharded = apt_steps(tiny_causal_init, tmp_path / "sharded.pt", mode, "--stage", "stream_apt", *(DMD if dmd else ()), *(CLEAN if clean else ()), nproc=2)
+    extra = {"clean": CLEAN, "bidir": ("--extra", f"stream.dmd_teacher={tiny_init}")}.get(variant, ())
+    sharded = apt_steps(tiny_causal_init, tmp_path / "sharded.pt", mode, "--stage", "stream_apt", *(DMD if dmd else ()), *extra, nproc=2)
     assert sharded["g_updates"] == single["g_updates"] == 2
     assert "r2" in single["history"][-1]
     assert ("loss_dmd" in single["history"][-1] and "loss_fake_score" in single["history"][-1]) == dmd

@@ -44,6 +44,34 @@ def test_teacher_resume_continues_identically(toy_shards, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_teacher_stage_starts_from_a_checkpoint(toy_shards, tmp_path, capsys):
+    """model.init: the teacher stage fine-tunes a trained network (its net and EMA start from that net_ema); a missing
+    init is refused before any work, a causal one by name when the network is built."""
+    from apt.config import load_config
+    from apt.lit.teacher import TeacherModule
+    from tests.conftest import write_tiny_init
+
+    (tmp_path / "init").mkdir(), (tmp_path / "causal").mkdir()
+    init_dir = write_tiny_init(tmp_path / "init")  # weights moved 0.05 off the DiT's own init
+    init = load_file(str(init_dir / "net_ema.safetensors"))
+    module = TeacherModule(load_config("recipes/demo/teacher.yaml", ["tiny"], [f"model.init={init_dir}"]))
+    for net in (module.net, module.net_ema):
+        state = net.state_dict()
+        assert state.keys() == init.keys() and all(torch.equal(state[k], init[k]) for k in init)
+    scratch = TeacherModule(load_config("recipes/demo/teacher.yaml", ["tiny"], [])).net.state_dict()
+    assert max((scratch[k] - init[k]).abs().max().item() for k in init) > 0.1
+    video = [f"data.image_shards={toy_shards['image']}", "train.max_steps=1"]
+    run = tmp_path / "tuned"
+    assert main(fit_args("recipes/demo/teacher.yaml", run, toy_shards["video"], *video, f"model.init={init_dir}")) == 0
+    tuned = load_file(str(latest_checkpoint(run) / "net.safetensors"))
+    assert 0 < max((tuned[k] - init[k]).abs().max().item() for k in init) < 0.01  # one warm-up step away from the init
+    assert main(fit_args("recipes/demo/teacher.yaml", tmp_path / "missing", toy_shards["video"], *video, f"model.init={tmp_path / 'nowhere'}")) == 2
+    assert f"model.init: no weights at {tmp_path / 'nowhere'}" in capsys.readouterr().err
+    causal = write_tiny_init(tmp_path / "causal", causal_chunk_frames=2, sink_chunks=1, window_chunks=2)
+    with pytest.raises(ValueError, match=r"weights net_ema in .*causal do not fit model flavour 'tiny'"):
+        TeacherModule(load_config("recipes/demo/teacher.yaml", ["tiny"], [f"model.init={causal}"]))
+
+
 def test_teacher_accumulates_micro_batches_and_clips(toy_shards, tmp_path):
     """train.accumulate_grad_batches=2: each optimiser step consumes two batches (the checkpoint's data position
     says so); optim.grad_clip reaches Lightning's clipping (a tiny clip moves the weights less than none)."""

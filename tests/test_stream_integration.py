@@ -41,6 +41,15 @@ def test_stream_demo_quick_writes_the_report(stream_demo):
     for stage in ("teacher", "distill", "apt"):
         assert latest_checkpoint(stream_demo / stage) is not None
     assert (latest_checkpoint(stream_demo / "apt") / "discriminator.safetensors").exists()
+    # the free-colour world's distribution matching scores with a bidirectional teacher (--quick: its own tiny one)
+    from safetensors.torch import load_file
+
+    from apt.config import config_from_yaml
+
+    assert config_from_yaml(stream_demo / "apt" / "config.yaml").stream.dmd_teacher == str(stream_demo / "bidirectional")
+    fake = load_file(str(latest_checkpoint(stream_demo / "apt") / "fake_score.safetensors"))
+    assert fake.keys() == load_file(str(latest_checkpoint(stream_demo / "bidirectional") / "net_ema.safetensors")).keys()
+    assert not any(k.startswith("recycle_embed") for k in fake)  # a bidirectional DiT, not the causal teacher
 
 
 def test_a_run_streams_with_another_split_of_its_cache(stream_demo):
@@ -158,9 +167,11 @@ def test_step_profile_times_the_parts_of_an_iteration(stream_demo, tmp_path):
     assert streaming.StudentForcing.__call__ is rollout  # unwrapped after the fit
 
 
-def test_stream_apt_with_distribution_matching_resumes_identically(stream_demo, tmp_path):
+@pytest.mark.parametrize("scores", ["causal", "bidirectional"])
+def test_stream_apt_with_distribution_matching_resumes_identically(scores, stream_demo, tmp_path):
     """stream.dmd_weight > 0: the fake score is saved (the frozen teacher is not) and a resumed run continues exactly,
-    the fake score's weights and optimiser included."""
+    the fake score's weights and optimiser included; with the causal teacher's scores or a bidirectional teacher's
+    (``stream.dmd_teacher``)."""
     from safetensors.torch import load_file
 
     from apt.toy.stream_demo import ensure_long_shards
@@ -169,6 +180,8 @@ def test_stream_apt_with_distribution_matching_resumes_identically(stream_demo, 
     shards = ensure_long_shards(True, ("rollout",))["rollout"]
     common = ["fit", "recipes/demo/stream_apt.yaml", "tiny", f"data.shards={shards}", f"apt.generator={stream_demo / 'distill'}",
               f"apt.teacher={stream_demo / 'teacher'}", "apt.d_warmup_steps=1", "stream.dmd_weight=1.0"]
+    if scores == "bidirectional":
+        common.append(f"stream.dmd_teacher={stream_demo / 'bidirectional'}")
     full, part = tmp_path / "full", tmp_path / "part"
     assert main([*common, f"run_dir={full}", "train.max_steps=3"]) == 0
     assert main([*common, f"run_dir={part}", "train.max_steps=2"]) == 0
@@ -181,6 +194,22 @@ def test_stream_apt_with_distribution_matching_resumes_identically(stream_demo, 
     for name in ("generator", "generator_ema", "discriminator", "fake_score"):
         wa, wb = load_file(str(last / f"{name}.safetensors")), load_file(str(latest_checkpoint(part) / f"{name}.safetensors"))
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_distribution_matching_teacher_is_refused_clearly(stream_demo, tmp_path, capsys):
+    """stream.dmd_teacher: a missing path is refused before any work, a causal checkpoint by name."""
+    from apt.config import load_config
+    from apt.lit.stream import StreamAptModule
+    from apt.toy.stream_demo import ensure_long_shards
+
+    shards = ensure_long_shards(True, ("rollout",))["rollout"]
+    common = ["recipes/demo/stream_apt.yaml", "tiny", f"data.shards={shards}", f"apt.generator={stream_demo / 'distill'}",
+              f"apt.teacher={stream_demo / 'teacher'}", "apt.d_warmup_steps=1"]
+    assert main(["fit", *common, f"run_dir={tmp_path / 'run'}", f"stream.dmd_teacher={tmp_path / 'nowhere'}"]) == 2
+    assert f"stream.dmd_teacher: no weights at {tmp_path / 'nowhere'}" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ValueError, match=r"net_ema in .*teacher are a causal model .* a bidirectional checkpoint is needed here"):
+        StreamAptModule(load_config(common[0], ["tiny"], [*common[2:], f"stream.dmd_teacher={stream_demo / 'teacher'}"]))
 
 
 def test_session_prompt_switch_rebuilds_the_cache(stream_demo):

@@ -176,6 +176,11 @@ def test_stream_demo_refuses_a_folder_trained_on_another_world(tmp_path):
     check_folder_world(tmp_path, "runs/data/toy-free-16f", "free-shape")
     with pytest.raises(ValueError, match=r"toy-free-16f, not on the free-colour world's runs/data/toy-freecol-16f"):
         check_folder_world(tmp_path, "runs/data/toy-freecol-16f", "free-colour")
+    # the same world with other distribution-matching scores (the causal teacher's here)
+    with pytest.raises(ValueError, match=r"distribution matching used the causal teacher, not assets/bidir"):
+        check_folder_world(tmp_path, "runs/data/toy-free-16f", "free-shape", "assets/bidir")
+    (tmp_path / "apt" / "config.yaml").write_text("stage: stream_apt\ndata:\n  shards: runs/data/toy-free-16f\nstream:\n  dmd_teacher: assets/bidir\n")
+    check_folder_world(tmp_path, "runs/data/toy-free-16f", "free-shape", "assets/bidir")
 
 
 def test_stream_demo_picks_the_checkpoint_by_validation_accuracy_at_4x(monkeypatch):

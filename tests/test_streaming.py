@@ -14,7 +14,7 @@ from apt.config import AptConfig
 from apt.ema import ema_update
 from apt.losses import d_loss_relativistic, g_loss_relativistic
 from apt.methods.apt import AptProgress, SampleNoise, apt_step
-from apt.methods.dmd import DistributionMatching, dmd_loss
+from apt.methods.dmd import DistributionMatching, WholeClipWindows, dmd_loss
 from apt.methods.streaming import (
     ChunkDiscriminator,
     StudentForcing,
@@ -284,13 +284,46 @@ def test_dmd_loss_gradient_is_the_normalised_score_difference():
     assert x.grad.abs().max() == 0
 
 
-def test_apt_step_with_distribution_matching_trains_g_and_the_fake_score_not_the_teacher():
+def bidirectional_tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    net = build_dit("tiny")
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return net
+
+
+def test_whole_clip_windows_average_the_overlapping_windows_of_a_bidirectional_net():
+    net, read = bidirectional_tiny().eval(), WholeClipWindows(8)
+    assert read.starts(16) == [0, 4, 8] and read.starts(8) == [0] and read.starts(10) == [0, 2]  # the last window ends the clip
+    x_t, text, t = torch.randn(2, 3, 16, 16, 16), random_text(2, 4, 32), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        out = read(net, x_t, t, text, torch.zeros_like(x_t))
+        a, b, c = (net(x_t[:, :, s : s + 8], t, text) for s in (0, 4, 8))
+        torch.testing.assert_close(read(net, x_t[:, :, :8], t, text, x_t[:, :, :8]), a, rtol=0, atol=1e-6)  # one window: the whole clip
+    torch.testing.assert_close(out[:, :, :4], a[:, :, :4], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[:, :, 4:8], (a[:, :, 4:] + b[:, :, :4]) / 2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[:, :, 8:12], (b[:, :, 4:] + c[:, :, :4]) / 2, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[:, :, 12:], c[:, :, 4:], rtol=0, atol=1e-6)
+    later = x_t.clone()
+    later[:, :, 12:] += 1.0  # frames 12-15 lie in the last window only: the first window's frames cannot see them
+    with torch.no_grad():
+        changed = read(net, later, t, text, torch.zeros_like(x_t))
+    torch.testing.assert_close(changed[:, :, :4], out[:, :, :4], rtol=0, atol=1e-6)
+    assert (changed[:, :, 8:12] - out[:, :, 8:12]).abs().max() > 1e-3  # the window 8-15 sees them
+    with pytest.raises(ValueError, match="a rollout of 6 frames is shorter than the score's 8-frame window"):
+        read(net, x_t[:, :, :6], t, text, x_t[:, :, :6])
+
+
+@pytest.mark.parametrize("scores", ["causal", "bidirectional"])
+def test_apt_step_with_distribution_matching_trains_g_and_the_fake_score_not_the_teacher(scores):
     G, (D, a) = causal_tiny(), chunk_d(window_frames=8)
     a.gan_loss, a.d_warmup_steps = "relativistic", 0
-    teacher, fake = causal_tiny(3).requires_grad_(False), causal_tiny(3)
+    teacher_net = causal_tiny if scores == "causal" else bidirectional_tiny
+    teacher, fake = teacher_net(3).requires_grad_(False), teacher_net(3)
+    read = {} if scores == "causal" else {"read": WholeClipWindows(8)}
     before = {n: copy.deepcopy(m.state_dict()) for n, m in (("G", G), ("teacher", teacher), ("fake", fake))}
     dmd = DistributionMatching(teacher, fake, OptimizerUpdate(torch.optim.Adam(fake.parameters(), lr=1e-3), fake), weight=1.0,
-                               cfg_scale=3.0, fake_steps=2, negative=lambda n: random_text(n, 4, 32))
+                               cfg_scale=3.0, fake_steps=2, negative=lambda n: random_text(n, 4, 32), **read)
     x, text = torch.randn(2, 3, 16, 16, 16), random_text(2, 4, 32)
     metrics = apt_step(G, D, [(x, text)], update_g=OptimizerUpdate(torch.optim.Adam(G.parameters(), lr=1e-3), G),
                        update_d=OptimizerUpdate(torch.optim.Adam(D.parameters(), lr=1e-3), D), update_ema=lambda d: None, a=a,

@@ -19,9 +19,9 @@ from apt.lit.distill import DistillModule
 from apt.lit.teacher import TeacherModule
 from apt.methods.apt import make_optimizer
 from apt.methods.consistency import consistency_loss
-from apt.methods.dmd import DistributionMatching
+from apt.methods.dmd import DistributionMatching, WholeClipWindows
 from apt.methods.flow_matching import teacher_loss
-from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced
+from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced, teacher_forced_stream
 from apt.methods.update import NetUpdate, OptimizerUpdate
 from apt.models import factory
 
@@ -54,16 +54,24 @@ class StreamDistillModule(DistillModule):
 class StreamAptModule(AptModule):
     """Adversarial training with student forcing: G rolls out as at inference; D (from the causal teacher) gives one
     logit per chunk on windows of ``stream.window_frames``. With ``stream.dmd_weight`` > 0, distribution matching on
-    the rollouts is added to G's loss (``apt.methods.dmd``): the frozen causal teacher (``teacher``, not saved) and a
-    fake score (``fake_score``, saved and resumed with its optimiser) are held too."""
+    the rollouts is added to G's loss (``apt.methods.dmd``): its frozen teacher (``teacher``, not saved: the causal
+    ``apt.teacher``, or the bidirectional ``stream.dmd_teacher``) and a fake score (``fake_score``, a copy of it, saved
+    and resumed with its optimiser) are held too."""
 
     def __init__(self, config: Config):
         super().__init__(config)
         s = config.stream
         self.make_fakes = StudentForcing(grad_chunks=s.grad_chunks, detach_context=s.detach_context)
         if s.dmd_weight > 0:
-            self.teacher = self.frozen_copy(self.load_backbone(config.apt.teacher, "net_ema"))
-            self.fake_score = self.load_backbone(config.apt.teacher, "net_ema")
+            self.teacher = self.frozen_copy(self.load_score_teacher())
+            self.fake_score = self.load_score_teacher()
+
+    def load_score_teacher(self):
+        """Distribution matching's teacher: ``stream.dmd_teacher`` (bidirectional), else the causal ``apt.teacher``."""
+        path = self.config.stream.dmd_teacher
+        if path:
+            return factory.load_bidirectional(self.config, path, "net_ema", text_dim=self.text_encoder.dim)
+        return self.load_backbone(self.config.apt.teacher, "net_ema")
 
     def training_step(self, batch, batch_idx):
         if self.config.stream.dmd_weight > 0 and self.extra is None:  # the third optimiser is the fake score's
@@ -81,8 +89,9 @@ class StreamAptModule(AptModule):
                 negatives[n] = self.encode([self.config.flow.negative_prompt] * n, allow_empty=True)
             return negatives[n]
 
+        read = WholeClipWindows(s.window_frames or self.config.data.frames) if s.dmd_teacher else teacher_forced_stream
         return DistributionMatching(self.teacher, self.fake_score, update_fake, weight=s.dmd_weight, cfg_scale=s.dmd_cfg_scale,
-                                    fake_steps=s.fake_score_steps, negative=negative)
+                                    fake_steps=s.fake_score_steps, negative=negative, read=read)
 
     def trainer_max_steps(self) -> int:
         s, a = self.config.stream, self.config.apt

@@ -1,5 +1,5 @@
-"""Stage 0 (embedded demo only) under Lightning: holds the teacher network and its EMA; the loss is
-``apt.methods.flow_matching.teacher_loss``."""
+"""Stage 0 (embedded demo only) under Lightning: holds the teacher network and its EMA, from scratch or from a trained
+teacher (``model.init``); the loss is ``apt.methods.flow_matching.teacher_loss``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ class TeacherModule(EmaNetModule):
         super().__init__(config)
         self.net = self.build_backbone()
         self.net_ema = self.frozen_copy(self.net)
+
+    def build_backbone(self):
+        """The model's own init, or the EMA weights of ``model.init`` (fine-tuning a trained teacher)."""
+        init = self.config.model.init
+        return self.load_backbone(init, "net_ema") if init else super().build_backbone()
 
     def part_loss(self, batch: dict) -> torch.Tensor:
         c = self.config

@@ -20,6 +20,7 @@ base (``lora.base`` of its config.yaml) + adapters, merged into a plain network.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -214,6 +215,19 @@ def weights_available(config: Config, path: str, name: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def load_bidirectional(config: Config, path: str, name: str, *, text_dim: int) -> nn.Module:
+    """The run's built-in DiT flavour in bidirectional mode (whatever ``model.causal_chunk_frames``) with weights ``name``
+    of a bidirectional checkpoint at ``path`` (e.g. a causal run's distribution-matching teacher); a causal
+    checkpoint is refused by name."""
+    bidirectional = copy.deepcopy(config)
+    bidirectional.model.causal_chunk_frames = 0
+    saved_yaml = resolve_weights_dir(path, name) / "config.yaml"
+    if saved_yaml.exists() and config_from_yaml(saved_yaml).model.causal_chunk_frames:
+        raise ValueError(f"weights {name} in {path} are a causal model (model.causal_chunk_frames > 0 in its config.yaml); "
+                         "a bidirectional checkpoint is needed here")
+    return load_backbone(bidirectional, path, name, text_dim=text_dim)
 
 
 def load_causal_from_bidirectional(config: Config, path: str, name: str, *, text_dim: int) -> nn.Module:
