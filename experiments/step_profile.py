@@ -7,7 +7,7 @@
 
 Runs ``python -m apt fit RECIPE OVERRIDES...`` in this process with timers around the parts of an iteration: the whole
 ``apt_step``, G's rollouts (student forcing), D's forwards, the teacher-forced streams of distribution matching (real
-and fake scores, fake-score training), every backward and every optimiser step. Parts nest (``apt_step`` holds the
+and fake scores, fake-score training; or their whole-clip windows with a bidirectional ``stream.dmd_teacher``), every backward and every optimiser step. Parts nest (``apt_step`` holds the
 others), so they do not add up. Prints seconds and calls per part. To compare two versions of the code, run it twice
 back to back, alone on the machine, the other one with ``PYTHONPATH=<its checkout>``.
 """
@@ -28,6 +28,7 @@ PARTS = [  # (owner, attribute, label)
     (streaming.StudentForcing, "__call__", "rollout"),
     (streaming.ChunkDiscriminator, "forward", "D forward"),
     (dmd, "teacher_forced_stream", "teacher-forced streams (DMD)"),
+    (dmd.WholeClipWindows, "__call__", "whole-clip windows (DMD, stream.dmd_teacher)"),
     (update.OptimizerUpdate, "backward", "backward"),
     (update.OptimizerUpdate, "step", "optimiser step"),
 ]

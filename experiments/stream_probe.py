@@ -7,6 +7,7 @@
     python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --weights generator  # raw G, not EMA
     python experiments/stream_probe.py drift assets/demo_stream_colour_distilled --cache-layout 2 1  # another split of its cache
     python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --split report -n 2048  # the report's draw
+    # (its prompts, seeds and 128-frame videos: the first 512 are the demo table's)
     python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --starts 0 2 4 8 16 24  # where it falls
     python experiments/stream_probe.py drift runs/demo-stream/apt/checkpoints/step-000100 --first-steps 4  # a sharper first chunk
     python experiments/stream_probe.py drift assets/demo_stream_colour_teacher --cache-layout 3 0 --steps 25 --cfg 3  # the teacher
@@ -77,12 +78,16 @@ def drift(checkpoints: list[str], n: int, weights: str | None = None, cache_layo
           split: str = "validation", steps: int = 1, cfg: float = 1.0, starts: tuple[int, ...] = (0, 24),
           first_steps: int = 1) -> list[dict]:
     from apt.toy.stream_demo import VALIDATION_DRAW, validation_windows
-    from apt.toy.stream_report import REAL_SEED, REPORT_NOISE_SEED, REPORT_PROMPT_SEED
+    from apt.toy.stream_report import LENGTHS, REAL_SEED, REPORT_NOISE_SEED, REPORT_PROMPT_SEED
 
     draw = VALIDATION_DRAW if split == "validation" else (REPORT_PROMPT_SEED, REPORT_NOISE_SEED, REAL_SEED)
+    # The report's draw is its videos: a seed's noise depends on the video's length, so they are made as long as the
+    # report's (16x); the first 512 then give the demo table's windows.
+    frames = max(LENGTHS) * 8 if split == "report" else None
     with first_chunk_with_steps(first_steps) if first_steps != 1 else contextlib.nullcontext():
         scored = validation_windows(checkpoints, train_frames=8, n=n, classifier_path=CLASSIFIER, world="free-colour",
-                                    starts=list(starts), weights=weights, cache_layout=cache_layout, draw=draw, steps=steps, cfg_scale=cfg)
+                                    starts=list(starts), weights=weights, cache_layout=cache_layout, draw=draw, steps=steps, cfg_scale=cfg,
+                                    frames=frames)
     out = []
     for ckpt, windows in zip(checkpoints, scored):
         print(ckpt, split, " | ".join(f"frames {w['first_frame']}-{w['first_frame'] + 7}: distance {w['distance']:.1f}, accuracy "

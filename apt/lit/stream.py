@@ -21,7 +21,7 @@ from apt.methods.apt import make_optimizer
 from apt.methods.consistency import consistency_loss
 from apt.methods.dmd import DistributionMatching, WholeClipWindows
 from apt.methods.flow_matching import teacher_loss
-from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced, teacher_forced_stream
+from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced
 from apt.methods.update import NetUpdate, OptimizerUpdate
 from apt.models import factory
 
@@ -89,7 +89,7 @@ class StreamAptModule(AptModule):
                 negatives[n] = self.encode([self.config.flow.negative_prompt] * n, allow_empty=True)
             return negatives[n]
 
-        read = WholeClipWindows(s.window_frames or self.config.data.frames) if s.dmd_teacher else teacher_forced_stream
+        read = WholeClipWindows(s.window_frames or self.config.data.frames) if s.dmd_teacher else None  # None: teacher-forced
         return DistributionMatching(self.teacher, self.fake_score, update_fake, weight=s.dmd_weight, cfg_scale=s.dmd_cfg_scale,
                                     fake_steps=s.fake_score_steps, negative=negative, read=read)
 

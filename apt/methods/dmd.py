@@ -81,9 +81,10 @@ def _bcast(t_B: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def dmd_loss(x: torch.Tensor, real: nn.Module, fake: nn.Module, text: TextCond, negative: TextCond | None, *, cfg_scale: float,
-             t_B: torch.Tensor, eps: torch.Tensor, read: ReadScore = teacher_forced_stream) -> torch.Tensor:
+             t_B: torch.Tensor, eps: torch.Tensor, read: ReadScore | None = None) -> torch.Tensor:
     """1/2 || x - sg(x - g) ||^2 (mean over elements): its gradient in x is the normalised score difference g; both
-    scores read the noised rollout through ``read``."""
+    scores read the noised rollout through ``read`` (None: teacher-forced, ``teacher_forced_stream``)."""
+    read = read or teacher_forced_stream
     with torch.no_grad():
         x_clean = x.detach()
         x_t = add_noise(x_clean, eps, t_B)
@@ -102,8 +103,9 @@ def dmd_loss(x: torch.Tensor, real: nn.Module, fake: nn.Module, text: TextCond, 
 
 
 def fake_score_loss(fake: nn.Module, x: torch.Tensor, text: TextCond, *, t_B: torch.Tensor, eps: torch.Tensor,
-                    read: ReadScore = teacher_forced_stream) -> torch.Tensor:
-    """Flow matching of the fake score on G's (detached) rollouts, read through ``read``."""
+                    read: ReadScore | None = None) -> torch.Tensor:
+    """Flow matching of the fake score on G's (detached) rollouts, read through ``read`` (None: teacher-forced)."""
+    read = read or teacher_forced_stream
     x = x.detach()
     v = read(fake, add_noise(x, eps, t_B), t_B, text, x)
     return ((v - (eps - x)) ** 2).mean()
@@ -116,13 +118,13 @@ def uniform_t(noise: SampleNoise, device) -> torch.Tensor:
 
 class DistributionMatching:
     """The DMD term of one streaming run (an ``apt.methods.apt.ExtraGLoss``): the frozen teacher (real score), the
-    trained fake score and its update, and how both read a rollout (``read``: teacher-forced for a causal teacher,
-    ``WholeClipWindows`` for a bidirectional one). Its metrics: ``loss_fake_score`` and ``loss_dmd`` (weighted)."""
+    trained fake score and its update, and how both read a rollout (``read``: None, teacher-forced, for a causal
+    teacher; ``WholeClipWindows`` for a bidirectional one). Its metrics: ``loss_fake_score`` and ``loss_dmd`` (weighted)."""
 
     name = "dmd"
 
     def __init__(self, real: nn.Module, fake: nn.Module, update_fake: NetUpdate, *, weight: float, cfg_scale: float, fake_steps: int,
-                 negative: Callable[[int], TextCond], read: ReadScore = teacher_forced_stream):
+                 negative: Callable[[int], TextCond], read: ReadScore | None = None):
         self.real, self.fake, self.update_fake, self.read = real, fake, update_fake, read
         self.weight, self.cfg_scale, self.fake_steps, self.negative = weight, cfg_scale, fake_steps, negative
 

@@ -75,12 +75,14 @@ def validation_split(n: int, *, train_frames: int, world: str = DEFAULT_WORLD, d
 
 def validation_windows(candidates: list, *, train_frames: int, n: int, classifier_path: str, world: str = DEFAULT_WORLD,
                        starts: list[int], weights: str | None = None, cache_layout: tuple[int, int] | None = None,
-                       draw: tuple[int, int, int] = VALIDATION_DRAW, steps: int = 1, cfg_scale: float = 1.0) -> list[list[dict]]:
+                       draw: tuple[int, int, int] = VALIDATION_DRAW, steps: int = 1, cfg_scale: float = 1.0,
+                       frames: int | None = None) -> list[list[dict]]:
     """``window_metrics`` of each candidate's videos on the validation split (prompts and seeds disjoint from the
     report's), 4x the training length or as long as the last window of ``starts`` needs, for the windows starting
     there; ``weights``: which of a checkpoint's weight files (None = the product, e.g. generator_ema); ``cache_layout``:
     stream with another (sink, window) split (``apt.inference.load_generator``); ``draw``: another split's seeds (a probe's; e.g. the report's); ``steps`` and
-    ``cfg_scale``: the sampler (one step, no guidance for a one-step generator; e.g. 25 and 3 for the causal teacher)."""
+    ``cfg_scale``: the sampler (one step, no guidance for a one-step generator; e.g. 25 and 3 for the causal teacher);
+    ``frames``: the videos' length (a seed's noise depends on it: the report's windows come from its 16x-long videos)."""
     from apt.inference import load_generator
     from apt.toy.classifier import load_toy_classifier
     from apt.toy.drift import long_real_stats, window_metrics
@@ -89,7 +91,7 @@ def validation_windows(candidates: list, *, train_frames: int, n: int, classifie
     classifier = load_toy_classifier(classifier_path)
     real = long_real_stats(classifier, frames=train_frames, n=n, seed=draw[2])
     prompts, seeds = validation_split(n, train_frames=train_frames, world=world, draw=draw)
-    out, frames = [], max(4 * train_frames, max(starts) + train_frames)
+    out, frames = [], frames or max(4 * train_frames, max(starts) + train_frames)
     for ckpt in candidates:
         x = generate_videos(load_generator(ckpt, weights=weights, cache_layout=cache_layout), prompts, seeds, frames=frames, steps=steps,
                             cfg_scale=cfg_scale, batch=128)
