@@ -91,8 +91,7 @@ def dmd_loss(x: torch.Tensor, real: nn.Module, fake: nn.Module, text: TextCond, 
         if negative is None or cfg_scale == 1.0:
             v_real = read(real, x_t, t_B, text, x_clean)
         else:
-            both = read(real, torch.cat([x_t, x_t]), torch.cat([t_B, t_B]), TextCond.cat([text, negative]),
-                                         torch.cat([x_clean, x_clean]))
+            both = read(real, torch.cat([x_t, x_t]), torch.cat([t_B, t_B]), TextCond.cat([text, negative]), torch.cat([x_clean, x_clean]))
             v_cond, v_neg = both.chunk(2)
             v_real = v_neg + cfg_scale * (v_cond - v_neg)
         v_fake = read(fake, x_t, t_B, text, x_clean)
