@@ -76,14 +76,17 @@ def first_chunk_with_steps(first_steps: int):
 
 def drift(checkpoints: list[str], n: int, weights: str | None = None, cache_layout: tuple[int, int] | None = None,
           split: str = "validation", steps: int = 1, cfg: float = 1.0, starts: tuple[int, ...] = (0, 24),
-          first_steps: int = 1) -> list[dict]:
+          first_steps: int = 1, frames: int | None = None) -> list[dict]:
     from apt.toy.stream_demo import VALIDATION_DRAW, validation_windows
     from apt.toy.stream_report import LENGTHS, REAL_SEED, REPORT_NOISE_SEED, REPORT_PROMPT_SEED
 
     draw = VALIDATION_DRAW if split == "validation" else (REPORT_PROMPT_SEED, REPORT_NOISE_SEED, REAL_SEED)
     # The report's draw is its videos: a seed's noise depends on the video's length, so they are made as long as the
     # report's (16x); the first 512 then give the demo table's windows.
-    frames = max(LENGTHS) * 8 if split == "report" else None
+    if split == "report":
+        if frames not in (None, max(LENGTHS) * 8):
+            raise ValueError(f"--split report makes the report's {max(LENGTHS) * 8}-frame videos; --frames {frames} would draw other noise")
+        frames = max(LENGTHS) * 8
     with first_chunk_with_steps(first_steps) if first_steps != 1 else contextlib.nullcontext():
         scored = validation_windows(checkpoints, train_frames=8, n=n, classifier_path=CLASSIFIER, world="free-colour",
                                     starts=list(starts), weights=weights, cache_layout=cache_layout, draw=draw, steps=steps, cfg_scale=cfg,
@@ -228,6 +231,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="first frames of the 8-frame windows scored (0 and 24: the first window and the one ending a 4x video; "
                         "a start past 24 makes the videos long enough for it)")
     a.add_argument("--first-steps", type=int, default=1, help="one-step streams: make the first chunk with this many Euler steps")
+    a.add_argument("--frames", type=int, default=None,
+                   help="the videos' length (default 32, or as long as --starts needs; e.g. 8 for a bidirectional teacher's "
+                        "own clip length: it makes a whole clip at once)")
     b = sub.add_parser("follow", help="streams from a real first chunk")
     b.add_argument("checkpoint")
     b.add_argument("--steps", type=int, default=1)
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.first_steps != 1 and args.steps != 1:
             p.error("--first-steps is for one-step streams (--steps 1)")
         return drift(args.checkpoints, args.n, args.weights, None if args.cache_layout is None else tuple(args.cache_layout), args.split,
-                     args.steps, args.cfg, tuple(args.starts), args.first_steps)
+                     args.steps, args.cfg, tuple(args.starts), args.first_steps, args.frames)
     if args.probe == "frames":
         return stream_frames(args.checkpoints, args.out, args.n, args.frames)
     if args.probe == "follow":

@@ -227,6 +227,12 @@ def test_stream_probe_follow_and_drift_on_the_shipped_generator() -> None:
         probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--weights", "generator"])
     (report,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--split", "report"])
     assert report["windows"][0]["distance"] != first["distance"]  # the report's draw of prompts and seeds, not validation's
+    with pytest.raises(ValueError, match="makes the report's 128-frame videos; --frames 32 would draw other noise"):
+        probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--split", "report", "--frames", "32"])
+    (short,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--frames", "8", "--starts", "0"])
+    assert [w["first_frame"] for w in short["windows"]] == [0]  # 8-frame videos: other noise than the 32-frame ones
+    with pytest.raises(ValueError, match="videos of 8 frames hold no 8-frame window starting at frame 24"):
+        probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--frames", "8"])
     (split,) = probe.main(["drift", "assets/demo_stream_colour_distilled", "-n", "16", "--cache-layout", "2", "1"])
     same = split["windows"][0]  # the first window fits the cache: any split of it is the same function
     assert same["per_attribute"] == first["per_attribute"] and same["distance"] == pytest.approx(first["distance"], abs=0.05)

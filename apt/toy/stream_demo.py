@@ -91,6 +91,8 @@ def validation_windows(candidates: list, *, train_frames: int, n: int, classifie
     classifier = load_toy_classifier(classifier_path)
     real = long_real_stats(classifier, frames=train_frames, n=n, seed=draw[2])
     prompts, seeds = validation_split(n, train_frames=train_frames, world=world, draw=draw)
+    if frames is not None and frames < max(starts) + train_frames:
+        raise ValueError(f"videos of {frames} frames hold no {train_frames}-frame window starting at frame {max(starts)}")
     out, frames = [], frames or max(4 * train_frames, max(starts) + train_frames)
     for ckpt in candidates:
         x = generate_videos(load_generator(ckpt, weights=weights, cache_layout=cache_layout), prompts, seeds, frames=frames, steps=steps,
