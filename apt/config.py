@@ -736,7 +736,6 @@ def check_stream(c: Config) -> None:
     if s.dmd_teacher:
         key = f"stream.dmd_teacher={s.dmd_teacher}"
         need(s.dmd_weight > 0, f"{key} is the teacher of distribution matching, which is off (stream.dmd_weight=0)")
-        need(c.model.source == "builtin", f"{key}: a bidirectional teacher of the built-in DiT; model.source is '{c.model.source}'")
     if c.stage == "stream_apt":
         window = s.window_frames or c.data.frames
         need(c.data.frames % window == 0, f"stream.window_frames={window} must divide data.frames={c.data.frames} (D judges whole windows)")
