@@ -157,15 +157,16 @@ def test_every_recipe_loads_with_tiny_overlay(recipe):
 
 
 OVERLAYS = sorted(p.stem for p in Path("recipes/overlays").glob("*.yaml"))
+OVERLAY_RECIPES = {"clean_stream": "recipes/demo/stream_apt.yaml"}
+"""The recipe an overlay is for, where it is not the APT video recipe (the stage every strategy runs)."""
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_overlay_loads_on_a_recipe(overlay):
-    """Each overlay on top of the APT video recipe (the stage every strategy runs) resolves and validates,
-    and what it sets is in the resolved config."""
+    """Each overlay on top of its recipe resolves and validates, and what it sets is in the resolved config."""
     from omegaconf import OmegaConf
 
-    c = load_config("recipes/demo/apt_video.yaml", ["tiny", overlay], [])
+    c = load_config(OVERLAY_RECIPES.get(overlay, "recipes/demo/apt_video.yaml"), ["tiny", overlay], [])
     resolved = OmegaConf.structured(c)
     for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(f"recipes/overlays/{overlay}.yaml"))):
         assert OmegaConf.select(resolved, key) == value, (overlay, key)

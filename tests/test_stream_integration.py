@@ -37,6 +37,7 @@ def test_stream_demo_quick_writes_the_report(stream_demo):
     ours = report["rows"][1]
     assert report["rows"][2]["attribute_accuracy_16x"] is None
     assert [r["num_samples"] for r in report["rows"]] == [16, 16, 8]  # the slow teacher on the first 8 of the 16 videos
+    assert [r["nfe_per_chunk"] for r in report["rows"]] == [2, 2, 2 * 2 + 1]  # a clean cache's re-encode counts one more
     assert ours["peak_bytes_16x"] <= 1.1 * ours["peak_bytes_1x"]  # the rolling cache: memory does not grow with length
     for stage in ("teacher", "distill", "apt"):
         assert latest_checkpoint(stream_demo / stage) is not None
@@ -46,7 +47,11 @@ def test_stream_demo_quick_writes_the_report(stream_demo):
 
     from apt.config import config_from_yaml
 
-    assert config_from_yaml(stream_demo / "apt" / "config.yaml").stream.dmd_teacher == str(stream_demo / "bidirectional")
+    stage = config_from_yaml(stream_demo / "apt" / "config.yaml")
+    assert stage.stream.dmd_teacher == str(stream_demo / "bidirectional")
+    # ... on a chain with a clean cache, its stage with the clean_stream overlay (the cache split 2 + 1, D on windows)
+    assert config_from_yaml(stream_demo / "teacher" / "config.yaml").model.clean_context and stage.model.clean_context
+    assert (stage.model.sink_chunks, stage.model.window_chunks, stage.stream.d_context) == (2, 1, "windows")
     fake = load_file(str(latest_checkpoint(stream_demo / "apt") / "fake_score.safetensors"))
     assert fake.keys() == load_file(str(latest_checkpoint(stream_demo / "bidirectional") / "net_ema.safetensors")).keys()
     assert not any(k.startswith("recycle_embed") for k in fake)  # a bidirectional DiT, not the causal teacher
@@ -135,7 +140,7 @@ def test_teacher_forced_stages_train_on_clips_longer_than_the_cache(stream_demo,
 
     shards = ensure_long_shards(True, ("rollout",))["rollout"]
     long_clips = [f"data.shards={shards}", "data.frames=16", "model.sink_chunks=2", "model.window_chunks=1", "train.max_steps=2",
-                  "train.log_every_steps=1"]
+                  "train.log_every_steps=1", "model.clean_context=true"]  # the quick chain's (free-colour world)
     for recipe, init in (("stream_teacher", f"stream.init={stream_demo / 'teacher'}"), ("stream_distill", f"distill.teacher={stream_demo / 'teacher'}")):
         run = tmp_path / recipe
         assert main(["fit", f"recipes/demo/{recipe}.yaml", "tiny", f"run_dir={run}", init, *long_clips]) == 0, recipe
@@ -157,7 +162,7 @@ def test_step_profile_times_the_parts_of_an_iteration(stream_demo, tmp_path):
     spec.loader.exec_module(module)
     rollout = streaming.StudentForcing.__call__
     shards = ensure_long_shards(True, ("rollout",))["rollout"]
-    rows = module.main(["recipes/demo/stream_apt.yaml", "tiny", f"data.shards={shards}", f"apt.generator={stream_demo / 'distill'}",
+    rows = module.main(["recipes/demo/stream_apt.yaml", "tiny", "clean_stream", f"data.shards={shards}", f"apt.generator={stream_demo / 'distill'}",
                         f"apt.teacher={stream_demo / 'teacher'}", "apt.d_warmup_steps=1", "stream.dmd_weight=1.0", "train.max_steps=2",
                         f"run_dir={tmp_path / 'run'}"])
     step = rows["apt_step (one iteration)"]
@@ -178,7 +183,7 @@ def test_stream_apt_with_distribution_matching_resumes_identically(scores, strea
     from tests.conftest import losses
 
     shards = ensure_long_shards(True, ("rollout",))["rollout"]
-    common = ["fit", "recipes/demo/stream_apt.yaml", "tiny", f"data.shards={shards}", f"apt.generator={stream_demo / 'distill'}",
+    common = ["fit", "recipes/demo/stream_apt.yaml", "tiny", "clean_stream", f"data.shards={shards}", f"apt.generator={stream_demo / 'distill'}",
               f"apt.teacher={stream_demo / 'teacher'}", "apt.d_warmup_steps=1", "stream.dmd_weight=1.0"]
     if scores == "bidirectional":
         common.append(f"stream.dmd_teacher={stream_demo / 'bidirectional'}")
@@ -203,13 +208,13 @@ def test_distribution_matching_teacher_is_refused_clearly(stream_demo, tmp_path,
     from apt.toy.stream_demo import ensure_long_shards
 
     shards = ensure_long_shards(True, ("rollout",))["rollout"]
-    common = ["recipes/demo/stream_apt.yaml", "tiny", f"data.shards={shards}", f"apt.generator={stream_demo / 'distill'}",
+    common = ["recipes/demo/stream_apt.yaml", "tiny", "clean_stream", f"data.shards={shards}", f"apt.generator={stream_demo / 'distill'}",
               f"apt.teacher={stream_demo / 'teacher'}", "apt.d_warmup_steps=1"]
     assert main(["fit", *common, f"run_dir={tmp_path / 'run'}", f"stream.dmd_teacher={tmp_path / 'nowhere'}"]) == 2
     assert f"stream.dmd_teacher: no weights at {tmp_path / 'nowhere'}" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(ValueError, match=r"net_ema in .*teacher are a causal model .* a bidirectional checkpoint is needed here"):
-        StreamAptModule(load_config(common[0], ["tiny"], [*common[2:], f"stream.dmd_teacher={stream_demo / 'teacher'}"]))
+        StreamAptModule(load_config(common[0], ["tiny", "clean_stream"], [*common[3:], f"stream.dmd_teacher={stream_demo / 'teacher'}"]))
 
 
 def test_session_prompt_switch_rebuilds_the_cache(stream_demo):
@@ -230,7 +235,7 @@ def test_session_prompt_switch_rebuilds_the_cache(stream_demo):
         return out
 
     plain, same, switched = chunks(None), chunks(prompt), chunks(other)
-    # Nothing has left the window at chunk 3 (sink 1 + window 2): a re-cache under the same prompt rebuilds the same cache.
+    # Nothing has left the window at chunk 3 (sink 2 + window 1): a re-cache under the same prompt rebuilds the same cache.
     for a, b in zip(plain, same):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(plain[:3], switched[:3]))

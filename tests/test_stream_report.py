@@ -181,6 +181,11 @@ def test_stream_demo_refuses_a_folder_trained_on_another_world(tmp_path):
         check_folder_world(tmp_path, "runs/data/toy-free-16f", "free-shape", "assets/bidir")
     (tmp_path / "apt" / "config.yaml").write_text("stage: stream_apt\ndata:\n  shards: runs/data/toy-free-16f\nstream:\n  dmd_teacher: assets/bidir\n")
     check_folder_world(tmp_path, "runs/data/toy-free-16f", "free-shape", "assets/bidir")
+    # the same world and scores on another chain (the free-colour demo's has a clean cache; earlier versions had not)
+    with pytest.raises(ValueError, match=r"trained with model.clean_context=false, not true as the free-shape world's chain is"):
+        check_folder_world(tmp_path, "runs/data/toy-free-16f", "free-shape", "assets/bidir", True)
+    (tmp_path / "apt" / "config.yaml").write_text("stage: stream_apt\ndata:\n  shards: runs/data/toy-free-16f\nmodel:\n  clean_context: true\n")
+    check_folder_world(tmp_path, "runs/data/toy-free-16f", "free-shape", "", True)
 
 
 def test_stream_demo_picks_the_checkpoint_by_validation_accuracy_at_4x(monkeypatch):

@@ -2,8 +2,8 @@
 
 long-clip shards -> causal teacher and teacher-forced one-step generator (shipped, made by
 recipes/demo/stream_teacher.yaml and stream_distill.yaml) -> adversarial training with student forcing
-(recipes/demo/stream_apt.yaml; in the free-colour world its distribution matching scores with a shipped bidirectional
-teacher, ``stream.dmd_teacher``) -> the streaming table and bar (``runs/demo-stream/report.json``,
+(recipes/demo/stream_apt.yaml; in the free-colour world on a chain with a clean cache, ``model.clean_context`` and the
+clean_stream overlay, and with distribution matching scored by a shipped bidirectional teacher, ``stream.dmd_teacher``) -> the streaming table and bar (``runs/demo-stream/report.json``,
 ``apt.toy.stream_report``). The student-forced checkpoint is picked on a validation set (prompts and seeds
 disjoint from the report's) by the bar's measure: the attribute accuracy of the window ending a video 4x the
 training length (ties: the nearer distance). The whole-clip APT row comes from ``python -m apt demo`` when its
@@ -27,10 +27,11 @@ WHOLE_CLIP_TEACHER = "assets/demo_teacher"
 WORLDS = {
     # world: shipped causal teacher, shipped teacher-forced one-step generator, shards (path, frames, clips, seed); and
     # for the free-colour world a shipped bidirectional teacher of the distribution matching's scores (stream.dmd_teacher)
+    # and a chain trained with a clean cache (model.clean_context; its adversarial stage adds the clean_stream overlay)
     "free-shape": {"teacher": "assets/demo_stream_free_teacher", "distilled": "assets/demo_stream_free_distilled",
                    "train": ("runs/data/toy-free-8f", 8, 20000, 2), "rollout": ("runs/data/toy-free-16f", 16, 10000, 3)},
-    "free-colour": {"teacher": "assets/demo_stream_colour_teacher", "distilled": "assets/demo_stream_colour_distilled",
-                    "score_teacher": "assets/demo_stream_colour_bidir_teacher",
+    "free-colour": {"teacher": "assets/demo_stream_colour_clean_teacher", "distilled": "assets/demo_stream_colour_clean_distilled",
+                    "score_teacher": "assets/demo_stream_colour_bidir_teacher", "clean_context": True,
                     "train": ("runs/data/toy-freecol-8f", 8, 20000, 2), "rollout": ("runs/data/toy-freecol-16f", 16, 10000, 3)},
     "long": {"teacher": "assets/demo_stream_teacher", "distilled": "assets/demo_stream_distilled",
              "train": ("runs/data/toy-long-8f", 8, 20000, 2), "rollout": ("runs/data/toy-long-16f", 16, 10000, 3)},
@@ -112,9 +113,10 @@ def pick_checkpoint(candidates: list, *, train_frames: int, n: int, classifier_p
     return max(selection, key=lambda s: (s["val_attribute_accuracy_4x"], -s["val_distance_4x"]))["checkpoint"], selection
 
 
-def check_folder_world(out_dir: Path, rollout_shards: str, world: str, score_teacher: str = "") -> None:
-    """A finished stage is reused: refuse a folder whose adversarial stage trained on another world's clips, or with
-    other distribution-matching scores (``stream.dmd_teacher``; an earlier version of the demo used the causal teacher's)."""
+def check_folder_world(out_dir: Path, rollout_shards: str, world: str, score_teacher: str = "", clean_context: bool = False) -> None:
+    """A finished stage is reused: refuse a folder whose adversarial stage trained on another world's clips, with
+    other distribution-matching scores (``stream.dmd_teacher``; an earlier version of the demo used the causal teacher's),
+    or on another chain (``model.clean_context``; earlier versions used the default cache)."""
     saved = out_dir / "apt" / "config.yaml"
     if not saved.exists():
         return
@@ -127,6 +129,10 @@ def check_folder_world(out_dir: Path, rollout_shards: str, world: str, score_tea
     if Path(scores or ".") != Path(score_teacher or "."):
         raise ValueError(f"{out_dir} holds a streaming demo whose distribution matching used {scores or 'the causal teacher'}, not "
                          f"{score_teacher or 'the causal teacher'}: pass --out DIR, or move that folder")
+    clean = bool((config.get("model") or {}).get("clean_context"))
+    if clean != clean_context:
+        raise ValueError(f"{out_dir} holds a streaming demo trained with model.clean_context={str(clean).lower()}, not "
+                         f"{str(clean_context).lower()} as the {world} world's chain is: pass --out DIR, or move that folder")
 
 
 def whole_clip_checkpoint(apt_whole: str | None, *, quick: bool = False) -> str | None:
@@ -159,24 +165,28 @@ def run_stream_demo(out: str | None = None, *, quick: bool = False, apt_whole: s
     if world not in WORLDS:
         raise ValueError(f"unknown streaming world {world!r}; choose from {', '.join(WORLDS)}")
     teacher, distilled, score_teacher = WORLDS[world]["teacher"], WORLDS[world]["distilled"], WORLDS[world].get("score_teacher", "")
+    clean = WORLDS[world].get("clean_context", False)
+    chain = ["model.clean_context=true"] if clean else []  # the teacher-forced stages of --quick's own chain
     if quick:  # tiny models of our own through every stage (the shipped ones are the demo flavour)
         from apt.toy.demo import ensure_shards
 
         shards = {**ensure_long_shards(True, ("train", "rollout"), world), "video": ensure_shards(True)["video"]}
         bidirectional = str(run_stage("recipes/demo/teacher.yaml", out_dir / "bidirectional", [f"data.shards={shards['video']}", "data.image_shards=''"], overlays, stage_seconds))
-        teacher = str(run_stage("recipes/demo/stream_teacher.yaml", out_dir / "teacher", [f"data.shards={shards['train']}", f"stream.init={bidirectional}"], overlays, stage_seconds))
-        distilled = str(run_stage("recipes/demo/stream_distill.yaml", out_dir / "distill", [f"data.shards={shards['train']}", f"distill.teacher={teacher}"], overlays, stage_seconds))
+        teacher = str(run_stage("recipes/demo/stream_teacher.yaml", out_dir / "teacher", [f"data.shards={shards['train']}", f"stream.init={bidirectional}", *chain],
+                                overlays, stage_seconds))
+        distilled = str(run_stage("recipes/demo/stream_distill.yaml", out_dir / "distill", [f"data.shards={shards['train']}", f"distill.teacher={teacher}", *chain],
+                                  overlays, stage_seconds))
         score_teacher = bidirectional if score_teacher else ""
     else:
         for asset in (teacher, distilled, *([score_teacher] if score_teacher else [])):
             if not (Path(asset) / "net_ema.safetensors").exists():
                 raise FileNotFoundError(f"shipped streaming asset missing: {asset}/net_ema.safetensors (made by recipes/demo/stream_*.yaml; {asset}/README.md)")
         shards = ensure_long_shards(False, ("rollout",), world)
-    check_folder_world(out_dir, shards["rollout"], world, score_teacher)
+    check_folder_world(out_dir, shards["rollout"], world, score_teacher, clean)
     quick_apt = ["apt.d_warmup_steps=1"] if quick else []
     scores = [f"stream.dmd_teacher={score_teacher}"] if score_teacher else []
     ours = run_stage("recipes/demo/stream_apt.yaml", out_dir / "apt", [f"apt.generator={distilled}", f"apt.teacher={teacher}", f"data.shards={shards['rollout']}",
-                                                                        *scores, *quick_apt], overlays, stage_seconds)
+                                                                        *scores, *quick_apt], overlays + (["clean_stream"] if clean else []), stage_seconds)
     train_seconds = time.perf_counter() - t_start
 
     # Every causal row streams with the stage's cache layout (the earlier stages train on clips that fit the cache, where
