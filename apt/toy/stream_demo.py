@@ -3,11 +3,11 @@
 long-clip shards -> causal teacher and teacher-forced one-step generator (shipped, made by
 recipes/demo/stream_teacher.yaml and stream_distill.yaml) -> adversarial training with student forcing
 (recipes/demo/stream_apt.yaml; in the free-colour world on a chain with a clean cache, ``model.clean_context`` and the
-clean_stream overlay, and with distribution matching scored by a shipped bidirectional teacher, ``stream.dmd_teacher``) -> the streaming table and bar (``runs/demo-stream/report.json``,
-``apt.toy.stream_report``). The student-forced checkpoint is picked on a validation set (prompts and seeds
-disjoint from the report's) by the bar's measure: the attribute accuracy of the window ending a video 4x the
-training length (ties: the nearer distance). The whole-clip APT row comes from ``python -m apt demo`` when its
-report exists (``runs/demo/report.json``), or ``apt_whole``.
+clean_stream overlay, with distribution matching scored by a shipped bidirectional teacher, ``stream.dmd_teacher``)
+-> the streaming table and bar (``runs/demo-stream/report.json``, ``apt.toy.stream_report``). The student-forced
+checkpoint is picked on a validation set (prompts and seeds disjoint from the report's) by the bar's measure: the
+attribute accuracy of the window ending a video 4x the training length (ties: the nearer distance). The whole-clip APT
+row comes from ``python -m apt demo`` when its report exists (``runs/demo/report.json``), or ``apt_whole``.
 A finished stage is skipped, so an interrupted demo continues where it stopped.
 """
 
