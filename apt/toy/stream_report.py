@@ -148,8 +148,8 @@ def evaluate_stream_rows(rows: list[tuple[str, Generator, int, float, int, int]]
         at = {w["first_frame"]: w for w in curve}
         # network evaluations per chunk: each step's (guidance batched beside the prompt counts two), plus, with a clean
         # cache, the previous chunk's re-encode at t = 0 (one per chunk after the first, shared by every step level)
-        clean = causal and gen.config.model.clean_context
-        row = {"name": name, "num_samples": n, "steps": steps, "cfg_scale": cfg, "nfe_per_chunk": steps * (2 if cfg != 1.0 else 1) + clean,
+        re_encode = 1 if causal and gen.config.model.clean_context else 0
+        row = {"name": name, "num_samples": n, "steps": steps, "cfg_scale": cfg, "nfe_per_chunk": steps * (2 if cfg != 1.0 else 1) + re_encode,
                "causal": causal, "generation_seconds": round(gen_seconds, 1)}
         for k, s in zip(LENGTHS, starts):
             row[f"distance_{k}x"] = at[s]["distance"] if s in at else None
