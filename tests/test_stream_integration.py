@@ -34,6 +34,7 @@ def test_stream_demo_quick_writes_the_report(stream_demo):
     assert len(report["drift"]["student-forced-1step"]) == 16  # every 8-frame window of a 128-frame video
     assert [x["line"].split(" ")[0] for x in report["bar"]][:2] == ["student-forced", "student-forced"]
     assert report["whole_clip_seconds"] > 0 and "total_seconds" in report
+    assert "round-robin" in report["timing"]  # every row's speed, and the whole clip's, timed in one loop
     ours = report["rows"][1]
     assert report["rows"][2]["attribute_accuracy_16x"] is None
     assert [r["num_samples"] for r in report["rows"]] == [16, 16, 8]  # the slow teacher on the first 8 of the 16 videos

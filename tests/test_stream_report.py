@@ -209,3 +209,34 @@ def test_stream_rows_refuse_a_row_count_above_the_report_count(tmp_path):
 
     with pytest.raises(ValueError, match=r"row_samples must be between 1 and num_samples=16, got \{'causal-teacher': 32\}"):
         evaluate_stream_rows([], out_dir=tmp_path, num_samples=16, train_frames=8, row_samples={"causal-teacher": 32})
+
+
+def test_paired_speed_times_every_row_round_robin(monkeypatch):
+    """Call k of every row runs before call k + 1 of any (a slow spell of the machine lands on all rows alike), and
+    each figure is a median: "b" costs twice "a"'s time, on a machine that slows down 1.5x call after call."""
+    from types import SimpleNamespace
+
+    from apt.toy import stream_report
+
+    calls, clock = [], {"slow": 1.0}
+
+    def fake_video(gen, prompt, seed, *, steps, cfg_scale, frames, first_only=False):
+        calls.append((gen.name, frames, first_only))
+        clock["slow"] *= 1.5  # the machine slows down call after call
+        fake_time[0] += gen.cost * frames * clock["slow"]
+
+    fake_time = [0.0]
+    monkeypatch.setattr(stream_report, "make_video", fake_video)
+    monkeypatch.setattr(stream_report.time, "perf_counter", lambda: fake_time[0])
+
+    def gen(name, cost, chunk):
+        return SimpleNamespace(name=name, cost=cost, text_encoder=SimpleNamespace(encode=lambda p: None),
+                               config=SimpleNamespace(model=SimpleNamespace(causal_chunk_frames=chunk)))
+
+    speed = stream_report.paired_speed({"a": (gen("a", 1.0, 2), "p", 1, 1.0), "b": (gen("b", 2.0, 0), "p", 1, 1.0)}, train_frames=8, calls=4)
+    firsts = [c for c in calls if c[2]]
+    assert [c[0] for c in firsts] == ["a", "b"] * 5  # the warm-up, then 4 rounds
+    assert [(c[0], c[1]) for c in calls if not c[2]] == [("a", 32), ("b", 8)] * 3  # a stream 4x long; a whole clip 1x
+    # "b" is called right after "a" in each round, when the machine is 1.5x slower: 2 x 1.5 = 3x "a"'s time
+    assert speed["b"]["first_chunk_seconds"] / speed["a"]["first_chunk_seconds"] == pytest.approx(3.0)
+    assert speed["a"]["fps"] > 0 and speed["b"]["fps"] > 0

@@ -155,7 +155,6 @@ def run_stream_demo(out: str | None = None, *, quick: bool = False, apt_whole: s
         check_stream_bar,
         evaluate_stream_rows,
         print_stream_table,
-        speed_and_memory,
     )
 
     t_start = time.perf_counter()
@@ -206,12 +205,13 @@ def run_stream_demo(out: str | None = None, *, quick: bool = False, apt_whole: s
              # flow.sample_steps Euler steps with CFG per chunk: 50 network evaluations; 16x-long videos would take most of
              # the demo's time, so its quality is measured to 4x (its speed and memory at every length).
              ("causal-teacher", t_gen, t_gen.config.flow.sample_steps, t_gen.config.flow.cfg_scale, 128, 4)]
+    # Without a whole-clip APT row, the bar's latency line needs the time of a whole training-length clip from the same
+    # network at one step: the bidirectional teacher, timed beside the rows.
+    ref = None if whole else load_generator(out_dir / "bidirectional" if quick else WHOLE_CLIP_TEACHER)
     report = evaluate_stream_rows(rows, out_dir=out_dir, num_samples=16 if quick else REPORT_SAMPLES, train_frames=train_frames,
-                                  timing_calls=3 if quick else 20, world=world, row_samples={"causal-teacher": 8 if quick else TEACHER_REPORT_SAMPLES})
-    if not whole:  # the bar's latency line needs the time of a whole training-length clip: the same network at one step
-        ref = load_generator(out_dir / "bidirectional" if quick else WHOLE_CLIP_TEACHER)
-        report["whole_clip_seconds"] = speed_and_memory(ref, "a red circle moving left on a black background", steps=1, cfg_scale=1.0,
-                                                        train_frames=train_frames, calls=3 if quick else 20)["first_chunk_seconds"]
+                                  timing_calls=3 if quick else 20, world=world, row_samples={"causal-teacher": 8 if quick else TEACHER_REPORT_SAMPLES},
+                                  whole_clip_reference=ref)
+    if not whole:
         report["whole_clip_note"] = ("no whole-clip APT generator (run `python -m apt demo` first): its row is missing, and the time of a "
                                      "training-length clip made whole in one step is the bidirectional teacher's network at one step (same shapes)")
     report["stream_checkpoint"], report["stream_selection"] = best, selection

@@ -10,7 +10,8 @@ Rows (each a run's EMA product, ``apt.inference.load_generator``):
 Columns. Quality: distance and attribute accuracy (``apt.toy.drift``) on the window of the training length
 (``data.frames`` of the streaming stages: 8 frames) that ends a video of 1x, 4x and 16x that length, i.e. frames
 [0, 8), [24, 32) and [120, 128) of one 128-frame video per prompt and noise seed (a row may stop at 4x: the causal
-teacher's 50 network evaluations per chunk). Speed, batch 1, one torch thread: latency to the first chunk (a
+teacher's 50 network evaluations per chunk). Speed, batch 1, one torch thread, every row timed round-robin in one
+loop so that their ratios hold on a noisy machine (medians): latency to the first chunk (a
 whole-clip row's first output is its whole clip), frames per second over a 4x-long stream (whole-clip rows:
 back-to-back training-length clips), and the peak bytes of the tensors the call allocates
 (``apt.eval.tensor_memory``) for a 1x and a 16x video, a stream's chunks dropped once made.
@@ -69,45 +70,58 @@ def make_video(gen: Generator, prompt: str, seed: int, *, steps: int, cfg_scale:
             session.next_chunk()
 
 
-def median_seconds(fn, *, calls: int) -> float:
-    fn()  # warm-up (position tables, first-call allocations)
-    times = []
-    for _ in range(calls):
+def paired_speed(entries: dict[str, tuple[Generator, str, int, float]], *, train_frames: int, calls: int) -> dict[str, dict]:
+    """Batch-1 latency to the first output and frames per second of every entry (name: generator, prompt, steps,
+    cfg_scale), one torch thread. The entries are timed round-robin, call k of every entry before call k + 1 of any,
+    so a slow spell of a shared machine lands on all of them alike and their ratios hold; each figure is a median, over
+    ``calls`` first outputs and over max(3, calls // 4) videos for the rate (a stream 4x the training length, whose
+    window is full after its first quarter; a whole-clip generator's back-to-back training-length clips)."""
+    for gen, prompt, _, _ in entries.values():
+        gen.text_encoder.encode([prompt])  # cached: every entry times generation from the prompt's embedding
+
+    def seconds(name: str, frames: int, first_only: bool = False) -> float:
+        gen, prompt, steps, cfg = entries[name]
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        make_video(gen, prompt, 1, steps=steps, cfg_scale=cfg, frames=frames, first_only=first_only)
+        return time.perf_counter() - t0
 
+    def rate_frames(name: str) -> int:
+        return 4 * train_frames if entries[name][0].config.model.causal_chunk_frames else train_frames
 
-def speed_and_memory(gen: Generator, prompt: str, *, steps: int, cfg_scale: float, train_frames: int, calls: int) -> dict:
-    """Batch-1 latency to the first output, frames per second over a 4x video, peak tensor bytes at 1x and 16x
-    (a stream's chunks are dropped once made, as a player shows them; a whole clip is held whole)."""
-    gen.text_encoder.encode([prompt])  # cached: every row times generation from the prompt's embedding
-
-    def video(frames: int, first_only: bool = False) -> None:
-        make_video(gen, prompt, 1, steps=steps, cfg_scale=cfg_scale, frames=frames, first_only=first_only)
-
+    first: dict[str, list[float]] = {name: [] for name in entries}
+    rate: dict[str, list[float]] = {name: [] for name in entries}
     with one_torch_thread():
-        first = median_seconds(lambda: video(train_frames, first_only=True), calls=calls)
-        if gen.config.model.causal_chunk_frames:  # a stream 4x the training length: the window is full after the first quarter
-            t0 = time.perf_counter()
-            video(4 * train_frames)
-            fps = 4 * train_frames / (time.perf_counter() - t0)
-        else:  # back-to-back training-length clips: the whole-clip generator's rate
-            fps = train_frames / median_seconds(lambda: video(train_frames), calls=max(3, calls // 4))
-        peaks = {}
+        for name in entries:  # warm-up (position tables, first-call allocations)
+            seconds(name, train_frames, first_only=True)
+        for _ in range(calls):
+            for name in entries:
+                first[name].append(seconds(name, train_frames, first_only=True))
+        for _ in range(max(3, calls // 4)):
+            for name in entries:
+                rate[name].append(rate_frames(name) / seconds(name, rate_frames(name)))
+    return {name: {"first_chunk_seconds": float(np.median(first[name])), "fps": float(np.median(rate[name]))} for name in entries}
+
+
+def peak_memory(gen: Generator, prompt: str, steps: int, cfg_scale: float, *, train_frames: int) -> dict:
+    """Peak bytes of the tensors a batch-1 video allocates at 1x and 16x the training length (a stream's chunks are
+    dropped once made, as a player shows them; a whole clip is held whole)."""
+    peaks = {}
+    with one_torch_thread():
         for k in (LENGTHS[0], LENGTHS[-1]):
             with PeakTensorMemory() as m:
-                video(k * train_frames)
+                make_video(gen, prompt, 1, steps=steps, cfg_scale=cfg_scale, frames=k * train_frames)
             peaks[k] = m.peak
-    return {"first_chunk_seconds": first, "fps": fps, "peak_bytes_1x": peaks[LENGTHS[0]], "peak_bytes_16x": peaks[LENGTHS[-1]]}
+    return {"peak_bytes_1x": peaks[LENGTHS[0]], "peak_bytes_16x": peaks[LENGTHS[-1]]}
 
 
 def evaluate_stream_rows(rows: list[tuple[str, Generator, int, float, int, int]], *, out_dir, num_samples: int, train_frames: int,
                          classifier_path: str = "assets/toy_classifier", timing_calls: int = 20, world: str = "long",
-                         row_samples: dict[str, int] | None = None) -> dict:
+                         row_samples: dict[str, int] | None = None, whole_clip_reference: Generator | None = None) -> dict:
     """``rows``: (name, generator, steps, cfg_scale, generation batch, longest video in training lengths). Returns the
     report (rows, drift curves, real windows' accuracy and the real-vs-real floor); a length a row does not reach is None.
+    Every row's speed is measured in one round-robin loop after the quality (``paired_speed``), with
+    ``whole_clip_reference`` (a whole-clip network at one step, when there is no ``whole-clip-apt`` row) timed beside
+    them for ``whole_clip_seconds``, the time of a training-length clip made whole in one step.
     Each row is scored on ``num_samples`` videos, or on the first ``row_samples[name]`` of them (a slow row); its
     distance is to real statistics of as many windows (the distance's bias depends on the count: compare distances
     only between rows of the same count, ``num_samples`` in each row).
@@ -135,7 +149,7 @@ def evaluate_stream_rows(rows: list[tuple[str, Generator, int, float, int, int]]
     real_at = {w["first_frame"]: w for w in window_metrics(classifier, real_x, real_captions, real, window_frames=train_frames,
                                                             starts=[(k - 1) * train_frames for k in LENGTHS])}
     real_row = real_at[0]
-    report_rows, curves = [], {}
+    report_rows, curves, timed = [], {}, {}
     starts = [(k - 1) * train_frames for k in LENGTHS]
     for name, gen, steps, cfg, batch, longest in rows:
         t0 = time.perf_counter()
@@ -154,11 +168,19 @@ def evaluate_stream_rows(rows: list[tuple[str, Generator, int, float, int, int]]
         for k, s in zip(LENGTHS, starts):
             row[f"distance_{k}x"] = at[s]["distance"] if s in at else None
             row[f"attribute_accuracy_{k}x"] = at[s]["attribute_accuracy"] if s in at else None
-        row.update(speed_and_memory(gen, (prompts if causal else full_prompts)[0], steps=steps, cfg_scale=cfg, train_frames=train_frames, calls=timing_calls))
+        timed[name] = (gen, (prompts if causal else full_prompts)[0], steps, cfg)
+        row.update(peak_memory(*timed[name], train_frames=train_frames))
         report_rows.append(row)
         accs = " / ".join(_fmt(row[f"attribute_accuracy_{k}x"], ".3f") for k in LENGTHS)
-        print(f"[stream-eval] {name}: accuracy {accs} at 1x / 4x / 16x; first chunk {row['first_chunk_seconds'] * 1e3:.1f} ms; {row['fps']:.1f} fps", flush=True)
-    whole = rows_by_name(report_rows).get("whole-clip-apt")
+        print(f"[stream-eval] {name}: accuracy {accs} at 1x / 4x / 16x", flush=True)
+    reference = "whole-clip reference"
+    if whole_clip_reference is not None and "whole-clip-apt" not in timed:
+        timed[reference] = (whole_clip_reference, full_prompts[0], 1, 1.0)
+    speed = paired_speed(timed, train_frames=train_frames, calls=timing_calls)
+    for row in report_rows:
+        row.update(speed[row["name"]])
+        print(f"[stream-eval] {row['name']}: first chunk {row['first_chunk_seconds'] * 1e3:.2f} ms; {row['fps']:.1f} fps", flush=True)
+    whole = speed.get("whole-clip-apt", speed.get(reference))
     return {
         "rows": report_rows,
         "drift": curves,
@@ -173,6 +195,8 @@ def evaluate_stream_rows(rows: list[tuple[str, Generator, int, float, int, int]]
         "noise_seeds": f"{REPORT_NOISE_SEED}..{REPORT_NOISE_SEED + num_samples - 1}",
         "whole_clip_seconds": None if whole is None else whole["first_chunk_seconds"],
         "torch_threads_timing": 1,
+        "timing": f"every row's speed measured round-robin in one loop: medians of {timing_calls} first outputs and of "
+                  f"{max(3, timing_calls // 4)} videos per row",
     }
 
 
