@@ -279,6 +279,10 @@ class StreamConfig:
     window_frames: int = 0
     """stream_apt: D judges every clip (real and rolled out) in windows of this many frames, the training length of the
     earlier stages (AAPT: long rollouts judged on segments); 0 = data.frames (one window)."""
+    forcing: str = "student"
+    """stream_apt: how G makes its fakes. "student": rolled out as at inference, its own chunks as context (AAPT);
+    "teacher": every chunk from the real clip's past (the ablation that shows what student forcing buys;
+    ``apt.methods.streaming.TeacherForcing``)."""
     grad_chunks: int = 0
     """stream_apt: only the last this many chunks of a rollout carry gradient (0 = every chunk; Self Forcing keeps the last 21 frames)."""
     detach_context: bool = True
@@ -725,6 +729,9 @@ def check_stream(c: Config) -> None:
     need(s.grad_chunks >= 0, f"stream.grad_chunks must be >= 0 (0 = every chunk), got {s.grad_chunks}")
     need(s.window_frames >= 0, f"stream.window_frames must be >= 0 (0 = data.frames), got {s.window_frames}")
     need(s.d_context in ("windows", "stream"), f"stream.d_context must be 'windows' or 'stream', got {s.d_context!r}")
+    need(s.forcing in ("student", "teacher"), f"stream.forcing must be 'student' or 'teacher', got {s.forcing!r}")
+    need(s.forcing == "student" or (s.grad_chunks == 0 and s.detach_context),
+         "stream.grad_chunks and stream.detach_context shape a student-forcing rollout; stream.forcing=teacher takes neither")
     if c.stage == "stream_teacher":
         need(bool(s.init), "stream.init must name the bidirectional teacher checkpoint the causal model starts from")
     at_least(s, 0, "stream.dmd_weight", note=" (0 = off)")

@@ -187,6 +187,11 @@ def test_settings_that_a_stage_cannot_honour_are_refused():
         load_config("recipes/demo/apt_video.yaml", ["tiny", "zero2"], ["eval.every_steps=10"])
     with pytest.raises(ConfigError, match="optim.grad_clip"):
         load_config("recipes/demo/distill.yaml", ["tiny"], ["optim.grad_clip=-1"])
+    with pytest.raises(ConfigError, match="stream.forcing must be 'student' or 'teacher', got 'self'"):
+        load_config("recipes/demo/stream_apt.yaml", ["tiny"], ["stream.forcing=self"])
+    with pytest.raises(ConfigError, match="stream.forcing=teacher takes neither"):
+        load_config("recipes/demo/stream_apt.yaml", ["tiny"], ["stream.forcing=teacher", "stream.grad_chunks=2"])
+    assert load_config("recipes/demo/stream_apt.yaml", ["tiny"], ["stream.forcing=teacher"]).stream.forcing == "teacher"
 
 
 def test_shards_of_the_wrong_frame_count_are_rejected(toy_shards, capsys, tmp_path):

@@ -19,6 +19,7 @@ from apt.methods.streaming import (
     ChunkDiscriminator,
     StudentForcing,
     TeacherForced,
+    TeacherForcing,
     teacher_forced_stream,
     windows,
 )
@@ -59,6 +60,28 @@ def test_student_forcing_rolls_out_exactly_as_inference(clean):
         x = rolled[:, :, :8]
         full = z[:, :, :8] - G(z[:, :, :8], torch.ones(2), text, shift_chunks(x, CF))
     torch.testing.assert_close(full, x, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("clean", [False, True], ids=["own-forward", "clean-context"])
+def test_teacher_forcing_equals_a_stream_fed_the_real_chunks(clean):
+    """The ablation's fakes: chunk i from its noise with the real chunk i - 1 recycled and the real past in the cache, on
+    a clip of 8 chunks (twice the cache: the sink and the rolling window in play), as one forward."""
+    from apt.streaming import cache_for
+
+    G = causal_tiny(clean_context=clean).eval()
+    z, x_real, text = torch.randn(2, 3, 16, 16, 16), torch.randn(2, 3, 16, 16, 16), random_text(2, 4, 32)
+    with torch.no_grad():
+        forced = TeacherForcing()(G, z, text, x_real)
+        cache, prev, chunks = cache_for(G, z, text, inplace=True), torch.zeros_like(z[:, :, :CF]), []
+        for i in range(16 // CF):
+            chunks.append(z[:, :, i * CF:(i + 1) * CF] - G(z[:, :, i * CF:(i + 1) * CF], torch.ones(2), text, prev, cache=cache))
+            prev = x_real[:, :, i * CF:(i + 1) * CF]  # the real chunk, not the one just made
+        rolled = StudentForcing()(G, z, text, x_real)
+    torch.testing.assert_close(forced, torch.cat(chunks, dim=2), rtol=0, atol=1e-5)
+    assert (forced[:, :, CF:] - rolled[:, :, CF:]).abs().max() > 1e-3  # student forcing ignores the real clip
+    torch.testing.assert_close(forced[:, :, :CF], rolled[:, :, :CF], rtol=0, atol=1e-5)  # chunk 0 has no past either way
+    with pytest.raises(ValueError, match=r"teacher forcing needs the real clips shaped like the noise \(2, 3, 16, 16, 16\), got None"):
+        TeacherForcing()(G, z, text)
 
 
 @pytest.mark.parametrize("clean", [False, True], ids=["own-forward", "clean-context"])
@@ -179,17 +202,18 @@ def streamed_features(D, x, t, text, layer):
     return torch.cat(out, dim=1)
 
 
-def test_apt_step_relativistic_with_r2_on_per_chunk_logits():
+@pytest.mark.parametrize("rollout", [StudentForcing(), TeacherForcing()], ids=["student-forcing", "teacher-forcing"])
+def test_apt_step_relativistic_with_r2_on_per_chunk_logits(rollout):
+    """D's step on the fakes of either forcing: teacher forcing's are made from the micro-batch's own real clips."""
     G, (D, a) = causal_tiny(), chunk_d(window_frames=8)
     a.gan_loss, a.r2_lambda, a.r1_sigma, a.d_warmup_steps = "relativistic", 10.0, 0.1, 10  # D step only, lr 0
     x, text = torch.randn(2, 3, 8, 16, 16), random_text(2, 4, 32)
-    rollout = StudentForcing()
     metrics = apt_step(G, D, [(x, text)], update_g=OptimizerUpdate(torch.optim.SGD(G.parameters(), lr=0.0), G),
                        update_d=OptimizerUpdate(torch.optim.SGD(D.parameters(), lr=0.0), D), update_ema=lambda d: None, a=a,
                        progress=AptProgress(), step_seed=5, generate=rollout)
     noise = SampleNoise(5, range(2))
     with torch.no_grad():
-        fake = rollout(G, noise.randn(x.shape[1:], "cpu"), text)
+        fake = rollout(G, noise.randn(x.shape[1:], "cpu"), text, x)
         t = noise.timesteps(D, "cpu")
         real_p = x + a.r1_sigma * noise.randn(x.shape[1:], "cpu")
         fake_p = fake + a.r1_sigma * noise.randn(x.shape[1:], "cpu")

@@ -21,7 +21,7 @@ from apt.methods.apt import make_optimizer
 from apt.methods.consistency import consistency_loss
 from apt.methods.dmd import DistributionMatching, WholeClipWindows
 from apt.methods.flow_matching import teacher_loss
-from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced
+from apt.methods.streaming import ChunkDiscriminator, StudentForcing, TeacherForced, TeacherForcing
 from apt.methods.update import NetUpdate, OptimizerUpdate
 from apt.models import factory
 
@@ -52,8 +52,9 @@ class StreamDistillModule(DistillModule):
 
 
 class StreamAptModule(AptModule):
-    """Adversarial training with student forcing: G rolls out as at inference; D (from the causal teacher) gives one
-    logit per chunk on windows of ``stream.window_frames``. With ``stream.dmd_weight`` > 0, distribution matching on
+    """Adversarial training with student forcing: G rolls out as at inference (``stream.forcing: teacher``: from the real
+    clips' past instead, the ablation); D (from the causal teacher) gives one logit per chunk on windows of
+    ``stream.window_frames``. With ``stream.dmd_weight`` > 0, distribution matching on
     the rollouts is added to G's loss (``apt.methods.dmd``): its frozen teacher (``teacher``, not saved: the causal
     ``apt.teacher``, or the bidirectional ``stream.dmd_teacher``) and a fake score (``fake_score``, a copy of it, saved
     and resumed with its optimiser) are held too."""
@@ -61,7 +62,8 @@ class StreamAptModule(AptModule):
     def __init__(self, config: Config):
         super().__init__(config)
         s = config.stream
-        self.make_fakes = StudentForcing(grad_chunks=s.grad_chunks, detach_context=s.detach_context)
+        self.make_fakes = (StudentForcing(grad_chunks=s.grad_chunks, detach_context=s.detach_context) if s.forcing == "student"
+                           else TeacherForcing())
         if s.dmd_weight > 0:
             self.teacher = self.frozen_copy(self.load_score_teacher())
             self.fake_score = self.load_score_teacher()

@@ -7,7 +7,8 @@
     G_ema <- decay G_ema + (1 - decay) G                        the product (§3.5: decay 0.995)
 
 Three generalisations serve the streaming stage (AAPT, arXiv 2506.09350; ``apt.methods.streaming``), all off by
-default: ``generate`` says how fakes are made (``one_step``, or a student-forcing rollout of a causal G);
+default: ``generate`` says how fakes are made (``one_step``, or a causal G's rollout: student forcing, or teacher forcing
+from the real clips as its ablation);
 ``apt.gan_loss: relativistic`` with ``apt.r2_lambda`` > 0 swaps in AAPT's relativistic loss with approximate R2
 on the fakes; ``extra`` adds a term with networks of its own to G's loss (distribution matching on the rollouts,
 ``apt.methods.dmd``). D may return logits of any shape (e.g. one per chunk): every loss is a mean over them.
@@ -49,14 +50,15 @@ def build_discriminator(backbone: nn.Module, a: AptConfig) -> Discriminator:
     return Discriminator(backbone, fractions=list(a.readout_fractions), num_heads=backbone.config.num_heads, timestep_shift=a.d_timestep_shift)
 
 
-def one_step(G: nn.Module, z: torch.Tensor, text: TextCond) -> torch.Tensor:
-    """G(z, c) = z - G^(z, c, T) at the final timestep T = 1."""
+def one_step(G: nn.Module, z: torch.Tensor, text: TextCond, x_real: torch.Tensor | None = None) -> torch.Tensor:
+    """G(z, c) = z - G^(z, c, T) at the final timestep T = 1 (``x_real`` unused)."""
     T = torch.ones(z.shape[0], device=z.device)
     return z - G(z, T, text)
 
 
-Generate = Callable[[nn.Module, torch.Tensor, TextCond], torch.Tensor]
-"""How G makes fakes from noise z shaped like the real clips: ``one_step``, or a streaming rollout."""
+Generate = Callable[[nn.Module, torch.Tensor, TextCond, torch.Tensor], torch.Tensor]
+"""How G makes fakes from noise z shaped like the real clips x_real, (G, z, text, x_real): ``one_step``, or a causal G's
+rollout (``apt.methods.streaming``); only teacher forcing reads x_real (its context)."""
 
 
 @dataclass
@@ -141,7 +143,7 @@ def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor,
         for x_real, text, noise in parts:
             B = x_real.shape[0]
             with torch.no_grad():
-                x_fake = generate(G, noise.randn(x_real.shape[1:], device), text)
+                x_fake = generate(G, noise.randn(x_real.shape[1:], device), text, x_real)
             t = noise.timesteps(D, device)
             x_perturbed = x_real + a.r1_sigma * noise.randn(x_real.shape[1:], device)
             x_in, texts = [x_real, x_perturbed, x_fake], [text, text, text]
@@ -175,7 +177,7 @@ def apt_step(G: nn.Module, D: nn.Module, micro_batches: list[tuple[torch.Tensor,
         update_g.zero_grad()
         losses_g, extras = [], []
         for x_real, text, noise in parts:
-            x_fake = generate(G, noise.randn(x_real.shape[1:], device), text)
+            x_fake = generate(G, noise.randn(x_real.shape[1:], device), text, x_real)
             t = noise.timesteps(D, device)
             if a.text_contrast_weight > 0:  # optional, not in the paper (apt.methods.text_terms)
                 loss_g = g_loss_with_text_contrast(D, x_fake, t, text, a.text_contrast_weight)

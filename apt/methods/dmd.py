@@ -136,7 +136,7 @@ class DistributionMatching:
             for x_real, text, noise in parts:
                 device = x_real.device
                 with torch.no_grad():
-                    x = generate(G, noise.randn(x_real.shape[1:], device), text)
+                    x = generate(G, noise.randn(x_real.shape[1:], device), text, x_real)
                 loss = fake_score_loss(self.fake, x, text, t_B=uniform_t(noise, device), eps=noise.randn(x_real.shape[1:], device), read=self.read)
                 check_finite("fake-score loss", loss, where)
                 self.update_fake.backward(loss / k)

@@ -9,6 +9,9 @@ AAPT's three stages, each reusing a method of its own:
                            inference, one forward per chunk, its own previous chunks as context (student forcing),
                            and D = ``ChunkDiscriminator`` gives one logit per chunk on windows of the training length.
 
+``stream.forcing: teacher`` swaps the rollout for ``TeacherForcing``, the ablation that shows what student forcing
+buys: the same stage, but every chunk made from the real clip's past, so G never sees its own chunks.
+
 How far the student-forcing gradient reaches is configurable (``stream.grad_chunks``, ``stream.detach_context``):
 only the last k chunks of a rollout carry gradient (Self Forcing, arXiv 2506.08009 §3.2, keeps the last 21
 frames), and each chunk's gradient stops at its own forward (the cache and the recycled chunk detached) or
@@ -68,7 +71,7 @@ class StudentForcing:
     def __init__(self, *, grad_chunks: int = 0, detach_context: bool = True):
         self.grad_chunks, self.detach_context = grad_chunks, detach_context
 
-    def __call__(self, G: nn.Module, z_BCTHW: torch.Tensor, text: TextCond) -> torch.Tensor:
+    def __call__(self, G: nn.Module, z_BCTHW: torch.Tensor, text: TextCond, x_real_BCTHW: torch.Tensor | None = None) -> torch.Tensor:
         cf = chunk_frames(G)
         B, T = z_BCTHW.shape[0], z_BCTHW.shape[2]
         grad = torch.is_grad_enabled()
@@ -89,6 +92,20 @@ class StudentForcing:
             else:
                 prev = x
         return torch.cat(chunks, dim=2)
+
+
+class TeacherForcing:
+    """``generate`` of ``apt_step`` for a causal G, the ablation of ``StudentForcing``: every chunk from its noise with
+    the REAL clip's past as context, x_i = z_i - G^(z_i, T, c | real x_{i-1}, real past), as the teacher-forced stages
+    train; one forward for the whole clip (``teacher_forced_stream``: the sink and rolling window of a stream past the
+    cache). It equals a cached stream fed the real chunks instead of its own. Every chunk carries gradient."""
+
+    def __call__(self, G: nn.Module, z_BCTHW: torch.Tensor, text: TextCond, x_real_BCTHW: torch.Tensor | None = None) -> torch.Tensor:
+        if x_real_BCTHW is None or x_real_BCTHW.shape != z_BCTHW.shape:
+            got = None if x_real_BCTHW is None else tuple(x_real_BCTHW.shape)
+            raise ValueError(f"teacher forcing needs the real clips shaped like the noise {tuple(z_BCTHW.shape)}, got {got}")
+        t_B = torch.ones(z_BCTHW.shape[0], device=z_BCTHW.device)
+        return z_BCTHW - teacher_forced_stream(G, z_BCTHW, t_B, text, x_real_BCTHW)
 
 
 def windows(x_BCTHW: torch.Tensor, window_frames: int) -> torch.Tensor:
