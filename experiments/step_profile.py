@@ -26,6 +26,7 @@ import apt.methods.update as update
 PARTS = [  # (owner, attribute, label)
     (apt_method, "apt_step", "apt_step (one iteration)"),
     (streaming.StudentForcing, "__call__", "rollout"),
+    (streaming.TeacherForcing, "__call__", "teacher-forced fakes (stream.forcing=teacher)"),
     (streaming.ChunkDiscriminator, "forward", "D forward"),
     (dmd, "teacher_forced_stream", "teacher-forced streams (DMD)"),
     (dmd.WholeClipWindows, "__call__", "whole-clip windows (DMD, stream.dmd_teacher)"),
