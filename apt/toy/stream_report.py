@@ -85,9 +85,7 @@ def paired_speed(entries: dict[str, tuple[Generator, str, int, float]], *, train
         make_video(gen, prompt, 1, steps=steps, cfg_scale=cfg, frames=frames, first_only=first_only)
         return time.perf_counter() - t0
 
-    def rate_frames(name: str) -> int:
-        return 4 * train_frames if entries[name][0].config.model.causal_chunk_frames else train_frames
-
+    rate_frames = {name: 4 * train_frames if gen.config.model.causal_chunk_frames else train_frames for name, (gen, *_) in entries.items()}
     first: dict[str, list[float]] = {name: [] for name in entries}
     rate: dict[str, list[float]] = {name: [] for name in entries}
     with one_torch_thread():
@@ -98,7 +96,7 @@ def paired_speed(entries: dict[str, tuple[Generator, str, int, float]], *, train
                 first[name].append(seconds(name, train_frames, first_only=True))
         for _ in range(max(3, calls // 4)):
             for name in entries:
-                rate[name].append(rate_frames(name) / seconds(name, rate_frames(name)))
+                rate[name].append(rate_frames[name] / seconds(name, rate_frames[name]))
     return {name: {"first_chunk_seconds": float(np.median(first[name])), "fps": float(np.median(rate[name]))} for name in entries}
 
 
