@@ -32,6 +32,7 @@ from apt.config import ADVERSARIAL_STAGES, Config, ConfigError
 from apt.distributed import sharded_checkpoint
 from apt.distributed.engines import EngineUpdate
 from apt.distributed.parallelize import parallelize_apt
+from apt.distributed.process_group import skip_deepspeed_inference_comm_op
 from apt.distributed.sequence_parallel import data_parallel_rank
 from apt.distributed.strategies import deepspeed_config, num_nodes
 from apt.preemption import Preempted, agree_to_stop, signal_name
@@ -46,9 +47,11 @@ class DeepSpeedAnyDeviceStrategy(FabricDeepSpeedStrategy):
         FabricDDPStrategy.setup_environment(self)  # skips the "only supported on CUDA GPUs" check
 
     def _setup_distributed(self) -> None:
-        # As Fabric's, minus the device-index validation (CPU devices have no index).
+        # As Fabric's, minus the device-index validation (CPU devices have no index), and without building DeepSpeed's
+        # CPU inference comm op, which training never calls.
         reset_seed()
         self._set_world_ranks()
+        skip_deepspeed_inference_comm_op()
         self._init_deepspeed_distributed()
         if not self._config_initialized:
             self._format_config()

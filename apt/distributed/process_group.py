@@ -29,6 +29,24 @@ def import_before_init(*, deepspeed: bool = False) -> None:
         import deepspeed.comm  # noqa: F401
 
 
+def skip_deepspeed_inference_comm_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op when its comm backend starts on CPU; call before
+    ``deepspeed.init_distributed``.
+
+    On the CPU accelerator DeepSpeed's torch backend JIT-builds ``deepspeed_shm_comm`` (C++ with OpenMP: 52 s on this
+    project's 2-core machine, and a compiler the user must have) the first time a process group starts. The op serves
+    ``inference_all_reduce`` only (DeepSpeed's tensor-parallel inference); training's collectives go through
+    ``torch.distributed`` (gloo) with or without it. The backend builds it only if ``deepspeed.ops.__compatible_ops__``,
+    probed once per process and kept as one dict, marks it compatible, so it is marked incompatible here. On an
+    accelerator with no such op (CUDA) nothing changes.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def close_process_group() -> None:
     """Destroy the launched process group before the interpreter exits.
 

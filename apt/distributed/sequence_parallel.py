@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from apt.distributed.process_group import skip_deepspeed_inference_comm_op
 from apt.models.attention import attention, pad_key_mask, sequence_parallel_attention
 
 
@@ -58,6 +59,7 @@ def init_deepspeed_comm() -> None:
     import deepspeed.comm as ds_dist
 
     if not ds_dist.is_initialized():
+        skip_deepspeed_inference_comm_op()
         backend = dist.get_backend() if dist.is_initialized() else None
         ds_dist.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
