@@ -5,9 +5,8 @@ resume continues identically, Ulysses attention == full attention, a DDP APT ste
 
 Every test launches subprocesses (torchrun, or plain python) with a clean environment (no inherited
 MASTER_PORT / RANK / LOCAL_RANK / WORLD_SIZE), a free port, one thread each and a timeout; the
-process group is killed on timeout. DeepSpeed would JIT-build its CPU inference comm op when its backend starts
-(about a minute); apt's runs skip it, and the DeepSpeed tests check that nothing was built into their empty
-``TORCH_EXTENSIONS_DIR``.
+process group is killed on timeout (``tests/multiprocess.py``). The streaming stage's cases are in
+``tests/test_stream_distributed.py``.
 
 Tolerances (fp32): per-iteration metrics (losses, D(real), D(fake), aR1; means over ranks) within
 1e-5 absolute and gradient norms within 1e-5 relative of the single-device run; the EMA generator
@@ -17,14 +16,7 @@ within 1e-6; sequence-parallel outputs and gradients within 1e-5 relative. Measu
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,66 +26,9 @@ from safetensors.torch import load_file
 from apt.checkpoint import latest_checkpoint, list_checkpoints
 from apt.distributed.consolidate import ema_state_dict
 from apt.distributed.sequence_parallel import data_parallel_rank
-from tests.conftest import write_tiny_init
+from tests.multiprocess import HELPERS, apt_steps, launch, metrics, no_op_built, ok
 
 pytestmark = pytest.mark.multiprocess
-
-REPO = Path(__file__).resolve().parents[1]
-HELPERS = REPO / "tests" / "distributed_helpers"
-EXTENSIONS = Path(tempfile.mkdtemp(prefix="apt-test-torch-extensions-"))  # per worker; must stay empty (no_op_built)
-LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "NODE_RANK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith(("TORCHELASTIC_", "SLURM_", "PL_"))}
-    # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT, e.g. in gloo) prints its Python stack into the output.
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1",
-               TORCH_EXTENSIONS_DIR=str(EXTENSIONS), PYTHONPATH=str(REPO))
-    return env
-
-
-def launch(args: list[str], *, nproc: int = 0, timeout: float = 150) -> subprocess.CompletedProcess:
-    """``python ARGS`` (nproc=0) or ``torchrun --nproc_per_node NPROC ARGS``; killed with its group on timeout."""
-    cmd = [sys.executable, *args] if nproc == 0 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
-
-
-FATAL_MARKS = ("terminate called", "what():", "Fatal Python error", "enforce fail", "Signal ", "exitcode", "File \"")
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    """The run succeeded; otherwise fail with every rank's fatal lines (a rank's abort is often far above the tail)."""
-    fatal = "\n".join(line for line in result.stdout.splitlines() if any(m in line for m in FATAL_MARKS))
-    assert result.returncode == 0, (f"{' '.join(result.args)} failed ({result.returncode}):\nfatal lines, first:\n{fatal[:4000]}\n"
-                                    f"last output:\n{result.stdout[-6000:]}")
-    return result
-
-
-def no_op_built() -> None:
-    """No DeepSpeed op was JIT-built: its CPU backend would compile its inference all-reduce op (about a minute, with a
-    compiler) when a run starts, and apt skips it (``apt.distributed.process_group.skip_deepspeed_inference_comm_op``)."""
-    assert not any(EXTENSIONS.iterdir()), sorted(p.name for p in EXTENSIONS.iterdir())
-
-
-def apt_steps(init: Path, out: Path, mode: str, *extra: str, nproc: int = 0) -> dict:
-    ok(launch([str(HELPERS / "apt_steps.py"), "--init", str(init), "--out", str(out), "--mode", mode, *extra], nproc=nproc))
-    return torch.load(out, weights_only=True)
-
 
 @pytest.fixture(scope="module")
 def single_device(tiny_init, tmp_path_factory) -> dict:
@@ -130,14 +65,6 @@ def test_sharded_apt_steps_match_single_device(mode, extra, tiny_init, single_de
         ema = load_file(str(consolidate(ckpt, tmp_path / "consolidated") / "generator_ema.safetensors"))
         before_last = single_device["emas"][-2]
         assert ema.keys() == before_last.keys() and max((ema[k] - before_last[k]).abs().max().item() for k in ema) < 1e-6
-
-
-def metrics(run: Path) -> dict[int, dict[str, str]]:
-    rows = {}
-    for f in sorted(run.glob("logs/version_*/metrics.csv")):
-        for row in csv.DictReader(open(f)):
-            rows[int(row["step"])] = {k: v for k, v in row.items() if k not in ("sec_per_step", "step")}
-    return rows
 
 
 def fit_args(run: Path, shards: str, init: Path, strategy: str, *extra: str) -> list[str]:
@@ -284,108 +211,3 @@ def test_fsdp2_save_then_resume_continues_identically(tiny_init, toy_shards, tmp
     assert sorted(p.name for p in (full / "samples").glob("*.png")) == [f"step-00000{i}.png" for i in (1, 2, 3)]  # sample, then update
     png = [(r / "samples" / "step-000003.png").read_bytes() for r in (full, part)]  # every rank sampled, rank 0 wrote
     assert png[0] == png[1]
-
-
-# -- the streaming stage (stream_apt: student forcing, per-chunk D) -------------------------------------
-@pytest.fixture(scope="module")
-def tiny_causal_init(tmp_path_factory) -> Path:
-    """net_ema.safetensors of a tiny causal DiT (2-frame chunks, sink 1, window 2) with non-trivial weights."""
-    return write_tiny_init(tmp_path_factory.mktemp("causal_init"), causal_chunk_frames=2, sink_chunks=1, window_chunks=2)
-
-
-@pytest.fixture(scope="module")
-def single_stream(tiny_causal_init, tmp_path_factory) -> dict:
-    return apt_steps(tiny_causal_init, tmp_path_factory.mktemp("single_stream") / "single.pt", "single", "--stage", "stream_apt")
-
-
-DMD = ("--dmd", "100")  # the recipe's weight (its loss about 0.5 on these tiny nets)
-CLEAN = ("--extra", "model.clean_context=true", "model.sink_chunks=2", "model.window_chunks=1")  # the clean cache, split 2 + 1
-
-
-@pytest.fixture(scope="module")
-def single_stream_dmd(tiny_causal_init, tmp_path_factory) -> dict:
-    return apt_steps(tiny_causal_init, tmp_path_factory.mktemp("single_stream_dmd") / "single.pt", "single", "--stage", "stream_apt", *DMD)
-
-
-@pytest.fixture(scope="module")
-def single_stream_dmd_clean(tiny_causal_init, tmp_path_factory) -> dict:
-    return apt_steps(tiny_causal_init, tmp_path_factory.mktemp("single_stream_dmd_clean") / "single.pt", "single", "--stage", "stream_apt", *DMD, *CLEAN)
-
-
-@pytest.fixture(scope="module")
-def single_stream_dmd_bidir(tiny_causal_init, tiny_init, tmp_path_factory) -> dict:
-    return apt_steps(tiny_causal_init, tmp_path_factory.mktemp("single_stream_dmd_bidir") / "single.pt", "single", "--stage", "stream_apt", *DMD,
-                     "--extra", f"stream.dmd_teacher={tiny_init}")
-
-
-@pytest.mark.parametrize("mode, dmd, variant", [("deepspeed_stage_2", False, ""), ("deepspeed_stage_3", False, ""), ("fsdp2", False, ""),
-                                                ("fsdp2", True, ""), ("deepspeed_stage_2", True, ""), ("deepspeed_stage_3", True, ""),
-                                                ("fsdp2", True, "clean"), ("deepspeed_stage_3", True, "clean"),
-                                                ("fsdp2", True, "bidir"), ("deepspeed_stage_3", True, "bidir")],
-                         ids=["zero2", "zero3", "fsdp2", "fsdp2+dmd", "zero2+dmd", "zero3+dmd", "fsdp2+dmd+clean", "zero3+dmd+clean",
-                              "fsdp2+dmd+bidir", "zero3+dmd+bidir"])
-def test_stream_apt_steps_on_two_ranks_match_one_process(mode, dmd, variant, request, tiny_causal_init, tiny_init, tmp_path):
-    """The streaming stage (16-frame student-forcing rollouts, D streamed over them, relativistic loss + aR1 + aR2;
-    with ``dmd``, plus distribution matching: the fake score sharded like D under FSDP2, a third engine under ZeRO, the
-    frozen teacher whole; with ``clean``, every network with the clean key/value cache; with ``bidir``, the scores of a
-    bidirectional teacher read in windows, ``stream.dmd_teacher``), global batch 4: one process vs 2 ranks x 2 samples,
-    3 iterations, same tolerances as the APT stage."""
-    one = request.getfixturevalue({"clean": "single_stream_dmd_clean", "bidir": "single_stream_dmd_bidir"}.get(variant)
-                                  or ("single_stream_dmd" if dmd else "single_stream"))
-    single = {k: [dict(h) for h in v] if k == "history" else v for k, v in one.items()}  # the loop below pops keys
-    extra = {"clean": CLEAN, "bidir": ("--extra", f"stream.dmd_teacher={tiny_init}")}.get(variant, ())
-    sharded = apt_steps(tiny_causal_init, tmp_path / "sharded.pt", mode, "--stage", "stream_apt", *(DMD if dmd else ()), *extra, nproc=2)
-    assert sharded["g_updates"] == single["g_updates"] == 2
-    assert "r2" in single["history"][-1]
-    assert ("loss_dmd" in single["history"][-1] and "loss_fake_score" in single["history"][-1]) == dmd
-    for it, (a, b) in enumerate(zip(single["history"], sharded["history"])):
-        assert a.keys() == b.keys(), it
-        # The relativistic loss sees only D(x) - D(G(z)): the logits' common offset (D's output bias) gets a gradient of
-        # float noise, which Adam's first steps turn into ~lr-sized moves (1e-4 here); the margin is compared instead.
-        assert abs((a.pop("d_real") - a.pop("d_fake")) - (b.pop("d_real") - b.pop("d_fake"))) <= 1e-5, it
-        for key in a:
-            tol = 1e-5 * abs(a[key]) if key.startswith("grad_norm") else 1e-5
-            assert abs(a[key] - b[key]) <= tol, (it, key, a[key], b[key])
-    for it, (a, b) in enumerate(zip(single["emas"], sharded["emas"])):
-        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, it
-    assert (single["samples"] - sharded["samples"]).abs().max().item() < 1e-5
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "deepspeed_stage_2"])
-def test_stream_apt_recipe_with_distribution_matching_fits_and_resumes(strategy, tiny_causal_init, tmp_path):
-    """The stream_apt recipe as shipped (distribution matching on) on 2 ranks, through the Trainer (DDP, FSDP2) or the
-    DeepSpeed runner: the fake score is trained, saved and (FSDP2, ZeRO) resumed with its optimiser; the frozen teacher
-    is not saved. A ZeRO checkpoint holds the fake score's engine; ``python -m apt consolidate`` writes its weights."""
-    from apt.distributed.consolidate import consolidate
-    from apt.toy.shards import write_toy_shards
-
-    zero = strategy.startswith("deepspeed")
-
-    shards = tmp_path / "long16"
-    write_toy_shards(str(shards), num_samples=16, frames=16, seed=3, samples_per_shard=8, progress=False, world="long")
-    run = tmp_path / strategy
-    args = ["-m", "apt", "fit", "recipes/demo/stream_apt.yaml", "tiny", f"run_dir={run}", f"data.shards={shards}",
-            f"apt.generator={tiny_causal_init}", f"apt.teacher={tiny_causal_init}", "apt.d_warmup_steps=1", f"train.strategy={strategy}",
-            "train.devices=2", "train.accelerator=cpu", "data.batch_size=2"]
-    ok(launch([*args, "train.max_steps=1"], nproc=2))
-    first = latest_checkpoint(run)
-    assert first.name == "step-000001" and not list(first.glob("teacher*"))
-    if zero:  # one DeepSpeed checkpoint per engine, the fake score's a third; consolidated into the standard layout
-        assert all((first / f"{n}_engine").is_dir() for n in ("generator", "discriminator", "fake_score"))
-        first = consolidate(first)
-    names = ("generator", "generator_ema", "discriminator", "fake_score")
-    assert all((first / f"{n}.safetensors").exists() for n in names)
-    init = load_file(tiny_causal_init / "net_ema.safetensors")
-    fake = load_file(first / "fake_score.safetensors")
-    shared = fake.keys() & init.keys()
-    assert shared and max((fake[k] - init[k]).abs().max().item() for k in shared) > 0  # the fake score moved off the teacher
-    rows = metrics(run)
-    assert rows[1]["loss_g"] and rows[1]["r2"] and rows[1]["loss_dmd"] and rows[1]["loss_fake_score"]
-    if strategy != "ddp":  # the sharded resume: three optimisers' states scattered back, the fake score's included
-        ok(launch([*args, "train.max_steps=2", "resume=auto"], nproc=2))
-        second = latest_checkpoint(run)
-        assert second.name == "step-000002"
-        if zero:
-            second = consolidate(second)
-        assert max((load_file(second / "fake_score.safetensors")[k] - fake[k]).abs().max().item() for k in fake) > 0
-        assert metrics(run)[2]["loss_fake_score"]

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from apt.checkpoint import list_checkpoints, verify_checkpoint
 from apt.cli import main
-from tests.test_distributed import HELPERS, REPO, clean_env, launch
+from tests.multiprocess import HELPERS, REPO, clean_env, launch
 
 pytestmark = pytest.mark.multiprocess
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from apt import lora
 from apt.checkpoint import list_checkpoints
-from tests.test_distributed import HELPERS, launch, ok
+from tests.multiprocess import HELPERS, launch, ok
 
 pytestmark = pytest.mark.multiprocess
 pytest.importorskip("peft")  # the `lora` extra (setup.cfg)
