@@ -314,6 +314,7 @@ def test_demo_quick_writes_the_report_and_side_by_side(tmp_path):
     assert main(["demo", "--quick", "--out", str(out)]) == 0  # again: every stage already done, only the evaluation runs
     again = json.loads((out / "report.json").read_text())
     assert again["stage_seconds"]["evaluation"] > 0 and all(again["stage_seconds"][k] is None for k in list(stages)[:-1])
+    assert "demo wall time, seconds" not in {x["line"] for x in again["bar"]}  # the total timed the evaluation only
     assert again["rows"][2]["distance"] == report["rows"][2]["distance"]  # the same checkpoints, the same samples
     assert (out / "side_by_side.png").stat().st_size > 0 and (out / "side_by_side.gif").stat().st_size > 0
     from PIL import Image

@@ -2,7 +2,7 @@
 
 import pytest
 
-from apt.toy.bar import check_bar, format_bar
+from apt.toy.bar import check_bar, format_bar, wall_time_note
 
 
 def make_report(*, teacher=(6.0, 0.99), distilled=(14.0, 0.90), apt=(7.0, 0.95), floor=1.0, speedups=(33.0, 46.0)):
@@ -66,6 +66,16 @@ def test_the_demo_time_line_appears_with_the_demo_total():
     report["total_seconds"] = 1250.0
     line = by_line(check_bar(report))["demo wall time, seconds"]
     assert not line["met"] and line["threshold"] == 1200
+
+
+def test_the_demo_time_line_is_left_out_when_a_stage_was_reused():
+    # A rerun into the same folder reuses finished stages (stage_seconds None): its total times the evaluation only.
+    report = make_report()
+    report["total_seconds"], report["stage_seconds"] = 300.0, {"teacher": None, "apt_video": 250.0, "evaluation": 50.0}
+    assert "demo wall time, seconds" not in by_line(check_bar(report))
+    assert "teacher reused" in wall_time_note(report)
+    report["stage_seconds"]["teacher"], report["total_seconds"] = 950.0, 1250.0  # every stage ran in this run
+    assert not by_line(check_bar(report))["demo wall time, seconds"]["met"] and wall_time_note(report) == ""
 
 
 def test_a_report_without_the_rows_names_them():

@@ -33,7 +33,7 @@ import torch
 
 from apt.inference import Generator, load_generator
 from apt.media import to_uint8
-from apt.toy.bar import check_bar, format_bar
+from apt.toy.bar import check_bar, format_bar, wall_time_note
 from apt.toy.classifier import load_toy_classifier
 from apt.toy.metrics import VAL_NOISE_SEED, VAL_PROMPT_SEED, evaluate_samples, real_stats, real_vs_real_floor
 from apt.toy.side_by_side import save_side_by_side
@@ -251,4 +251,4 @@ def print_table(report: dict) -> None:
     print(f"text encoding (not in the figures above, the same for every row): {report['text_encode_seconds'] * 1e3:.2f} ms per new prompt; "
           f"batch-1 speed-ups with it: {with_text}")
     print(f"real-vs-real floor: {report['real_vs_real_floor']:.2f} (N={report['num_samples']})")
-    print(format_bar(check_bar(report)) + "\n")
+    print(format_bar(check_bar(report)) + wall_time_note(report) + "\n")
