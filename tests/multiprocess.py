@@ -9,8 +9,10 @@ into their empty ``TORCH_EXTENSIONS_DIR``.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 HELPERS = REPO / "tests" / "distributed_helpers"
 EXTENSIONS = Path(tempfile.mkdtemp(prefix="apt-test-torch-extensions-"))  # per worker; must stay empty (no_op_built)
+atexit.register(shutil.rmtree, EXTENSIONS, True)
 LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "NODE_RANK")
 
 
